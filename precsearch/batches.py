@@ -1,0 +1,58 @@
+"""Batches as the CLI contract defines them, and calling a model on one."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from precsearch.errors import InputError
+
+Batch = Any  # a Tensor, a tuple/list of positional inputs, or a dict of keyword inputs
+
+
+def split(batch: Batch) -> tuple[tuple, dict]:
+    """``batch`` -> ``(args, kwargs)`` for ``model(*args, **kwargs)``."""
+    if isinstance(batch, torch.Tensor):
+        return (batch,), {}
+    if isinstance(batch, Mapping):
+        return (), dict(batch)
+    if isinstance(batch, (tuple, list)):
+        return tuple(batch), {}
+    raise InputError(
+        f"a batch must be a Tensor, a tuple/list of inputs or a dict of keyword inputs, "
+        f"not {type(batch).__name__}"
+    )
+
+
+def call(model: nn.Module, batch: Batch) -> Any:
+    args, kwargs = split(batch)
+    return model(*args, **kwargs)
+
+
+def as_list(batches: Iterable[Batch]) -> list[Batch]:
+    """Materialise ``batches`` once; an empty iterable is an input error."""
+    if isinstance(batches, (torch.Tensor, Mapping)):
+        raise InputError("data must be a list (or iterable) of batches, not a single batch")
+    try:
+        materialised = list(batches)
+    except TypeError:
+        raise InputError(f"data must be a list (or iterable) of batches, not {type(batches).__name__}") from None
+    if not materialised:
+        raise InputError("data is empty: give at least one batch")
+    for batch in materialised:
+        split(batch)
+    return materialised
+
+
+def to_device(value: Any, device: torch.device | str) -> Any:
+    """Move every tensor inside ``value`` (tensors, tuples, lists, dicts) to ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, Mapping):
+        return {key: to_device(item, device) for key, item in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(to_device(item, device) for item in value)
+    return value

@@ -1,0 +1,71 @@
+"""Latency (and, on CUDA, peak memory) measured on the real device.
+
+Candidates are timed interleaved (A B A B ...) so that a noisy neighbour slows all of them
+alike; each reports the median of its repeats, and ratios are ratios of medians.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    median_ms: float
+    samples_ms: tuple[float, ...]
+    peak_memory_mb: float | None  # measured on CUDA only; None elsewhere
+
+    @property
+    def spread(self) -> float:
+        """Interquartile range relative to the median: how noisy the measurement was."""
+        if len(self.samples_ms) < 4:
+            return 0.0
+        q1, _, q3 = statistics.quantiles(self.samples_ms, n=4)
+        return (q3 - q1) / self.median_ms if self.median_ms else 0.0
+
+
+def _synchronize(device_type: str) -> None:
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_interleaved(candidates: dict[str, Callable[[], Any]], *, device_type: str = "cpu",
+                     repeats: int = 15, warmup: int = 2, max_seconds: float | None = None) -> dict[str, Timing]:
+    """Median latency of each zero-argument callable, measured round-robin in one run.
+
+    Stops early (with at least 3 repeats) when ``max_seconds`` is spent.
+    """
+    cuda = device_type == "cuda"
+    for run in candidates.values():
+        for _ in range(warmup):
+            run()
+    _synchronize(device_type)
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    peaks: dict[str, float] = {}
+    started = time.perf_counter()
+    for index in range(repeats):
+        for name, run in candidates.items():
+            if cuda and index == 0:
+                torch.cuda.reset_peak_memory_stats()
+            _synchronize(device_type)
+            begin = time.perf_counter()
+            run()
+            _synchronize(device_type)
+            samples[name].append((time.perf_counter() - begin) * 1e3)
+            if cuda and index == 0:
+                peaks[name] = torch.cuda.max_memory_allocated() / 2**20
+        if max_seconds is not None and index >= 2 and time.perf_counter() - started > max_seconds:
+            break
+    return {name: Timing(statistics.median(values), tuple(values), peaks.get(name))
+            for name, values in samples.items()}
+
+
+def settings() -> dict[str, Any]:
+    """What the numbers depend on, recorded next to them."""
+    return {"threads": torch.get_num_threads(), "torch": torch.__version__}
