@@ -10,6 +10,7 @@ import dataclasses
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -35,29 +36,34 @@ def _synchronize(device_type: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_interleaved(candidates: dict[str, Callable[[], Any]], *, device_type: str = "cpu",
-                     repeats: int = 15, warmup: int = 2, max_seconds: float | None = None) -> dict[str, Timing]:
-    """Median latency of each zero-argument callable, measured round-robin in one run.
+Candidate = Callable[[], Any] | tuple[Callable[[], AbstractContextManager], Callable[[], Any]]
 
-    Stops early (with at least 3 repeats) when ``max_seconds`` is spent.
+
+def time_interleaved(candidates: dict[str, Candidate], *, device_type: str = "cpu", repeats: int = 15,
+                     warmup: int = 2, max_seconds: float | None = None) -> dict[str, Timing]:
+    """Median latency of each candidate, measured round-robin in one run.
+
+    A candidate is a zero-argument callable, or ``(context_factory, run)``: the context (e.g.
+    applying a plan) is entered around each turn but only ``run()`` is timed. Stops early (with
+    at least 3 repeats) once ``max_seconds`` are spent.
     """
+    turns = {name: c if isinstance(c, tuple) else (nullcontext, c) for name, c in candidates.items()}
     cuda = device_type == "cuda"
-    for run in candidates.values():
-        for _ in range(warmup):
-            run()
-    _synchronize(device_type)
-    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    samples: dict[str, list[float]] = {name: [] for name in turns}
     peaks: dict[str, float] = {}
     started = time.perf_counter()
-    for index in range(repeats):
-        for name, run in candidates.items():
-            if cuda and index == 0:
-                torch.cuda.reset_peak_memory_stats()
-            _synchronize(device_type)
-            begin = time.perf_counter()
-            run()
-            _synchronize(device_type)
-            samples[name].append((time.perf_counter() - begin) * 1e3)
+    for index in range(-warmup, repeats):
+        for name, (context, run) in turns.items():
+            with context():
+                if cuda and index == 0:
+                    torch.cuda.reset_peak_memory_stats()
+                _synchronize(device_type)
+                begin = time.perf_counter()
+                run()
+                _synchronize(device_type)
+                elapsed = (time.perf_counter() - begin) * 1e3
+            if index >= 0:
+                samples[name].append(elapsed)
             if cuda and index == 0:
                 peaks[name] = torch.cuda.max_memory_allocated() / 2**20
         if max_seconds is not None and index >= 2 and time.perf_counter() - started > max_seconds:

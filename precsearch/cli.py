@@ -92,6 +92,74 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
+def _study_name(model_spec: str) -> str:
+    """``"precsearch.examples.demo:model"`` -> ``"demo"``; ``"zoo.nets:resnet"`` -> ``"nets-resnet"``."""
+    module, _, function = model_spec.partition(":")
+    stem = module.rsplit(".", 1)[-1]
+    return stem if function == "model" else f"{stem}-{function}"
+
+
+def _fidelity(args: argparse.Namespace, model: Any, data: list[Any]) -> Any:
+    from precsearch import factories
+    from precsearch.accuracy import Fidelity
+
+    if args.metric:
+        function = factories.resolve(args.metric, "metric")
+        return Fidelity.user(model, data, function, args.metric, max_drop=args.max_drop,
+                             max_rel_drop=args.max_rel_drop)
+    if args.max_drop is not None or args.max_rel_drop is not None:
+        raise InputError("--max-drop/--max-rel-drop bound a --metric M:F; use --max-error with --metric-name")
+    return Fidelity.builtin(model, data, args.metric_name, args.max_error)
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import optuna
+
+    from precsearch.plan import mask_password, write_atomic
+    from precsearch.report import format_table, trials_frame
+    from precsearch.search import optimize
+    from precsearch.space import SearchSpace
+
+    space = SearchSpace.load(args.space)  # bad spaces fail before the model is built
+    model, data, device, model_spec = _model_and_data(args)
+    study_name = args.study or _study_name(model_spec)
+    out = Path(args.out or Path("reports") / study_name)
+    out.mkdir(parents=True, exist_ok=True)
+    storage = args.storage or f"sqlite:///{out / 'study.db'}"
+    fidelity = _fidelity(args, model, data)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    print(f"precsearch: searching {model_spec} on {device}: {fidelity.name} <= {fidelity.limit:g}, "
+          f"{args.trials} trials, study {study_name!r} in {mask_password(storage)}", file=sys.stderr)
+    try:
+        result = optimize(model, data, space=space, fidelity=fidelity, trials=args.trials, timeout=args.timeout,
+                          storage=storage, study_name=study_name, seed=args.seed, model_name=model_spec,
+                          progress=sys.stderr.isatty())
+    except KeyboardInterrupt:
+        print(f"precsearch: interrupted; every finished trial is kept in {mask_password(storage)}: "
+              f"rerun the same command to resume", file=sys.stderr)
+        return 130
+    write_atomic(out / "trials.csv", trials_frame(result.study).to_csv(index=False))
+    if result.plan is None:
+        risky = ", ".join(f"{name or '<root>'} in {dtype} (~{error:.2g})"
+                          for name, dtype, error in result.decisions.most_sensitive(3))
+        print(f"precsearch: no plan meets {fidelity.name} <= {fidelity.limit:g} in {len(result.study.trials)} "
+              f"trials; most sensitive: {risky}. Loosen the limit or add trials.", file=sys.stderr)
+        return EXIT_FAILED
+    result.plan.save(out / "plan.yaml")
+    pareto = out / "pareto"
+    pareto.mkdir(exist_ok=True)
+    for stale in pareto.glob("plan-*.yaml"):
+        stale.unlink()
+    for index, plan in enumerate(result.pareto, start=1):
+        plan.save(pareto / f"plan-{index:03d}.yaml")
+    print(format_table(result.summary()))
+    print(f"\nplan: {out / 'plan.yaml'}   trials: {out / 'trials.csv'}   "
+          f"other Pareto-optimal plans: {len(result.pareto)} in {pareto}/")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="precsearch", description=(
         "Find, per layer of a PyTorch model, the fastest precision (fp16, bf16, fp32) that keeps "
@@ -116,7 +184,57 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--ignore-fingerprint", action="store_true",
                        help="warn instead of failing when the plan was made for another model")
     check.set_defaults(run=cmd_check)
+
+    search = commands.add_parser(
+        "optimize", help="search the fastest per-layer precision plan within an accuracy limit",
+        description="Search, with Optuna, the fastest per-unit precision plan whose error against the "
+                    "FP32 model stays within the limit. Writes plan.yaml, trials.csv and pareto/ to --out. "
+                    "Rerunning the same command resumes the study.")
+    _add_model_args(search)
+    search.add_argument("--space", default="default", metavar="NAME|PATH",
+                        help="search space: a named one (default, transformer, cnn, bf16_only) or a YAML file")
+    search.add_argument("--metric-name", default="rel_l2", choices=["rel_l2", "cosine", "max_abs", "top1"],
+                        help="fidelity metric against the FP32 outputs (default: rel_l2)")
+    search.add_argument("--max-error", type=_number, default=0.01, metavar="X",
+                        help="largest allowed --metric-name value (default: 0.01)")
+    search.add_argument("--metric", metavar="MODULE:FUNC",
+                        help="your metric FUNC(model, batches) -> float, higher is better")
+    search.add_argument("--max-drop", type=_number, metavar="X", help="largest allowed absolute drop of --metric")
+    search.add_argument("--max-rel-drop", type=_number, metavar="X",
+                        help="largest allowed relative drop of --metric")
+    search.add_argument("--trials", type=_positive_int, default=60, metavar="N",
+                        help="total trials in the study (default: 60)")
+    search.add_argument("--timeout", type=_number, metavar="SECONDS", help="stop after this long")
+    search.add_argument("--mode", choices=["infer"], default="infer", help="what to time (default: infer)")
+    search.add_argument("--storage", metavar="URL",
+                        help="sqlite:///PATH, journal:///PATH or postgresql://... (default: OUT/study.db)")
+    search.add_argument("--study", metavar="NAME", help="study name (default: from the model factory)")
+    search.add_argument("--out", metavar="DIR", help="output directory (default: reports/STUDY/)")
+    search.add_argument("--seed", type=int, default=0, help="sampler seed (default: 0)")
+    search.set_defaults(run=cmd_optimize)
     return parser
+
+
+def _number(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number >= 0")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:

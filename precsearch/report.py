@@ -53,3 +53,30 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+def trials_frame(study: Any) -> Any:
+    """One row per trial: per-dtype unit counts, the plan, objectives, constraint, feasibility."""
+    import pandas as pd
+
+    rows = []
+    for trial in study.get_trials(deepcopy=False):
+        if not trial.state.is_finished() and trial.state.name != "RUNNING":
+            continue  # enqueued seeds not reached within the budget
+        attrs = trial.user_attrs
+        code = attrs.get("plan", "")
+        constraint = trial.constraints.get("error")
+        duration = (trial.datetime_complete - trial.datetime_start).total_seconds() \
+            if trial.datetime_complete and trial.datetime_start else None
+        rows.append({
+            "trial": trial.number, "state": trial.state.name,
+            "fp16": code.count("h"), "bf16": code.count("b"), "fp32": code.count("f"), "plan": code,
+            "latency_ms": trial.value, "measured_ms": attrs.get("latency_ms"),
+            "baseline_ms": attrs.get("baseline_ms"),
+            "speedup": attrs["baseline_ms"] / attrs["latency_ms"] if attrs.get("latency_ms") else None,
+            "error": attrs.get("error", float("inf") if code else None), "constraint": constraint,
+            "feasible": constraint is not None and constraint <= 0 and trial.state.name == "COMPLETE",
+            "peak_memory_mb": attrs.get("peak_memory_mb"), "duration_s": duration,
+            "failure": attrs.get("failure"),
+        })
+    return pd.DataFrame(rows)

@@ -31,10 +31,12 @@ class Block(nn.Module):
 
 
 class TrapNet(nn.Module):
-    def __init__(self, width: int = WIDTH, hidden: int = HIDDEN) -> None:
+    """stem -> block 0 -> amplify (+ norm, residual) -> middle blocks -> shift (+ norm) -> last block -> head."""
+
+    def __init__(self, width: int = WIDTH, hidden: int = HIDDEN, blocks: int = 3) -> None:
         super().__init__()
         self.stem = nn.Linear(FEATURES, width)
-        self.blocks = nn.ModuleList(Block(width, hidden) for _ in range(3))
+        self.blocks = nn.ModuleList(Block(width, hidden) for _ in range(blocks))
         self.amplify = nn.Linear(width, width)   # FP16 trap: outputs ~1e5 overflow FP16
         self.amplify_norm = nn.LayerNorm(width)
         self.shift = nn.Linear(width, width)     # BF16 trap: signal on a large common offset
@@ -45,18 +47,26 @@ class TrapNet(nn.Module):
             self.shift.bias.fill_(12.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.blocks[0](self.stem(x))
+        first, *middle = self.blocks
+        last = middle.pop() if middle else None
+        h = first(self.stem(x))
         h = h + self.amplify_norm(self.amplify(h))
-        h = self.blocks[1](h)
+        for block in middle:
+            h = block(h)
         h = self.shift_norm(self.shift(h))
-        h = self.blocks[2](h)
+        h = last(h) if last is not None else h
         return self.head(h)
 
 
-def model(seed: int = 0) -> TrapNet:
-    """The demo model with seeded random weights, in eval mode."""
+def model(seed: int = 0, blocks: int = 3) -> TrapNet:
+    """The demo model with seeded random weights, in eval mode (10 units with 3 blocks)."""
     torch.manual_seed(seed)
-    return TrapNet().eval()
+    return TrapNet(blocks=blocks).eval()
+
+
+def small_model(seed: int = 0) -> TrapNet:
+    """The same traps with one block: 6 units, 729 plans, small enough for exhaustive search."""
+    return model(seed, blocks=1)
 
 
 def data(batches: int = 4, batch_size: int = 256, seed: int = 1) -> list[torch.Tensor]:

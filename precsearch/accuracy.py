@@ -1,0 +1,168 @@
+"""Fidelity of a candidate against the FP32 model: the metrics of DESIGN.md and user metrics.
+
+Every constraint is expressed as an *error* (lower is better) and a *limit*: a candidate is
+feasible when ``error <= limit``. Non-finite outputs make the error ``inf``.
+
+>>> fidelity = Fidelity.builtin(model, batches, "rel_l2", limit=0.01)   # doctest: +SKIP
+>>> fidelity.error(model)       # with a plan applied: its rel_l2 against the cached FP32 outputs
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from precsearch import batches as _batches
+from precsearch.errors import InputError
+
+METRICS = ("rel_l2", "cosine", "max_abs", "top1")
+
+
+def flatten_outputs(output: Any) -> list[torch.Tensor]:
+    """All floating tensors in ``output`` (tensors, tuples, lists, dicts, dataclasses,
+    transformers ``ModelOutput``), in order."""
+    if isinstance(output, torch.Tensor):
+        return [output] if output.is_floating_point() else []
+    if isinstance(output, Mapping):
+        return [t for value in output.values() for t in flatten_outputs(value)]
+    if isinstance(output, (tuple, list)):
+        return [t for value in output for t in flatten_outputs(value)]
+    if dataclasses.is_dataclass(output) and not isinstance(output, type):
+        return [t for field in dataclasses.fields(output) for t in flatten_outputs(getattr(output, field.name))]
+    return []
+
+
+def run_outputs(model: nn.Module, batches: list[Any]) -> list[list[torch.Tensor]]:
+    """Outputs of ``model`` on every batch, flattened and detached."""
+    with torch.no_grad():
+        return [[t.detach() for t in flatten_outputs(_batches.call(model, batch))] for batch in batches]
+
+
+def _pairs(outputs, reference):
+    for got_batch, ref_batch in zip(outputs, reference, strict=True):
+        if len(got_batch) != len(ref_batch):
+            raise RuntimeError("the model returned a different number of outputs than the FP32 reference")
+        yield from zip(got_batch, ref_batch)
+
+
+def rel_l2(outputs, reference) -> float:
+    """``||y - y_ref|| / ||y_ref||`` over all outputs of all batches, in float64."""
+    diff = ref = 0.0
+    for got, want in _pairs(outputs, reference):
+        got, want = got.double(), want.double()
+        if not torch.isfinite(got).all():
+            return math.inf
+        diff += float((got - want).pow(2).sum())
+        ref += float(want.pow(2).sum())
+    return math.sqrt(diff) / math.sqrt(ref) if ref > 0 else (0.0 if diff == 0 else math.inf)
+
+
+def cosine(outputs, reference) -> float:
+    """``1 - mean over samples of cosine_similarity(y_i, y_ref_i)``."""
+    similarities = []
+    for got, want in _pairs(outputs, reference):
+        got, want = got.double(), want.double()
+        if not torch.isfinite(got).all():
+            return math.inf
+        rows = max(got.shape[0], 1) if got.dim() else 1
+        similarities.append(torch.nn.functional.cosine_similarity(
+            got.reshape(rows, -1), want.reshape(rows, -1), dim=1, eps=1e-12))
+    return 1.0 - float(torch.cat(similarities).mean()) if similarities else 0.0
+
+
+def max_abs(outputs, reference) -> float:
+    """Largest absolute difference."""
+    worst = 0.0
+    for got, want in _pairs(outputs, reference):
+        if not torch.isfinite(got).all():
+            return math.inf
+        worst = max(worst, float((got.double() - want.double()).abs().max()) if got.numel() else 0.0)
+    return worst
+
+
+def top1(outputs, reference) -> float:
+    """``1 - agreement`` of the argmax of the last dimension."""
+    agree = total = 0
+    for got, want in _pairs(outputs, reference):
+        if not torch.isfinite(got).all():
+            return math.inf
+        if got.dim() == 0:
+            continue
+        agree += int((got.argmax(-1) == want.argmax(-1)).sum())
+        total += got.argmax(-1).numel()
+    return 1.0 - agree / total if total else 0.0
+
+
+_BUILTIN: dict[str, Callable[..., float]] = {"rel_l2": rel_l2, "cosine": cosine, "max_abs": max_abs, "top1": top1}
+
+
+@dataclasses.dataclass
+class Fidelity:
+    """A constraint: how to measure a candidate's error, and the limit it must stay within."""
+
+    name: str
+    limit: float
+    measure: Callable[[nn.Module], float]
+    reference_value: float | None = None  # user metrics: the FP32 model's value
+
+    def error(self, model: nn.Module) -> float:
+        value = float(self.measure(model))
+        return value if math.isfinite(value) else math.inf
+
+    def describe(self) -> dict[str, Any]:
+        return {"metric": self.name, "limit": self.limit}
+
+    @classmethod
+    def builtin(cls, model: nn.Module, batches: list[Any], metric: str = "rel_l2", limit: float = 0.01) -> Fidelity:
+        """Compare against FP32 reference outputs computed once, now."""
+        if metric not in _BUILTIN:
+            raise InputError(f"--metric-name {metric!r}: unknown metric; use one of {', '.join(METRICS)}")
+        _check_limit(limit, "--max-error")
+        reference = run_outputs(model, batches)
+        if not any(reference):
+            raise InputError("the model returned no floating-point tensor to compare")
+        function = _BUILTIN[metric]
+        return cls(metric, limit, lambda candidate: function(run_outputs(candidate, batches), reference))
+
+    @classmethod
+    def user(cls, model: nn.Module, batches: list[Any], function: Callable[[nn.Module, list[Any]], float],
+             name: str, *, max_drop: float | None = None, max_rel_drop: float | None = None) -> Fidelity:
+        """A user metric, higher is better, bounded by its drop against the FP32 model."""
+        if (max_drop is None) == (max_rel_drop is None):
+            raise InputError(f"--metric {name}: give exactly one of --max-drop or --max-rel-drop")
+        limit = _check_limit(max_drop if max_drop is not None else max_rel_drop,
+                             "--max-drop" if max_drop is not None else "--max-rel-drop")
+        with torch.no_grad():
+            reference_value = _call_user_metric(function, model, batches, name)
+        if not math.isfinite(reference_value):
+            raise InputError(f"--metric {name}: the FP32 model scores {reference_value}, not a finite number")
+
+        def drop(candidate: nn.Module) -> float:
+            with torch.no_grad():
+                value = _call_user_metric(function, candidate, batches, name)
+            if not math.isfinite(value):
+                return math.inf
+            absolute = reference_value - value
+            return absolute if max_drop is not None else absolute / max(abs(reference_value), 1e-12)
+
+        label = f"{name} drop" if max_drop is not None else f"{name} relative drop"
+        return cls(label, limit, drop, reference_value)
+
+
+def _call_user_metric(function, model, batches, name) -> float:
+    value = function(model, batches)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"--metric {name}: returned {type(value).__name__}, not a number") from None
+
+
+def _check_limit(limit: object, flag: str) -> float:
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not math.isfinite(limit) or limit < 0:
+        raise InputError(f"{flag} {limit!r}: must be a finite number >= 0")
+    return float(limit)

@@ -1,0 +1,373 @@
+"""The search: an Optuna study that assigns a dtype to every choice of the search space,
+minimising measured latency under an accuracy constraint.
+
+Each trial applies its plan to the one model (no copies), measures the error against the cached
+FP32 reference, and times the candidate interleaved with the FP32 model. The study is seeded
+with the FP32 baseline, the all-low-precision plans and sensitivity-ordered plans, and is
+stored (SQLite by default) so that rerunning the same command resumes it.
+
+>>> result = optimize(model, batches, max_error=0.01, trials=40)    # doctest: +SKIP
+>>> result.plan.save("plan.yaml")                                     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+import math
+import warnings
+from collections import Counter
+from contextlib import nullcontext
+from typing import Any
+
+import optuna
+import torch
+from torch import nn
+
+from precsearch import batches as _batches
+from precsearch.accuracy import Fidelity
+from precsearch.bench import time_interleaved
+from precsearch.errors import InputError
+from precsearch.graph import LayerGraph, walk
+from precsearch.plan import Plan, model_fingerprint
+from precsearch.runtime import apply_plan, model_device_type
+from precsearch.sensitivity import choice_error, unit_sensitivity
+from precsearch.space import Choice, SearchSpace
+
+log = logging.getLogger(__name__)
+
+MAX_CATEGORICAL = 48     # above this many choices, the study searches a ranked parametrisation
+_CODE = {"fp16": "h", "bf16": "b", "fp32": "f"}
+_DTYPE = {code: dtype for dtype, code in _CODE.items()}
+_CAP = 1e9               # constraint value stored for non-finite errors
+_COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)  # what the budget counts
+
+
+def encode(layers: dict[str, str], units: list[str], default: str = "fp32") -> str:
+    """A plan as one character per unit (h=fp16, b=bf16, f=fp32), in unit order."""
+    return "".join(_CODE[layers.get(unit, default)] for unit in units)
+
+
+def decode(code: str, units: list[str]) -> dict[str, str]:
+    return {unit: _DTYPE[char] for unit, char in zip(units, code, strict=True)}
+
+
+# -- the decisions ------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Decisions:
+    """Maps Optuna parameters to per-unit dtypes, per-choice or ranked by cost-aware sensitivity."""
+
+    choices: list[Choice]
+    sensitivity: dict[str, dict[str, float | None]]
+    flops: dict[str, int]
+    ranked: bool
+
+    def __post_init__(self) -> None:
+        self.low = [d for d in ("bf16", "fp16") if any(d in c.dtypes for c in self.choices)]
+        known = [v for per in self.sensitivity.values() for v in per.values() if v is not None and math.isfinite(v)]
+        unknown = sorted(known)[len(known) // 2] if known else 0.0
+        self.order: dict[str, list[Choice]] = {}
+        for dtype in self.low:
+            candidates = [c for c in self.choices if dtype in c.dtypes and len(c.dtypes) > 1]
+            # Cost-aware: squared error spent per FLOP saved, cheapest first; unsafe ones last.
+            self.order[dtype] = sorted(candidates, key=lambda c: (
+                choice_error(self.sensitivity, c.units, dtype, unknown) ** 2 / max(self._flops(c), 1)))
+        self.errors = {d: {c.name: choice_error(self.sensitivity, c.units, d, unknown) for c in self.choices}
+                       for d in self.low}
+
+    def _flops(self, choice: Choice) -> int:
+        return sum(self.flops.get(unit, 0) for unit in choice.units)
+
+    @staticmethod
+    def param(choice: Choice) -> str:
+        return choice.name or "<root>"
+
+    def suggest(self, trial: optuna.Trial) -> dict[str, str]:
+        if not self.ranked:
+            return self._expand({c.name: trial.suggest_categorical(self.param(c), list(c.dtypes))
+                                 if len(c.dtypes) > 1 else c.dtypes[0] for c in self.choices})
+        if not self.low:
+            return self._expand({})
+        dtype = trial.suggest_categorical("dtype", self.low)
+        fraction = trial.suggest_float("fraction", 0.0, 1.0)
+        return self._expand(self._prefix(dtype, round(fraction * len(self.order[dtype]))))
+
+    def _prefix(self, dtype: str, k: int) -> dict[str, str]:
+        return {c.name: dtype for c in self.order[dtype][:k]}
+
+    def _expand(self, by_choice: dict[str, str]) -> dict[str, str]:
+        """Per-unit dtypes; choices not named keep fp32 (or their only dtype)."""
+        layers = {}
+        for choice in self.choices:
+            dtype = by_choice.get(choice.name, "fp32" if "fp32" in choice.dtypes else choice.dtypes[-1])
+            layers.update({unit: dtype for unit in choice.units})
+        return layers
+
+    def seeds(self) -> list[dict[str, Any]]:
+        """Optuna params for the baseline, all-low plans and sensitivity-ordered prefixes."""
+        seeds: list[dict[str, Any]] = []
+        for dtype in ["fp32", *self.low]:
+            n = len(self.order.get(dtype, []))
+            sizes = [0] if dtype == "fp32" else sorted(
+                {n, n - 1, n - 2, n - 3, n - 5, n - 8, math.ceil(3 * n / 4), math.ceil(n / 2), math.ceil(n / 4)}
+                & set(range(1, n + 1)), reverse=True)
+            for k in sizes:
+                if self.ranked:
+                    seeds.append({"dtype": self.low[0] if dtype == "fp32" else dtype,
+                                  "fraction": 0.0 if dtype == "fp32" else k / n})
+                else:
+                    chosen = self._prefix(dtype, k) if dtype != "fp32" else {}
+                    seeds.append({self.param(c): chosen.get(c.name, "fp32" if "fp32" in c.dtypes else c.dtypes[-1])
+                                  for c in self.choices if len(c.dtypes) > 1})
+        unique = []
+        for seed in seeds:
+            if seed not in unique:
+                unique.append(seed)
+        return unique
+
+    def most_sensitive(self, count: int = 5) -> list[tuple[str, str, float]]:
+        """(choice, dtype, estimated error) of the riskiest decisions."""
+        rows = [(name, dtype, error) for dtype, per in self.errors.items() for name, error in per.items()]
+        return sorted(rows, key=lambda row: -row[2])[:count]
+
+
+# -- measuring one candidate ----------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Measurement:
+    error: float
+    latency_ms: float          # candidate median, this trial
+    baseline_ms: float         # FP32 median, interleaved with it
+    peak_memory_mb: float | None
+    failure: str | None = None
+
+    @property
+    def speedup(self) -> float:
+        return self.baseline_ms / self.latency_ms if self.latency_ms > 0 else math.nan
+
+
+class Evaluator:
+    """Runs candidates on one model: accuracy over all batches, latency on the first batch."""
+
+    def __init__(self, model: nn.Module, batches: list[Any], fidelity: Fidelity, device_type: str,
+                 repeats: int = 9) -> None:
+        self.model, self.batches, self.fidelity = model, batches, fidelity
+        self.device_type, self.repeats = device_type, repeats
+
+    def _run(self) -> None:
+        with torch.no_grad():
+            _batches.call(self.model, self.batches[0])
+
+    def error(self, layers: dict[str, str]) -> float:
+        with apply_plan(self.model, Plan(default="fp32", layers=layers), device_type=self.device_type):
+            return self.fidelity.error(self.model)
+
+    def measure(self, layers: dict[str, str], repeats: int | None = None) -> Measurement:
+        plan = Plan(default="fp32", layers=layers)
+        try:
+            error = self.error(layers)
+            feasible = error <= self.fidelity.limit
+            timings = time_interleaved(
+                {"baseline": (nullcontext, self._run),
+                 "candidate": (lambda: apply_plan(self.model, plan, device_type=self.device_type), self._run)},
+                device_type=self.device_type, repeats=repeats or (self.repeats if feasible else 3), warmup=1)
+        except (RuntimeError, ValueError, torch.cuda.OutOfMemoryError) as failure:
+            gc.collect()
+            if self.device_type == "cuda":
+                torch.cuda.empty_cache()
+            reason = f"{type(failure).__name__}: {str(failure).splitlines()[0][:200] if str(failure) else ''}"
+            return Measurement(math.inf, math.nan, math.nan, None, reason)
+        return Measurement(error, timings["candidate"].median_ms, timings["baseline"].median_ms,
+                           timings["candidate"].peak_memory_mb)
+
+
+# -- the study --------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class SearchResult:
+    """What a search found: the fastest feasible plan, the Pareto set, and the study behind them."""
+
+    plan: Plan | None
+    pareto: list[Plan]
+    study: optuna.Study
+    graph: LayerGraph
+    decisions: Decisions
+    baseline_ms: float
+
+    @property
+    def feasible(self) -> bool:
+        return self.plan is not None
+
+    def summary(self) -> list[dict[str, Any]]:
+        """Rows for a table: FP32 baseline vs the chosen plan."""
+        baseline = (self.plan.metrics or {}).get("baseline_latency_ms") if self.plan else None
+        rows = [{"plan": "fp32 baseline", "latency_ms": baseline or self.baseline_ms, "speedup": "1.00x", "error": 0.0,
+                 "fp16": 0, "bf16": 0, "fp32": len(self.graph)}]
+        if self.plan is not None:
+            metrics = self.plan.metrics or {}
+            counts = self.plan.counts(self.graph.units)
+            rows.append({"plan": "chosen", "latency_ms": metrics.get("latency_ms"),
+                         "speedup": f"{metrics.get('speedup', math.nan):.2f}x", "error": metrics.get("error"),
+                         **{d: counts.get(d, 0) for d in ("fp16", "bf16", "fp32")}})
+        return rows
+
+
+def open_storage(url: str | None) -> optuna.storages.BaseStorage | None:
+    """``sqlite:///``, ``postgresql://`` (RDB) or ``journal:///PATH`` (a journal file)."""
+    if url is None:
+        return None
+    from precsearch.plan import mask_password
+
+    try:
+        if url.startswith("journal:///"):
+            from optuna.storages.journal import JournalFileBackend
+
+            return optuna.storages.JournalStorage(JournalFileBackend(url.removeprefix("journal:///")))
+        if url.startswith("postgresql"):  # several machines: a dead worker's trial must be noticed
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=120)
+        return optuna.storages.RDBStorage(url)
+    except Exception as error:
+        raise InputError(f"--storage {mask_password(url)}: cannot open ({type(error).__name__}: "
+                         f"{mask_password(str(error).splitlines()[0]) if str(error) else ''})") from None
+
+
+def optimize(model: nn.Module, batches: list[Any], *, space: str | SearchSpace = "default",
+             fidelity: Fidelity | None = None, metric: str = "rel_l2", max_error: float = 0.01,
+             trials: int = 60, timeout: float | None = None, storage: str | None = None,
+             study_name: str = "precsearch", seed: int = 0, model_name: str | None = None,
+             progress: bool = True, repeats: int = 9, max_categorical: int = MAX_CATEGORICAL) -> SearchResult:
+    """Search the fastest per-unit precision plan whose error stays within the limit.
+
+    ``fidelity`` overrides ``metric``/``max_error`` (e.g. ``Fidelity.user(...)`` for a task
+    metric). ``trials`` is the study's total budget: a resumed study runs only what is left.
+    """
+    batches = _batches.as_list(batches)
+    if not isinstance(trials, int) or trials < 1:
+        raise InputError(f"--trials {trials!r}: must be a positive integer")
+    if timeout is not None and not timeout > 0:
+        raise InputError(f"--timeout {timeout!r}: must be a positive number of seconds")
+    space = space if isinstance(space, SearchSpace) else SearchSpace.load(space)
+    device_type = model_device_type(model)
+    model.eval()
+    graph = walk(model, batches[0], device=device_type)
+    choices = space.choices(graph, device_type)
+    fidelity = fidelity or Fidelity.builtin(model, batches, metric, max_error)
+
+    study = optuna.create_study(
+        study_name=study_name, storage=open_storage(storage), direction="minimize", load_if_exists=True,
+        sampler=optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True,
+                                           n_startup_trials=10))
+    units = graph.units
+    if "sensitivity" not in study.user_attrs:
+        low = sorted({d for c in choices for d in c.dtypes if d != "fp32"})
+        study.set_user_attr("sensitivity", unit_sensitivity(model, units, batches[0], low, device_type))
+        study.set_user_attr("units", units)
+        study.set_user_attr("space", space.name)
+        study.set_user_attr("constraint", fidelity.describe())
+    decisions = Decisions(choices, study.user_attrs["sensitivity"],
+                          {u: graph[u]["flops"] for u in units}, ranked=len(choices) > max_categorical)
+    if not study.user_attrs.get("seeded"):
+        for params in decisions.seeds():
+            study.enqueue_trial(params, skip_if_exists=True)
+        study.set_user_attr("seeded", True)
+
+    evaluator = Evaluator(model, batches, fidelity, device_type, repeats)
+    if "baseline_ms" not in study.user_attrs:
+        timing = time_interleaved({"fp32": (nullcontext, evaluator._run)}, device_type=device_type,
+                                  repeats=max(repeats, 5))
+        study.set_user_attr("baseline_ms", timing["fp32"].median_ms)
+    baseline_ms = study.user_attrs["baseline_ms"]
+    seen: dict[str, Measurement] = {}
+
+    def objective(trial: optuna.Trial) -> float:
+        layers = decisions.suggest(trial)
+        code = encode(layers, units)
+        measured = seen.get(code) or evaluator.measure(layers)
+        seen[code] = measured
+        trial.set_user_attr("plan", code)
+        trial.set_user_attr("error", measured.error if math.isfinite(measured.error) else None)
+        trial.set_user_attr("latency_ms", measured.latency_ms)
+        trial.set_user_attr("baseline_ms", measured.baseline_ms)
+        trial.set_user_attr("peak_memory_mb", measured.peak_memory_mb)
+        if measured.failure:
+            trial.set_user_attr("failure", measured.failure)
+        trial.set_constraint("error", min(measured.error - fidelity.limit, _CAP))
+        if not math.isfinite(measured.latency_ms):
+            return baseline_ms * 10  # failed candidates: clearly worse than anything that ran
+        # Normalised to the study's baseline: drift of the machine between trials cancels.
+        return baseline_ms * measured.latency_ms / measured.baseline_ms
+
+    # The budget counts finished trials; one that failed (an interrupt, a crash) is redone.
+    remaining = trials - len(study.get_trials(deepcopy=False, states=_COUNTED))
+    if remaining > 0:
+        study.optimize(objective, n_trials=remaining, timeout=timeout, show_progress_bar=progress,
+                       callbacks=[optuna.study.MaxTrialsCallback(trials, states=_COUNTED)], gc_after_trial=False)
+    return _result(model, study, graph, decisions, evaluator, fidelity, space, model_name, baseline_ms, storage)
+
+
+def feasible_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    complete = study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE])
+    return [t for t in complete if all(v <= 0 for v in t.constraints.values()) and t.user_attrs.get("plan")]
+
+
+def pareto_front(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
+    """Feasible trials not dominated in (latency, error), one per distinct plan, fastest first."""
+    unique: dict[str, optuna.trial.FrozenTrial] = {}
+    for trial in sorted(trials, key=lambda t: t.value):
+        unique.setdefault(trial.user_attrs["plan"], trial)
+    points = [(t.value, t.user_attrs["error"] or 0.0, t) for t in unique.values()]
+    return [t for value, error, t in points
+            if not any(v <= value and e <= error and (v < value or e < error) for v, e, _ in points)]
+
+
+def _result(model, study, graph, decisions, evaluator, fidelity, space, model_name, baseline_ms, storage):
+    units = graph.units
+    front = pareto_front(feasible_trials(study))
+
+    def plan_of(trial: optuna.trial.FrozenTrial, measured: Measurement | None = None) -> Plan:
+        layers = decode(trial.user_attrs["plan"], units)
+        default = Counter(layers.values()).most_common(1)[0][0]
+        latency = measured.baseline_ms / measured.speedup if measured else trial.value
+        error = measured.error if measured else trial.user_attrs["error"]
+        speedup = measured.speedup if measured else baseline_ms / trial.value
+        return Plan(
+            default=default, layers={u: d for u, d in layers.items() if d != default},
+            model={"name": model_name or type(model).__name__, "fingerprint": model_fingerprint(model),
+                   "units": len(units)},
+            target=_target(evaluator.device_type),
+            constraint=fidelity.describe(),
+            metrics={"latency_ms": round(latency, 4),
+                     "baseline_latency_ms": round(measured.baseline_ms if measured else baseline_ms, 4),
+                     "speedup": round(speedup, 3), "error": error,
+                     "peak_memory_mb": trial.user_attrs.get("peak_memory_mb"), "trial": trial.number},
+            search={"space": space.name, "trials": len(study.get_trials(deepcopy=False, states=_COUNTED)), "sampler": type(study.sampler).__name__,
+                    "study": study.study_name, "storage": storage})
+
+    if not front:
+        return SearchResult(None, [], study, graph, decisions, baseline_ms)
+    best = front[0]
+    # Re-measure the winner with more repeats: the best of many noisy trials flatters itself.
+    confirmed = evaluator.measure(decode(best.user_attrs["plan"], units), repeats=max(3 * evaluator.repeats, 15))
+    plan = plan_of(best, confirmed if confirmed.failure is None else None)
+    others = [plan_of(t) for t in front[1:] if set(t.user_attrs["plan"]) != {"f"}]  # fp32 is the baseline
+    return SearchResult(plan, others, study, graph, decisions, baseline_ms)
+
+
+def _target(device_type: str) -> dict[str, Any]:
+    return {"device": device_type, "device_name": device_name(device_type), "torch": torch.__version__.split("+")[0]}
+
+
+def device_name(device_type: str) -> str:
+    if device_type == "cuda":
+        return torch.cuda.get_device_name()
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

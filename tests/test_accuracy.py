@@ -1,0 +1,70 @@
+import math
+
+import pytest
+import torch
+
+from precsearch.accuracy import Fidelity, cosine, flatten_outputs, max_abs, rel_l2, top1
+from precsearch.errors import InputError
+
+
+def test_flatten_outputs_walks_nested_structures_in_order():
+    a, b, c = torch.ones(2), torch.zeros(3), torch.full((1,), 2.0)
+    output = {"logits": a, "rest": (b, [c, torch.arange(3)]), "name": "x"}
+    assert [t.shape for t in flatten_outputs(output)] == [a.shape, b.shape, c.shape]
+
+
+def test_metric_definitions():
+    ref = [[torch.tensor([[3.0, 4.0], [1.0, 0.0]])]]
+    got = [[torch.tensor([[3.0, 4.0], [0.0, 1.0]])]]
+    assert rel_l2(got, ref) == pytest.approx(math.sqrt(2) / math.sqrt(26))
+    assert cosine(got, ref) == pytest.approx(1 - (1.0 + 0.0) / 2)
+    assert max_abs(got, ref) == pytest.approx(1.0)
+    assert top1(got, ref) == pytest.approx(0.5)
+    assert rel_l2(ref, ref) == 0.0 and top1(ref, ref) == 0.0
+
+
+def test_non_finite_output_is_infinitely_wrong():
+    ref = [[torch.ones(4)]]
+    bad = [[torch.tensor([1.0, float("inf"), 1.0, 1.0])]]
+    for metric in (rel_l2, cosine, max_abs, top1):
+        assert metric(bad, ref) == math.inf
+
+
+def test_reference_is_computed_once():
+    calls = []
+    model = torch.nn.Linear(4, 4)
+    model.register_forward_hook(lambda *args: calls.append(1))
+    fidelity = Fidelity.builtin(model, [torch.randn(2, 4)], "rel_l2", 0.01)
+    assert len(calls) == 1
+    assert fidelity.error(model) == 0.0
+    assert fidelity.error(model) == 0.0
+    assert len(calls) == 3
+
+
+def test_user_metric_drop_against_fp32():
+    model = torch.nn.Linear(4, 2)
+    scores = iter([0.90, 0.88, 0.80])
+    fidelity = Fidelity.user(model, [torch.randn(2, 4)], lambda m, b: next(scores), "acc", max_drop=0.05)
+    assert fidelity.reference_value == 0.90
+    assert fidelity.error(model) == pytest.approx(0.02)
+    assert fidelity.error(model) == pytest.approx(0.10)
+    relative = Fidelity.user(model, [torch.randn(2, 4)], lambda m, b: 0.5, "acc", max_rel_drop=0.1)
+    assert relative.error(model) == 0.0
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({}, "exactly one of --max-drop or --max-rel-drop"),
+    ({"max_drop": 0.1, "max_rel_drop": 0.1}, "exactly one"),
+    ({"max_drop": -1.0}, "--max-drop -1.0: must be a finite number >= 0"),
+])
+def test_user_metric_needs_one_drop_limit(kwargs, message):
+    with pytest.raises(InputError, match=message):
+        Fidelity.user(torch.nn.Linear(2, 2), [torch.randn(1, 2)], lambda m, b: 1.0, "acc", **kwargs)
+
+
+def test_unknown_metric_and_bad_limit():
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(InputError, match="unknown metric"):
+        Fidelity.builtin(model, [torch.randn(1, 2)], "psnr", 0.01)
+    with pytest.raises(InputError, match="--max-error nan"):
+        Fidelity.builtin(model, [torch.randn(1, 2)], "rel_l2", float("nan"))

@@ -1,0 +1,163 @@
+import math
+
+import optuna
+import pytest
+
+from precsearch import load_plan, walk
+from precsearch import search as search_module
+from precsearch.accuracy import Fidelity
+from precsearch.bench import time_interleaved
+from precsearch.cli import main
+from precsearch.examples import demo
+from precsearch.runtime import apply_plan
+from precsearch.search import Decisions, Evaluator, optimize
+from precsearch.sensitivity import unit_sensitivity
+from precsearch.space import SearchSpace
+from precsearch.strategies import exhaustive
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def small_data():
+    return demo.data(batches=2, batch_size=128)
+
+
+def test_sensitivity_finds_both_traps():
+    model, batches = demo.model(), demo.data(batches=1)
+    units = walk(model, batches[0]).units
+    sensitivity = unit_sensitivity(model, units, batches[0], ["fp16", "bf16"], "cpu")
+    assert math.isinf(sensitivity["amplify"]["fp16"])                       # overflows fp16
+    assert all(math.isfinite(sensitivity[u]["fp16"]) for u in units if u != "amplify")
+    assert max(units, key=lambda u: sensitivity[u]["bf16"]) == "shift"        # its signal rides an offset
+    assert sensitivity["shift"]["bf16"] > 5 * sensitivity["shift"]["fp16"]
+
+
+def test_seeds_cover_baseline_all_low_and_the_trap_free_prefix():
+    model, batches = demo.model(), demo.data(batches=1)
+    graph = walk(model, batches[0])
+    units = graph.units
+    decisions = Decisions(SearchSpace.load("default").choices(graph, "cpu"),
+                          unit_sensitivity(model, units, batches[0], ["fp16", "bf16"], "cpu"),
+                          {u: graph[u]["flops"] for u in units}, ranked=False)
+    seeds = decisions.seeds()
+    assert seeds[0] == {u: "fp32" for u in units}
+    assert {u: "bf16" for u in units} in seeds and {u: "fp16" for u in units} in seeds
+    assert {**{u: "bf16" for u in units}, "shift": "fp32"} in seeds
+    assert decisions.order["fp16"][-1].name == "amplify" and decisions.order["bf16"][-1].name == "shift"
+    assert len(seeds) == len({tuple(sorted(s.items())) for s in seeds})
+
+
+@pytest.mark.slow
+def test_search_avoids_the_traps_and_matches_exhaustive_search():
+    model, batches = demo.small_model(), small_data()
+    result = optimize(model, batches, max_error=0.01, trials=20, progress=False, seed=0)
+    plan = result.plan
+    assert plan is not None and plan.metrics["error"] <= 0.01
+    assert plan.precision("amplify") != "fp16" and plan.precision("shift") != "bf16"
+
+    units = result.graph.units
+    evaluator = Evaluator(model, batches, Fidelity.builtin(model, batches), "cpu")
+    best = exhaustive(evaluator, units)
+    assert best.evaluations == 3 ** 6
+    found = {u: plan.precision(u) for u in units}
+
+    def run():
+        model(batches[0])
+
+    timings = time_interleaved({"search": (lambda: apply_plan(model, plan), run),
+                                "exhaustive": (lambda: apply_plan(model, plan.with_layers(best.layers, default="fp32",
+                                                                                          model={})), run)},
+                               repeats=40, warmup=3)
+    ratio = timings["search"].median_ms / timings["exhaustive"].median_ms
+    assert found == best.layers or ratio <= 1.10, (found, best.layers, ratio)
+
+
+def test_resume_keeps_finished_trials_and_computes_sensitivity_once(tmp_path, monkeypatch):
+    calls = []
+    real = search_module.unit_sensitivity
+    monkeypatch.setattr(search_module, "unit_sensitivity", lambda *a, **k: calls.append(1) or real(*a, **k))
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    model, batches = demo.small_model(), small_data()
+    first = optimize(model, batches, trials=6, storage=storage, study_name="s", progress=False, repeats=3)
+    before = [(t.number, t.value, t.user_attrs["plan"]) for t in first.study.trials if t.state.is_finished()]
+    second = optimize(model, batches, trials=9, storage=storage, study_name="s", progress=False, repeats=3)
+    after = [(t.number, t.value, t.user_attrs["plan"]) for t in second.study.trials if t.state.is_finished()]
+    assert len(before) == 6 and len(after) == 9
+    assert after[:6] == before
+    assert len(calls) == 1
+
+
+def test_ranked_parametrisation_for_many_choices():
+    model, batches = demo.model(), small_data()
+    result = optimize(model, batches, trials=10, progress=False, repeats=3, max_categorical=4)
+    complete = [t for t in result.study.trials if t.state.name == "COMPLETE"]
+    assert len(complete) == 10 and all(set(t.params) == {"dtype", "fraction"} for t in complete)
+    assert result.plan is not None and result.plan.metrics["error"] <= 0.01
+    assert result.plan.precision("shift") != "bf16" and result.plan.precision("amplify") != "fp16"
+
+
+def test_interrupted_trial_is_redone_on_resume(tmp_path, monkeypatch):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    model, batches = demo.small_model(), small_data()
+    real = search_module.Evaluator.measure
+    count = {"n": 0}
+
+    def flaky(self, layers, repeats=None):
+        count["n"] += 1
+        if count["n"] == 4:
+            raise KeyboardInterrupt
+        return real(self, layers, repeats)
+
+    monkeypatch.setattr(search_module.Evaluator, "measure", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        optimize(model, batches, trials=6, storage=storage, study_name="s", progress=False, repeats=3)
+    monkeypatch.setattr(search_module.Evaluator, "measure", real)
+    study = optuna.load_study(study_name="s", storage=storage)
+    assert [t.state.name for t in study.trials if t.state.is_finished()] == ["COMPLETE"] * 3 + ["FAIL"]
+    result = optimize(model, batches, trials=6, storage=storage, study_name="s", progress=False, repeats=3)
+    complete = [t for t in result.study.trials if t.state.name == "COMPLETE"]
+    assert len(complete) == 6
+
+
+@pytest.mark.slow
+def test_cli_optimize_then_check(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["optimize", "--trials", "12", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "fp32 baseline" in printed and "chosen" in printed
+    plan = load_plan(out / "plan.yaml")
+    assert plan.metrics["error"] <= 0.01 and plan.metrics["speedup"] > 0
+    assert plan.precision("shift") != "bf16" and plan.precision("amplify") != "fp16"
+    assert plan.search["storage"] == f"sqlite:///{out / 'study.db'}"
+    assert (out / "trials.csv").read_text().count("\n") == 13
+    assert main(["check", "--plan", str(out / "plan.yaml")]) == 0
+
+
+def test_cli_optimize_exits_1_when_nothing_meets_the_limit(tmp_path, capsys):
+    space = tmp_path / "forced.yaml"
+    space.write_text("format: precsearch-space/1\nname: forced\nrules:\n  - {name: '^amplify$', dtypes: [fp16]}\n")
+    code = main(["optimize", "--space", str(space), "--trials", "3", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "no plan meets rel_l2 <= 0.01" in err and "amplify in fp16" in err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--max-error", "-1"], "argument --max-error: '-1' must be a finite number >= 0"),
+    (["--max-error", "abc"], "'abc' is not a number"),
+    (["--metric-name", "psnr"], "invalid choice: 'psnr'"),
+    (["--metric", "precsearch.examples.digits:accuracy"], "exactly one of --max-drop or --max-rel-drop"),
+    (["--max-drop", "0.1"], "--max-drop/--max-rel-drop bound a --metric"),
+    (["--space", "missing.yaml"], "--space missing.yaml: cannot read"),
+    (["--space", "nope"], "no such named space"),
+    (["--trials", "0"], "'0' must be at least 1"),
+    (["--storage", "sqlite:////nonexistent/dir/x.db"], "--storage sqlite:////nonexistent/dir/x.db: cannot open"),
+    (["--storage", "postgresql://user:hunter2@127.0.0.1:1/db"], "--storage postgresql://user:***@"),
+])
+def test_cli_optimize_bad_input(tmp_path, capsys, argv, message):
+    code = main(["optimize", "--out", str(tmp_path / "o"), *argv])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert message in err and "hunter2" not in err
+    assert len(err.strip().splitlines()) == 1 or err.startswith("precsearch: searching")

@@ -1,0 +1,61 @@
+import pytest
+
+from conftest import build_bert, build_gpt2, token_batches
+from precsearch import walk
+from precsearch.errors import InputError
+from precsearch.examples import demo
+from precsearch.space import SearchSpace, available_spaces
+
+
+def test_named_spaces_ship_and_parse():
+    assert {"default", "transformer", "cnn", "bf16_only"} <= set(available_spaces())
+    for name in available_spaces():
+        assert SearchSpace.load(name).name == name
+
+
+def test_transformer_space_groups_blocks_and_restricts_heads():
+    graph = walk(build_bert(), token_batches(1)[0])
+    choices = {c.name: c for c in SearchSpace.load("transformer").choices(graph, "cpu")}
+    attention = choices["encoder.layer.0.attention"]
+    assert set(attention.units) == {"encoder.layer.0.attention.self", "encoder.layer.0.attention.self.query",
+                                    "encoder.layer.0.attention.self.key", "encoder.layer.0.attention.self.value",
+                                    "encoder.layer.0.attention.output.dense"}
+    assert set(choices["encoder.layer.0"].units) == {"encoder.layer.0.intermediate.dense",
+                                                     "encoder.layer.0.output.dense"}
+    assert choices["pooler.dense"].dtypes == ("bf16", "fp32")
+    assert len(choices) == 5  # 2 layers x (attention, mlp) + pooler
+
+    gpt = {c.name: c for c in SearchSpace.load("transformer").choices(walk(build_gpt2(), token_batches(1)[0]), "cpu")}
+    assert "transformer.h.0.attn" in gpt["transformer.h.0.attn"].units
+    assert gpt["lm_head"].dtypes == ("bf16", "fp32")
+
+
+def test_rules_first_match_wins_and_types_match(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text("format: precsearch-space/1\nname: mine\ndtypes: [fp16, bf16, fp32]\nrules:\n"
+                    "  - {name: '^shift$', dtypes: [fp32]}\n  - {type: [Linear], dtypes: [bf16, fp32]}\n")
+    space = SearchSpace.load(str(path))
+    choices = {c.name: c.dtypes for c in space.choices(walk(demo.model(), demo.data()[0]), "cpu")}
+    assert choices["shift"] == ("fp32",)
+    assert choices["stem"] == ("bf16", "fp32")
+
+
+@pytest.mark.parametrize("text,message", [
+    ("format: precsearch-space/1\ndtypes: [fp8]\n", "unknown dtype 'fp8'"),
+    ("format: precsearch-space/2\n", "format must be"),
+    ("format: precsearch-space/1\nrules: [{name: '(', dtypes: [fp32]}]\n", "invalid regular expression"),
+    ("format: precsearch-space/1\nrules: [{name: x}]\n", "rules[0]"),
+    ("format: precsearch-space/1\ngroups: ['no_capture']\n", "needs a capture group"),
+    ("format: precsearch-space/1\ncolour: blue\n", "unknown field 'colour'"),
+    ("format: [unclosed\n", "not valid YAML"),
+])
+def test_invalid_spaces_name_the_culprit(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(InputError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        SearchSpace.load(str(path))
+
+
+def test_unknown_named_space_lists_the_named_ones():
+    with pytest.raises(InputError, match="named spaces: bf16_only, cnn, default, transformer"):
+        SearchSpace.load("nope")
