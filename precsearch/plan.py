@@ -115,12 +115,14 @@ class Plan:
         return dataclasses.replace(self, layers=dict(layers), **changes)
 
     # -- model checks ---------------------------------------------------------------------
-    def validate_for(self, model: nn.Module, *, fingerprint_mismatch: str = "error") -> None:
+    def validate_for(self, model: nn.Module, *, fingerprint_mismatch: str = "error",
+                     names: set[str] | None = None) -> None:
         """Check that every named layer exists in ``model`` and the fingerprint matches.
 
         ``fingerprint_mismatch="warn"`` downgrades a fingerprint mismatch to a warning.
         """
-        names = {name for name, _ in model.named_modules()}
+        if names is None:
+            names = {name for name, _ in model.named_modules()} if self.layers else set()
         for name in self.layers:
             if name not in names:
                 near = _closest(name, names)

@@ -88,27 +88,47 @@ def _wrap(original: Callable, device_type: str, precision: str, cast_output: boo
 class PlanHandle:
     """A plan applied to a model; ``remove()`` (or leaving the ``with`` block) undoes it."""
 
-    def __init__(self, model: nn.Module, plan: Plan, device_type: str) -> None:
+    def __init__(self, model: nn.Module, plan: Plan, device_type: str,
+                 modules: list[tuple[str, nn.Module]] | None = None) -> None:
         self.model, self.plan, self.device_type = model, plan, device_type
-        self._saved: list[tuple[nn.Module, Any]] = []  # (module, its own ``forward`` attribute or None)
-        precision = {name: plan.precision(name) for name, _ in model.named_modules()}
-        for name, module in model.named_modules():
+        # (module, its own ``forward`` attribute or None, the wrapper)
+        self._saved: list[tuple[nn.Module, Any, Callable]] = []
+        modules = modules if modules is not None else list(model.named_modules())
+        precision = {name: plan.precision(name) for name, _ in modules}
+        for name, module in modules:
             parent = precision[_parent_name(name)] if name else None
             if name and precision[name] == parent:
                 continue
             cast_output = parent == "fp32" and precision[name] != "fp32"
-            self._saved.append((module, module.__dict__.get("forward")))
-            module.forward = _wrap(module.forward, device_type, precision[name], cast_output)
+            wrapper = _wrap(module.forward, device_type, precision[name], cast_output)
+            self._saved.append((module, module.__dict__.get("forward"), wrapper))
+        self._install()
         self.wrapped = len(self._saved)
         _applied[model] = self
 
-    def remove(self) -> None:
-        """Restore every wrapped ``forward`` exactly; safe to call twice."""
-        for module, own_forward in reversed(self._saved):
+    def _install(self) -> None:
+        for module, _, wrapper in self._saved:
+            module.forward = wrapper
+
+    def _uninstall(self) -> None:
+        for module, own_forward, _ in reversed(self._saved):
             if own_forward is None:
                 module.__dict__.pop("forward", None)
             else:
                 module.forward = own_forward
+
+    @contextmanager
+    def suspended(self) -> Iterator[None]:
+        """The model exactly as without the plan for a block (cheap: no module walk)."""
+        self._uninstall()
+        try:
+            yield
+        finally:
+            self._install()
+
+    def remove(self) -> None:
+        """Restore every wrapped ``forward`` exactly; safe to call twice."""
+        self._uninstall()
         self._saved.clear()
         if _applied.get(self.model) is self:
             del _applied[self.model]
@@ -124,18 +144,23 @@ class PlanHandle:
 
 
 def apply_plan(model: nn.Module, plan: Plan, *, device_type: str | None = None,
-               fingerprint_mismatch: str = "error") -> PlanHandle:
+               fingerprint_mismatch: str = "error", modules: list[tuple[str, nn.Module]] | None = None) -> PlanHandle:
     """Make ``model`` run each unit in the dtype ``plan`` gives it. Parameters stay FP32.
 
     Returns a handle that is also a context manager::
 
         with apply_plan(model, load_plan("plan.yaml")):
             logits = model(batch)
+
+    ``modules`` (``list(model.named_modules())``) saves the module walk for callers that apply
+    many plans to one model, like the search.
     """
     if model in _applied:
         raise PlanError("a plan is already applied to this model: call handle.remove() first")
-    plan.validate_for(model, fingerprint_mismatch=fingerprint_mismatch)
-    return PlanHandle(model, plan, device_type or model_device_type(model, plan.target.get("device", "cpu")))
+    plan.validate_for(model, fingerprint_mismatch=fingerprint_mismatch,
+                      names={name for name, _ in modules} if modules is not None else None)
+    return PlanHandle(model, plan, device_type or model_device_type(model, plan.target.get("device", "cpu")),
+                      modules)
 
 
 @contextmanager

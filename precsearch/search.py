@@ -18,7 +18,6 @@ import logging
 import math
 import warnings
 from collections import Counter
-from contextlib import nullcontext
 from typing import Any
 
 import optuna
@@ -31,7 +30,7 @@ from precsearch.bench import time_interleaved
 from precsearch.errors import InputError
 from precsearch.graph import LayerGraph, walk
 from precsearch.plan import Plan, model_fingerprint
-from precsearch.runtime import apply_plan, model_device_type
+from precsearch.runtime import PlanHandle, apply_plan, model_device_type
 from precsearch.sensitivity import choice_error, unit_sensitivity
 from precsearch.space import Choice, SearchSpace
 
@@ -62,6 +61,8 @@ class Decisions:
     sensitivity: dict[str, dict[str, float | None]]
     flops: dict[str, int]
     ranked: bool
+    limit: float = math.inf
+    calibration: dict[str, float] = dataclasses.field(default_factory=dict)  # metric error per unit of sensitivity
 
     def __post_init__(self) -> None:
         self.low = [d for d in ("bf16", "fp16") if any(d in c.dtypes for c in self.choices)]
@@ -104,14 +105,29 @@ class Decisions:
             layers.update({unit: dtype for unit in choice.units})
         return layers
 
+    def predicted_prefix(self, dtype: str) -> int:
+        """The longest cost-aware prefix whose predicted error (root-sum-square of the units'
+        errors, scaled by the calibration) stays within the limit."""
+        gain = self.calibration.get(dtype, 1.0)
+        total, k = 0.0, 0
+        for choice in self.order[dtype]:
+            total += self.errors[dtype][choice.name] ** 2
+            if gain * math.sqrt(total) > self.limit:
+                break
+            k += 1
+        return k
+
     def seeds(self) -> list[dict[str, Any]]:
-        """Optuna params for the baseline, all-low plans and sensitivity-ordered prefixes."""
+        """Optuna params for the baseline, all-low plans and cost-aware prefixes: around the
+        predicted longest feasible prefix, and at fixed fractions."""
         seeds: list[dict[str, Any]] = []
         for dtype in ["fp32", *self.low]:
             n = len(self.order.get(dtype, []))
-            sizes = [0] if dtype == "fp32" else sorted(
-                {n, n - 1, n - 2, n - 3, n - 5, n - 8, math.ceil(3 * n / 4), math.ceil(n / 2), math.ceil(n / 4)}
-                & set(range(1, n + 1)), reverse=True)
+            best = self.predicted_prefix(dtype) if dtype != "fp32" else 0
+            sizes = [0] if dtype == "fp32" else [n, *sorted(
+                ({best, best - 1, best + 1, best - 2, best + 2, best - 4, best + 4}
+                 | {n - 1, math.ceil(3 * n / 4), math.ceil(n / 2), math.ceil(n / 4)}) & set(range(1, n)),
+                key=lambda k: (abs(k - best), -k))]
             for k in sizes:
                 if self.ranked:
                     seeds.append({"dtype": self.low[0] if dtype == "fp32" else dtype,
@@ -153,24 +169,28 @@ class Evaluator:
                  repeats: int = 9) -> None:
         self.model, self.batches, self.fidelity = model, batches, fidelity
         self.device_type, self.repeats = device_type, repeats
+        self.modules = list(model.named_modules())  # walked once, not once per candidate
 
     def _run(self) -> None:
         with torch.no_grad():
             _batches.call(self.model, self.batches[0])
 
+    def apply(self, layers: dict[str, str]) -> PlanHandle:
+        return apply_plan(self.model, Plan(default="fp32", layers=layers), device_type=self.device_type,
+                          modules=self.modules)
+
     def error(self, layers: dict[str, str]) -> float:
-        with apply_plan(self.model, Plan(default="fp32", layers=layers), device_type=self.device_type):
+        with self.apply(layers):
             return self.fidelity.error(self.model)
 
     def measure(self, layers: dict[str, str], repeats: int | None = None) -> Measurement:
-        plan = Plan(default="fp32", layers=layers)
         try:
-            error = self.error(layers)
-            feasible = error <= self.fidelity.limit
-            timings = time_interleaved(
-                {"baseline": (nullcontext, self._run),
-                 "candidate": (lambda: apply_plan(self.model, plan, device_type=self.device_type), self._run)},
-                device_type=self.device_type, repeats=repeats or (self.repeats if feasible else 3), warmup=1)
+            with self.apply(layers) as handle:
+                error = self.fidelity.error(self.model)
+                feasible = error <= self.fidelity.limit
+                timings = time_interleaved(
+                    {"baseline": (handle.suspended, self._run), "candidate": self._run},
+                    device_type=self.device_type, repeats=repeats or (self.repeats if feasible else 3), warmup=1)
         except (RuntimeError, ValueError, torch.cuda.OutOfMemoryError) as failure:
             gc.collect()
             if self.device_type == "cuda":
@@ -265,16 +285,19 @@ def optimize(model: nn.Module, batches: list[Any], *, space: str | SearchSpace =
         study.set_user_attr("units", units)
         study.set_user_attr("space", space.name)
         study.set_user_attr("constraint", fidelity.describe())
-    decisions = Decisions(choices, study.user_attrs["sensitivity"],
-                          {u: graph[u]["flops"] for u in units}, ranked=len(choices) > max_categorical)
+    evaluator = Evaluator(model, batches, fidelity, device_type, repeats)
+    if "calibration" not in study.user_attrs:
+        study.set_user_attr("calibration", _calibrate(evaluator, choices, study.user_attrs["sensitivity"]))
+    decisions = Decisions(choices, study.user_attrs["sensitivity"], {u: graph[u]["flops"] for u in units},
+                          ranked=len(choices) > max_categorical, limit=fidelity.limit,
+                          calibration=study.user_attrs["calibration"])
     if not study.user_attrs.get("seeded"):
         for params in decisions.seeds():
             study.enqueue_trial(params, skip_if_exists=True)
         study.set_user_attr("seeded", True)
 
-    evaluator = Evaluator(model, batches, fidelity, device_type, repeats)
     if "baseline_ms" not in study.user_attrs:
-        timing = time_interleaved({"fp32": (nullcontext, evaluator._run)}, device_type=device_type,
+        timing = time_interleaved({"fp32": evaluator._run}, device_type=device_type,
                                   repeats=max(repeats, 5))
         study.set_user_attr("baseline_ms", timing["fp32"].median_ms)
     baseline_ms = study.user_attrs["baseline_ms"]
@@ -304,6 +327,22 @@ def optimize(model: nn.Module, batches: list[Any], *, space: str | SearchSpace =
         study.optimize(objective, n_trials=remaining, timeout=timeout, show_progress_bar=progress,
                        callbacks=[optuna.study.MaxTrialsCallback(trials, states=_COUNTED)], gc_after_trial=False)
     return _result(model, study, graph, decisions, evaluator, fidelity, space, model_name, baseline_ms, storage)
+
+
+def _calibrate(evaluator: Evaluator, choices: list[Choice], sensitivity) -> dict[str, float]:
+    """Per low dtype: the constraint metric of the all-low plan divided by its predicted error,
+    so that sensitivity (a rel_l2 scale) predicts the user's metric."""
+    calibration = {}
+    for dtype in sorted({d for c in choices for d in c.dtypes if d != "fp32"}):
+        layers = {u: dtype for c in choices if dtype in c.dtypes for u in c.units}
+        predicted = choice_error(sensitivity, tuple(layers), dtype, 0.0)
+        try:
+            measured = evaluator.error(layers)
+        except (RuntimeError, ValueError):
+            continue
+        if math.isfinite(predicted) and predicted > 0 and math.isfinite(measured):
+            calibration[dtype] = measured / predicted
+    return calibration
 
 
 def feasible_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:

@@ -54,10 +54,18 @@ def local_error(output: Any, reference: list[torch.Tensor]) -> float:
 
 
 def unit_sensitivity(model: nn.Module, units: list[str], batch: Any, dtypes: list[str],
-                     device_type: str) -> dict[str, dict[str, float | None]]:
-    """``{unit: {dtype: local error}}`` for each low-precision dtype; None where a unit could not
-    be re-run on its own (it is then ranked in the middle)."""
-    modules = dict(model.named_modules())
+                     device_type: str, end_to_end_budget: int = 128) -> dict[str, dict[str, float | None]]:
+    """``{unit: {dtype: error}}`` for each low-precision dtype; None where a unit could not be
+    re-run on its own (it is then ranked in the middle).
+
+    With at most ``end_to_end_budget`` (unit, dtype) pairs, the error is measured end to end
+    (rel_l2 of the model's outputs with only that unit lowered), which also captures how much
+    the rest of the model amplifies it. Beyond that, it is the unit's local error.
+    """
+    if len(units) * len(dtypes) <= end_to_end_budget:
+        return _end_to_end(model, units, batch, dtypes, device_type)
+    named = list(model.named_modules())
+    modules = dict(named)
     captured: dict[str, tuple[Any, Any, list[torch.Tensor]]] = {}
     pending: dict[str, Any] = {}
 
@@ -94,13 +102,28 @@ def unit_sensitivity(model: nn.Module, units: list[str], batch: Any, dtypes: lis
             args, kwargs, reference = captured[unit]
             args, kwargs = _snapshot((args, kwargs))
             try:
-                with apply_plan(model, Plan(default="fp32", layers={unit: dtype}), device_type=device_type), \
-                        torch.no_grad():
+                with apply_plan(model, Plan(default="fp32", layers={unit: dtype}), device_type=device_type,
+                                modules=named), torch.no_grad():
                     error = local_error(modules[unit](*args, **kwargs), reference)
             except Exception as failure:  # a unit that cannot run detached from its model
                 log.info("sensitivity of %s in %s unknown: %s", unit, dtype, failure)
                 error = math.nan
             result[unit][dtype] = None if math.isnan(error) else error
+    return result
+
+
+def _end_to_end(model, units, batch, dtypes, device_type) -> dict[str, dict[str, float | None]]:
+    from precsearch.accuracy import rel_l2, run_outputs
+
+    reference = run_outputs(model, [batch])
+    named = list(model.named_modules())
+    result: dict[str, dict[str, float | None]] = {}
+    for unit in units:
+        result[unit] = {}
+        for dtype in dtypes:
+            with apply_plan(model, Plan(default="fp32", layers={unit: dtype}), device_type=device_type,
+                            modules=named):
+                result[unit][dtype] = rel_l2(run_outputs(model, [batch]), reference)
     return result
 
 
