@@ -19,12 +19,7 @@ from precsearch import Plan, apply_plan, walk
 from precsearch.bench import settings, time_interleaved
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=60)
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    options = parser.parse_args()
-
+def measure(repeats: int = 60) -> dict:
     torch.manual_seed(0)
     config = BertConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024)
     model = BertModel(config).eval()
@@ -47,7 +42,7 @@ def main() -> None:
 
     mixed = Plan(default="bf16", layers={unit: "fp32" for unit in units[::2]})
     timings = time_interleaved({"autocast": plain, "plan_all_bf16": planned(Plan(default="bf16")),
-                                "plan_mixed": planned(mixed)}, repeats=options.repeats, warmup=3)
+                                "plan_mixed": planned(mixed)}, repeats=repeats, warmup=3)
     base = timings["autocast"].median_ms
     result = {
         "model": f"BertModel(hidden=256, layers=4), batch 8 x 128 tokens, {len(units)} units",
@@ -56,8 +51,17 @@ def main() -> None:
         "plan_all_bf16_ms": round(timings["plan_all_bf16"].median_ms, 3),
         "overhead_ratio_all_bf16": round(timings["plan_all_bf16"].median_ms / base, 4),
         "plan_mixed_ms": round(timings["plan_mixed"].median_ms, 3),
-        "repeats": options.repeats,
+        "repeats": repeats,
     }
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=60)
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    options = parser.parse_args()
+    result = measure(options.repeats)
     print(json.dumps(result, indent=2))
     if options.json:
         with open(options.json, "w") as handle:

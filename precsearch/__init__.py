@@ -1,10 +1,13 @@
 """precsearch: per-layer precision search for PyTorch models.
 
 >>> import precsearch
->>> graph = precsearch.walk(model, example_batch)                    # doctest: +SKIP
->>> with precsearch.apply_plan(model, precsearch.load_plan("plan.yaml")):  # doctest: +SKIP
+>>> graph = precsearch.walk(model, example_batch)                          # doctest: +SKIP
+>>> result = precsearch.optimize(model, batches, max_error=0.01)           # doctest: +SKIP
+>>> with precsearch.apply_plan(model, precsearch.load_plan("plan.yaml")):   # doctest: +SKIP
 ...     outputs = model(batch)
 """
+
+from typing import Any
 
 from precsearch.errors import InputError, PlanError
 from precsearch.graph import LayerGraph, walk
@@ -15,5 +18,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AuditReport", "InputError", "LayerGraph", "LossScaling", "Plan", "PlanError", "PlanHandle",
-    "apply_plan", "audit", "load_plan", "model_fingerprint", "walk",
+    "SearchResult", "SearchSpace", "apply_plan", "audit", "load_plan", "model_fingerprint", "optimize", "walk",
 ]
+
+_LAZY = {"optimize": "precsearch.search", "SearchResult": "precsearch.search", "SearchSpace": "precsearch.space"}
+
+
+def __getattr__(name: str) -> Any:
+    """The search pulls in Optuna and SQLAlchemy: import it only when asked for."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'precsearch' has no attribute {name!r}")

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 MAX_CATEGORICAL = 48     # above this many choices, the study searches a ranked parametrisation
 _CODE = {"fp16": "h", "bf16": "b", "fp32": "f"}
 _DTYPE = {code: dtype for dtype, code in _CODE.items()}
+SLOW_DTYPE = 1.25        # an all-low plan this many times FP32's latency takes its dtype out of the search
 _CAP = 1e9               # constraint value stored for non-finite errors
 _COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)  # what the budget counts
 
@@ -129,7 +130,9 @@ class Decisions:
                  | {n - 1, math.ceil(3 * n / 4), math.ceil(n / 2), math.ceil(n / 4)}) & set(range(1, n)),
                 key=lambda k: (abs(k - best), -k))]
             for k in sizes:
-                if self.ranked:
+                if self.ranked and not self.low:
+                    seeds.append({})
+                elif self.ranked:
                     seeds.append({"dtype": self.low[0] if dtype == "fp32" else dtype,
                                   "fraction": 0.0 if dtype == "fp32" else k / n})
                 else:
@@ -256,11 +259,14 @@ def optimize(model: nn.Module, batches: list[Any], *, space: str | SearchSpace =
              fidelity: Fidelity | None = None, metric: str = "rel_l2", max_error: float = 0.01,
              trials: int = 60, timeout: float | None = None, storage: str | None = None,
              study_name: str = "precsearch", seed: int = 0, model_name: str | None = None,
-             progress: bool = True, repeats: int = 9, max_categorical: int = MAX_CATEGORICAL) -> SearchResult:
+             progress: bool = True, repeats: int = 9, max_categorical: int = MAX_CATEGORICAL,
+             drop_slow_dtypes: bool = True) -> SearchResult:
     """Search the fastest per-unit precision plan whose error stays within the limit.
 
     ``fidelity`` overrides ``metric``/``max_error`` (e.g. ``Fidelity.user(...)`` for a task
     metric). ``trials`` is the study's total budget: a resumed study runs only what is left.
+    ``drop_slow_dtypes`` leaves out a half precision whose all-low plan ran clearly slower than
+    FP32 (FP16 on most CPUs).
     """
     batches = _batches.as_list(batches)
     if not isinstance(trials, int) or trials < 1:
@@ -286,11 +292,14 @@ def optimize(model: nn.Module, batches: list[Any], *, space: str | SearchSpace =
         study.set_user_attr("space", space.name)
         study.set_user_attr("constraint", fidelity.describe())
     evaluator = Evaluator(model, batches, fidelity, device_type, repeats)
-    if "calibration" not in study.user_attrs:
-        study.set_user_attr("calibration", _calibrate(evaluator, choices, study.user_attrs["sensitivity"]))
+    if "dtype_probe" not in study.user_attrs:
+        study.set_user_attr("dtype_probe", _probe_dtypes(evaluator, choices, study.user_attrs["sensitivity"]))
+    probe = study.user_attrs["dtype_probe"]
+    if drop_slow_dtypes:
+        choices = _without_slow_dtypes(choices, probe, device_type)
     decisions = Decisions(choices, study.user_attrs["sensitivity"], {u: graph[u]["flops"] for u in units},
                           ranked=len(choices) > max_categorical, limit=fidelity.limit,
-                          calibration=study.user_attrs["calibration"])
+                          calibration={d: p["error_gain"] for d, p in probe.items() if p.get("error_gain")})
     if not study.user_attrs.get("seeded"):
         for params in decisions.seeds():
             study.enqueue_trial(params, skip_if_exists=True)
@@ -329,20 +338,30 @@ def optimize(model: nn.Module, batches: list[Any], *, space: str | SearchSpace =
     return _result(model, study, graph, decisions, evaluator, fidelity, space, model_name, baseline_ms, storage)
 
 
-def _calibrate(evaluator: Evaluator, choices: list[Choice], sensitivity) -> dict[str, float]:
-    """Per low dtype: the constraint metric of the all-low plan divided by its predicted error,
-    so that sensitivity (a rel_l2 scale) predicts the user's metric."""
-    calibration = {}
+def _probe_dtypes(evaluator: Evaluator, choices: list[Choice], sensitivity) -> dict[str, dict[str, float]]:
+    """Per low dtype, the all-low plan measured once: its latency relative to FP32, and its
+    error divided by the error sensitivity predicts (so sensitivity predicts the user's metric)."""
+    probe = {}
     for dtype in sorted({d for c in choices for d in c.dtypes if d != "fp32"}):
         layers = {u: dtype for c in choices if dtype in c.dtypes for u in c.units}
-        predicted = choice_error(sensitivity, tuple(layers), dtype, 0.0)
-        try:
-            measured = evaluator.error(layers)
-        except (RuntimeError, ValueError):
+        measured = evaluator.measure(layers, repeats=5)
+        if measured.failure:
             continue
-        if math.isfinite(predicted) and predicted > 0 and math.isfinite(measured):
-            calibration[dtype] = measured / predicted
-    return calibration
+        predicted = choice_error(sensitivity, tuple(layers), dtype, 0.0)
+        probe[dtype] = {"relative_latency": measured.latency_ms / measured.baseline_ms,
+                        "error_gain": measured.error / predicted
+                        if math.isfinite(measured.error) and math.isfinite(predicted) and predicted > 0 else None}
+    return probe
+
+
+def _without_slow_dtypes(choices: list[Choice], probe: dict[str, dict[str, float]], device_type: str) -> list[Choice]:
+    """Drop a half precision that made the whole model clearly slower than FP32 on this device
+    (FP16 on most CPUs): trials spent on it cannot win. A choice keeps it if it has no other option."""
+    slow = {d for d, p in probe.items() if p["relative_latency"] >= SLOW_DTYPE}
+    for dtype in sorted(slow):
+        warnings.warn(f"{dtype} left out of the search: the all-{dtype} plan ran "
+                      f"{probe[dtype]['relative_latency']:.2f}x the FP32 latency on this {device_type}", stacklevel=3)
+    return [dataclasses.replace(c, dtypes=tuple(d for d in c.dtypes if d not in slow) or c.dtypes) for c in choices]
 
 
 def feasible_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
