@@ -35,7 +35,7 @@ def interleaved_ratio(model, batch, plans: dict[str, dict[str, str]], repeats: i
         with torch.no_grad():
             model(**batch) if isinstance(batch, dict) else model(batch)
 
-    timings = time_interleaved({name: (lambda layers=layers: apply_plan(model, Plan(layers=layers)), run)
+    timings = time_interleaved({name: (lambda layers=layers: apply_plan(model, Plan.compact(layers)), run)
                                 for name, layers in plans.items()}, repeats=repeats, warmup=3)
     return {name: timing.median_ms for name, timing in timings.items()}
 

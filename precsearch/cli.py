@@ -117,8 +117,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
     import optuna
 
-    from precsearch.plan import mask_password, write_atomic
-    from precsearch.report import format_table, trials_frame
+    from precsearch.plan import mask_password
+    from precsearch.report import format_table, write_report
     from precsearch.search import optimize
     from precsearch.space import SearchSpace
 
@@ -140,8 +140,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         print(f"precsearch: interrupted; every finished trial is kept in {mask_password(storage)}: "
               f"rerun the same command to resume", file=sys.stderr)
         return 130
-    write_atomic(out / "trials.csv", trials_frame(result.study).to_csv(index=False))
     if result.plan is None:
+        (out / "plan.yaml").unlink(missing_ok=True)  # a stale plan from an earlier run must not pass for this one
+        write_report(out, result.study)
         risky = ", ".join(f"{name or '<root>'} in {dtype} (~{error:.2g})"
                           for name, dtype, error in result.decisions.most_sensitive(3))
         print(f"precsearch: no plan meets {fidelity.name} <= {fidelity.limit:g} in {len(result.study.trials)} "
@@ -154,10 +155,70 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         stale.unlink()
     for index, plan in enumerate(result.pareto, start=1):
         plan.save(pareto / f"plan-{index:03d}.yaml")
+    files = write_report(out, result.study)
     print(format_table(result.summary()))
-    print(f"\nplan: {out / 'plan.yaml'}   trials: {out / 'trials.csv'}   "
+    print(f"\nplan: {out / 'plan.yaml'}   report: {files['html']}   trials: {files['csv']}\n"
           f"other Pareto-optimal plans: {len(result.pareto)} in {pareto}/")
     return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from precsearch.report import open_study, write_report
+
+    files = write_report(args.dir, open_study(args.dir, args.storage, args.study))
+    print("\n".join(f"{kind:>8}: {path}" for kind, path in files.items()))
+    return EXIT_OK
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    import warnings
+    from pathlib import Path
+
+    from precsearch import compare
+    from precsearch.plan import load_plan
+    from precsearch.report import format_table
+
+    paths = [Path(p) for p in args.plans]
+    plans = [load_plan(path) for path in paths]
+    compare.check_distinct(paths, plans)
+    names = _short_names(paths)
+    remeasured, known_units = None, None
+    if args.model or args.data:
+        from precsearch.graph import walk
+
+        model, data, device, _ = _model_and_data(args)
+        known_units = walk(model, data[0], device=device).units
+        remeasured = compare.remeasure(model, data, names, plans)
+    units = compare.all_units(plans, known_units)
+    notes = compare.provenance_warnings(names, plans)
+    summary = compare.summary_rows(names, plans, units)
+    differences = compare.unit_differences(names, plans, units)
+    if args.json:
+        print(json.dumps({"plans": summary, "differences": differences, "remeasured": remeasured,
+                          "warnings": notes}, indent=2, default=str))
+        return EXIT_OK
+    for note in notes:
+        warnings.warn(note, stacklevel=1)
+    print(format_table(summary))
+    if known_units is None:
+        print(f"(dtype counts over the {len(units)} units the plans name; add --model/--data for all units)")
+    print(f"\n{len(differences)} of {len(units)} units differ" + (":" if differences else ""))
+    if differences:
+        print(format_table(differences, max_rows=40))
+    if remeasured:
+        print("\nre-measured on this machine, interleaved in one run:")
+        print(format_table(remeasured))
+    return EXIT_OK
+
+
+def _short_names(paths: list[Any]) -> list[str]:
+    """Plan labels: file names, or parent/file where file names repeat."""
+    names = [path.name for path in paths]
+    if len(set(names)) < len(names):
+        names = [f"{path.parent.name}/{path.name}" for path in paths]
+    if len(set(names)) < len(names):
+        names = [str(path) for path in paths]
+    return names
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,6 +273,25 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--out", metavar="DIR", help="output directory (default: reports/STUDY/)")
     search.add_argument("--seed", type=int, default=0, help="sampler seed (default: 0)")
     search.set_defaults(run=cmd_optimize)
+
+    report = commands.add_parser("report", help="write report.md/.html, plots and trials.csv for a search",
+                                 description="Rebuild the report of a search from its output directory.")
+    report.add_argument("dir", metavar="DIR", help="an optimize --out directory")
+    report.add_argument("--storage", metavar="URL", help="where the study is, if not DIR/study.db")
+    report.add_argument("--study", metavar="NAME", help="which study, if the storage holds several")
+    report.set_defaults(run=cmd_report)
+
+    comparison = commands.add_parser(
+        "compare", help="compare plans side by side (and re-measure them with --model/--data)",
+        description="Show plans' recorded metrics and settings side by side and the units whose precision "
+                    "differs. With --model and --data, re-measure every plan and the FP32 baseline on this "
+                    "machine in one interleaved run.")
+    comparison.add_argument("plans", nargs="+", metavar="PLAN.yaml", help="two or more plans")
+    comparison.add_argument("--model", metavar="MODULE:FUNC", help="re-measure on this model (with --data)")
+    comparison.add_argument("--data", metavar="MODULE:FUNC", help="batches for the re-measurement")
+    comparison.add_argument("--device", help="cpu or cuda (default: cuda when available, else cpu)")
+    comparison.add_argument("--json", action="store_true", help="machine-readable output")
+    comparison.set_defaults(run=cmd_compare)
     return parser
 
 

@@ -103,6 +103,17 @@ class Plan:
             if getattr(self, section) is not None and not isinstance(getattr(self, section), dict):
                 raise PlanError(f"{section}: must be a mapping or null")
 
+    @classmethod
+    def compact(cls, layers: dict[str, str], **fields: Any) -> Plan:
+        """The plan that gives every unit in ``layers`` its dtype, written compactly: the most
+        common dtype becomes the default (fp32 on ties) and only the others are listed.
+
+        The search measures exactly this form, so a saved plan runs as it was measured.
+        """
+        counts = Counter(layers.values())
+        default = min(DTYPES, key=lambda d: (-counts.get(d, 0), d != "fp32")) if counts else "fp32"
+        return cls(default=default, layers={u: d for u, d in layers.items() if d != default}, **fields)
+
     def precision(self, unit: str) -> str:
         """The precision of ``unit``: its own entry, else the plan's default."""
         return self.layers.get(unit, self.default)
@@ -110,9 +121,6 @@ class Plan:
     def counts(self, units: list[str] | None = None) -> Counter:
         """Units per precision, over ``units`` (default: the units the plan names)."""
         return Counter(self.precision(name) for name in (units if units is not None else self.layers))
-
-    def with_layers(self, layers: dict[str, str], **changes: Any) -> Plan:
-        return dataclasses.replace(self, layers=dict(layers), **changes)
 
     # -- model checks ---------------------------------------------------------------------
     def validate_for(self, model: nn.Module, *, fingerprint_mismatch: str = "error",

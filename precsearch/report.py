@@ -1,10 +1,17 @@
-"""Tables for the terminal (and, later, report files)."""
+"""What a search found, for people: terminal tables, ``trials.csv``, and ``report.md`` /
+``report.html`` with plots, built from the study and the plans in an output directory."""
 
 from __future__ import annotations
 
+import base64
+import html
+import math
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
+
+from precsearch.errors import InputError
 
 
 def human(number: float | int | None) -> str:
@@ -80,3 +87,172 @@ def trials_frame(study: Any) -> Any:
             "failure": attrs.get("failure"),
         })
     return pd.DataFrame(rows)
+
+
+# -- the report -----------------------------------------------------------------------------------
+def open_study(directory: str | Path, storage: str | None = None, study_name: str | None = None) -> Any:
+    """The study behind an output directory (``DIR/study.db`` unless ``storage`` says otherwise)."""
+    import optuna
+
+    from precsearch.search import open_storage
+
+    directory = Path(directory)
+    if storage is None:
+        if not (directory / "study.db").is_file():
+            raise InputError(f"{directory}: no study here (expected {directory / 'study.db'}); "
+                             f"pass --storage URL for a study stored elsewhere")
+        storage = f"sqlite:///{directory / 'study.db'}"
+    backend = open_storage(storage)
+    names = [s.study_name for s in optuna.get_all_study_summaries(backend, include_best_trial=False)]
+    if study_name is None:
+        if len(names) != 1:
+            raise InputError(f"{directory}: the storage holds {len(names)} studies ({', '.join(names) or 'none'}); "
+                             f"name one with --study")
+        study_name = names[0]
+    if study_name not in names:
+        raise InputError(f"--study {study_name!r}: not in the storage (it has: {', '.join(names) or 'none'})")
+    study = optuna.load_study(study_name=study_name, storage=backend)
+    if "settings" not in study.user_attrs:
+        raise InputError(f"study {study_name!r} was not made by precsearch optimize")
+    return study
+
+
+def write_report(directory: str | Path, study: Any) -> dict[str, Path]:
+    """Write ``trials.csv``, three PNG plots, ``report.md`` and a self-contained ``report.html``."""
+    from precsearch import plots
+    from precsearch.plan import load_plan, write_atomic
+
+    directory = Path(directory)
+    attrs = study.user_attrs
+    settings, units_info = attrs["settings"], attrs["units"]
+    units = [row["name"] for row in units_info]
+    trials = trials_frame(study)
+    write_atomic(directory / "trials.csv", trials.to_csv(index=False))
+    plan = load_plan(directory / "plan.yaml") if (directory / "plan.yaml").is_file() else None
+    others = [(path, load_plan(path)) for path in sorted((directory / "pareto").glob("plan-*.yaml"))]
+    constraint = settings["constraint"]
+    baseline = (plan.metrics or {}).get("baseline_latency_ms") if plan else None
+    baseline = baseline or attrs["baseline_ms"]
+    chosen = (plan.metrics or {}).get("trial") if plan else None
+    files = {
+        "tradeoff": plots.tradeoff(trials, constraint["limit"], attrs["baseline_ms"], chosen,
+                                   directory / "tradeoff.png", constraint["metric"]),
+        "progress": plots.progress(trials, attrs["baseline_ms"], directory / "progress.png"),
+    }
+    precision = {u: plan.precision(u) for u in units} if plan else {}
+    files["units"] = plots.unit_map(units, precision, attrs.get("edges", []), directory / "units.png",
+                                    "Chosen precision of every unit" if plan else "No feasible plan: all fp32")
+
+    finished = trials[trials["state"].isin(["COMPLETE", "PRUNED"])]
+    blocks: list[tuple] = [("h1", f"precsearch report: {settings['model']}")]
+    blocks += [("table", [
+        {"setting": "model", "value": settings["model"]},
+        {"setting": "device", "value": f"{settings['device']} ({settings['device_name']})"},
+        {"setting": "torch", "value": settings["torch"]},
+        {"setting": "search space", "value": settings["space"]},
+        {"setting": "constraint", "value": f"{constraint['metric']} <= {constraint['limit']:g}"},
+        {"setting": "budget", "value": f"{settings['trials']} trials ({len(finished)} finished)"},
+        {"setting": "sampler", "value": f"{settings['sampler']} (seed {settings['seed']}), "
+                                        f"{settings['parametrisation']} parametrisation"},
+        {"setting": "study", "value": f"{study.study_name}"},
+    ])]
+    blocks.append(("h2", "Result"))
+    if plan is None:
+        blocks.append(("p", f"No plan met {constraint['metric']} <= {constraint['limit']:g}."))
+    else:
+        metrics = plan.metrics or {}
+        memory = metrics.get("peak_memory_mb")
+        blocks.append(("table", [
+            {"plan": "fp32 baseline", "latency_ms": round(baseline, 3), "speedup": "1.00x", "error": 0.0,
+             "peak_memory_mb": "-" if memory is None else "measured per plan"},
+            {"plan": "chosen (plan.yaml)", "latency_ms": metrics.get("latency_ms"),
+             "speedup": f"{metrics.get('speedup', math.nan):.2f}x", "error": metrics.get("error"),
+             "peak_memory_mb": "not measured on CPU" if memory is None else memory},
+        ]))
+        counts = plan.counts(units)
+        blocks.append(("p", "Units per dtype: " + ", ".join(f"{d} {counts.get(d, 0)}" for d in ("fp16", "bf16", "fp32"))
+                       + f" (of {len(units)})."))
+    blocks += [("img", files["tradeoff"].name, "error vs latency of every trial"),
+               ("img", files["units"].name, "precision of every unit")]
+    blocks += [("h2", "Pareto-optimal feasible plans"),
+               ("p", "No plan is both faster and more accurate than any of these."),
+               ("table", [_plan_row(name, p, units) for name, p in
+                          ([("plan.yaml", plan)] if plan else []) + [(f"pareto/{path.name}", p) for path, p in others]]
+                or [{"plan": "none"}])]
+    blocks += [("h2", "Search progress"), ("img", files["progress"].name, "best feasible latency over trials"),
+               ("table", _milestones(trials))]
+    failed = trials[trials["failure"].notna()] if "failure" in trials else trials.iloc[0:0]
+    if len(failed):
+        blocks += [("h2", "Trials that failed"),
+                   ("table", [{"trial": int(r.trial), "reason": r.failure} for r in failed.itertuples()])]
+    sensitivity = attrs.get("sensitivity", {})
+    blocks += [("h2", "Units"), ("p", "Sensitivity: error of the model (or the unit's own output, for large "
+                                      "models) with only that unit lowered."),
+               ("table", [{"unit": row["name"] or "<root>", "type": row["type"], "params": row["params"],
+                           "flops": human(row["flops"]),
+                           **{f"sens_{d}": _fmt(sensitivity.get(row["name"], {}).get(d)) for d in ("fp16", "bf16")},
+                           "chosen": precision.get(row["name"], "-")} for row in units_info])]
+    markdown, page = _render(blocks, directory)
+    files["md"] = write_atomic(directory / "report.md", markdown)
+    files["html"] = write_atomic(directory / "report.html", page)
+    files["csv"] = directory / "trials.csv"
+    return files
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return "inf" if math.isinf(value) else f"{value:.2g}"
+
+
+def _plan_row(name: str, plan: Any, units: list[str]) -> dict[str, Any]:
+    metrics = plan.metrics or {}
+    counts = plan.counts(units)
+    return {"plan": name, "trial": metrics.get("trial"), "latency_ms": metrics.get("latency_ms"),
+            "speedup": f"{metrics.get('speedup', math.nan):.2f}x", "error": metrics.get("error"),
+            **{d: counts.get(d, 0) for d in ("fp16", "bf16", "fp32")}}
+
+
+def _milestones(trials: Any) -> list[dict[str, Any]]:
+    """The trials at which the best feasible latency improved."""
+    rows, best = [], math.inf
+    for row in trials[trials["state"] == "COMPLETE"].sort_values("trial").itertuples():
+        if row.feasible and row.latency_ms < best:
+            best = row.latency_ms
+            rows.append({"trial": int(row.trial), "best_latency_ms": round(best, 3),
+                         "speedup": f"{row.baseline_ms / row.measured_ms:.2f}x" if row.measured_ms else "-",
+                         "error": row.error})
+    return rows or [{"trial": "-", "best_latency_ms": "no feasible trial"}]
+
+
+def _render(blocks: list[tuple], directory: Path) -> tuple[str, str]:
+    """The same blocks as Markdown (images beside it) and as one self-contained HTML page."""
+    md, page = [], []
+    for kind, *content in blocks:
+        if kind in ("h1", "h2"):
+            md.append(("# " if kind == "h1" else "## ") + content[0])
+            page.append(f"<{kind}>{html.escape(content[0])}</{kind}>")
+        elif kind == "p":
+            md.append(content[0])
+            page.append(f"<p>{html.escape(content[0])}</p>")
+        elif kind == "img":
+            name, alt = content
+            md.append(f"![{alt}]({name})")
+            data = base64.b64encode((directory / name).read_bytes()).decode()
+            page.append(f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">')
+        elif kind == "table":
+            rows = content[0]
+            columns = list(rows[0])
+            md.append("\n".join(["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns),
+                                  *("| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in rows)]))
+            head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
+            body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(r.get(c)))}</td>" for c in columns) + "</tr>"
+                           for r in rows)
+            page.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;"
+             "padding:3px 8px;text-align:left}th{background:#f3f3f3}img{max-width:100%;margin:1em 0}")
+    title = html.escape(blocks[0][1])
+    document = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title>"
+                f"<style>{style}</style></head><body>" + "\n".join(page) + "</body></html>\n")
+    return "\n\n".join(md) + "\n", document

@@ -17,7 +17,6 @@ import gc
 import logging
 import math
 import warnings
-from collections import Counter
 from typing import Any
 
 import optuna
@@ -179,8 +178,7 @@ class Evaluator:
             _batches.call(self.model, self.batches[0])
 
     def apply(self, layers: dict[str, str]) -> PlanHandle:
-        return apply_plan(self.model, Plan(default="fp32", layers=layers), device_type=self.device_type,
-                          modules=self.modules)
+        return apply_plan(self.model, Plan.compact(layers), device_type=self.device_type, modules=self.modules)
 
     def error(self, layers: dict[str, str]) -> float:
         with self.apply(layers):
@@ -288,9 +286,13 @@ def optimize(model: nn.Module, batches: list[Any], *, space: str | SearchSpace =
     if "sensitivity" not in study.user_attrs:
         low = sorted({d for c in choices for d in c.dtypes if d != "fp32"})
         study.set_user_attr("sensitivity", unit_sensitivity(model, units, batches[0], low, device_type))
-        study.set_user_attr("units", units)
-        study.set_user_attr("space", space.name)
-        study.set_user_attr("constraint", fidelity.describe())
+        # What `precsearch report` needs to describe the run without the model.
+        study.set_user_attr("units", [{k: row[k] for k in ("name", "type", "params", "flops")} for row in graph.rows()])
+        study.set_user_attr("edges", [list(edge) for edge in graph.graph.edges])
+        study.set_user_attr("settings", {
+            "model": model_name or type(model).__name__, "space": space.name, "constraint": fidelity.describe(),
+            **_target(device_type), "trials": trials, "seed": seed, "sampler": "TPESampler",
+            "parametrisation": "ranked" if len(choices) > max_categorical else "categorical"})
     evaluator = Evaluator(model, batches, fidelity, device_type, repeats)
     if "dtype_probe" not in study.user_attrs:
         study.set_user_attr("dtype_probe", _probe_dtypes(evaluator, choices, study.user_attrs["sensitivity"]))
@@ -385,12 +387,11 @@ def _result(model, study, graph, decisions, evaluator, fidelity, space, model_na
 
     def plan_of(trial: optuna.trial.FrozenTrial, measured: Measurement | None = None) -> Plan:
         layers = decode(trial.user_attrs["plan"], units)
-        default = Counter(layers.values()).most_common(1)[0][0]
         latency = measured.baseline_ms / measured.speedup if measured else trial.value
         error = measured.error if measured else trial.user_attrs["error"]
         speedup = measured.speedup if measured else baseline_ms / trial.value
-        return Plan(
-            default=default, layers={u: d for u, d in layers.items() if d != default},
+        return Plan.compact(
+            layers,
             model={"name": model_name or type(model).__name__, "fingerprint": model_fingerprint(model),
                    "units": len(units)},
             target=_target(evaluator.device_type),

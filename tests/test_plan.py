@@ -101,3 +101,10 @@ def test_precision_lookup_and_counts():
     plan = Plan(default="bf16", layers={"a": "fp32"})
     assert plan.precision("a") == "fp32" and plan.precision("b") == "bf16"
     assert plan.counts(["a", "b", "c"]) == {"bf16": 2, "fp32": 1}
+
+
+def test_compact_lists_only_what_differs_from_the_most_common_dtype():
+    plan = Plan.compact({"a": "bf16", "b": "bf16", "c": "fp32"}, mode="training")
+    assert plan.default == "bf16" and plan.layers == {"c": "fp32"} and plan.mode == "training"
+    assert Plan.compact({"a": "bf16", "b": "fp32"}).default == "fp32"  # ties go to fp32
+    assert Plan.compact({}).default == "fp32"

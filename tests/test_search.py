@@ -3,7 +3,7 @@ import math
 import optuna
 import pytest
 
-from precsearch import load_plan, walk
+from precsearch import Plan, load_plan, walk
 from precsearch import search as search_module
 from precsearch.accuracy import Fidelity
 from precsearch.bench import time_interleaved
@@ -65,8 +65,7 @@ def test_search_avoids_the_traps_and_matches_exhaustive_search():
         model(batches[0])
 
     timings = time_interleaved({"search": (lambda: apply_plan(model, plan), run),
-                                "exhaustive": (lambda: apply_plan(model, plan.with_layers(best.layers, default="fp32",
-                                                                                          model={})), run)},
+                                "exhaustive": (lambda: apply_plan(model, Plan.compact(best.layers)), run)},
                                repeats=40, warmup=3)
     ratio = timings["search"].median_ms / timings["exhaustive"].median_ms
     assert found == best.layers or ratio <= 1.10, (found, best.layers, ratio)

@@ -1,0 +1,106 @@
+"""Side-by-side comparison of plans: recorded metrics and settings, per-unit differences, and
+(given the model and data) a fair re-measurement of all of them in one interleaved run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from precsearch import batches as _batches
+from precsearch.accuracy import Fidelity
+from precsearch.bench import time_interleaved
+from precsearch.errors import InputError
+from precsearch.plan import Plan
+from precsearch.runtime import apply_plan, model_device_type
+
+DTYPE_ORDER = ("fp16", "bf16", "fp32")
+
+
+def check_distinct(paths: list[Path], plans: list[Plan]) -> None:
+    if len(plans) < 2:
+        raise InputError("compare needs at least two plans")
+    seen: dict[str, Path] = {}
+    for path, plan in zip(paths, plans):
+        key = plan.dumps().split("\n", 2)[-1]  # everything but the creation time
+        if path.resolve() in {p.resolve() for p in seen.values()} or key in seen:
+            raise InputError(f"{path}: compares a plan with itself ({seen.get(key, path)}); give different plans")
+        seen[key] = path
+
+
+def provenance_warnings(names: list[str], plans: list[Plan]) -> list[str]:
+    """Differences that make recorded numbers incomparable."""
+    messages = []
+    for label, get in (("devices", lambda p: p.target.get("device_name") or p.target.get("device")),
+                       ("torch versions", lambda p: p.target.get("torch")),
+                       ("model fingerprints", lambda p: p.model.get("fingerprint"))):
+        values = {name: get(plan) for name, plan in zip(names, plans) if get(plan)}
+        if len(set(values.values())) > 1:
+            messages.append(f"plans were made on different {label}: " +
+                            ", ".join(f"{name}={str(value)[:24]}" for name, value in values.items()))
+    return messages
+
+
+def summary_rows(names: list[str], plans: list[Plan], units: list[str]) -> list[dict[str, Any]]:
+    """One row per plan: recorded metrics, constraint, target and units per dtype."""
+    rows = []
+    for name, plan in zip(names, plans):
+        metrics, constraint = plan.metrics or {}, plan.constraint or {}
+        counts = plan.counts(units)
+        rows.append({"plan": name, "default": plan.default,
+                     **{dtype: counts.get(dtype, 0) for dtype in DTYPE_ORDER},
+                     "speedup": metrics.get("speedup"), "latency_ms": metrics.get("latency_ms"),
+                     "error": metrics.get("error"),
+                     "limit": f"{constraint.get('metric', '-')}<={constraint.get('limit', '-')}",
+                     "device": plan.target.get("device", "-")})
+    return rows
+
+
+def unit_differences(names: list[str], plans: list[Plan], units: list[str]) -> list[dict[str, str]]:
+    """Units whose precision differs between the plans, in unit order."""
+    rows = []
+    for unit in units:
+        chosen = [plan.precision(unit) for plan in plans]
+        if len(set(chosen)) > 1:
+            rows.append({"unit": unit or "<root>", **dict(zip(names, chosen))})
+    return rows
+
+
+def all_units(plans: list[Plan], known: list[str] | None = None) -> list[str]:
+    """The model's units when known, else every unit any plan names."""
+    if known is not None:
+        return known
+    return list(dict.fromkeys(unit for plan in plans for unit in plan.layers))
+
+
+def remeasure(model: nn.Module, batches: list[Any], names: list[str], plans: list[Plan],
+              repeats: int = 20) -> list[dict[str, Any]]:
+    """Every plan and the FP32 baseline timed in one interleaved run; errors on this machine."""
+    device_type = model_device_type(model)
+    metric = next((p.constraint["metric"] for p in plans if p.constraint and p.constraint.get("metric")
+                   in ("rel_l2", "cosine", "max_abs", "top1")), "rel_l2")
+    fidelity = Fidelity.builtin(model, batches, metric, 0.0)  # only its error is used here
+    for name, plan in zip(names, plans):
+        plan.validate_for(model, fingerprint_mismatch="warn")
+
+    def run() -> None:
+        with torch.no_grad():
+            _batches.call(model, batches[0])
+
+    candidates = {"fp32 baseline": run}
+    candidates.update({name: ((lambda plan=plan: apply_plan(model, plan, fingerprint_mismatch="warn")), run)
+                       for name, plan in zip(names, plans)})
+    timings = time_interleaved(candidates, device_type=device_type, repeats=repeats, warmup=2)
+    base = timings["fp32 baseline"].median_ms
+    rows = [{"plan": "fp32 baseline", "latency_ms": round(base, 3), "speedup": 1.0, f"{metric}": 0.0,
+             "peak_memory_mb": timings["fp32 baseline"].peak_memory_mb}]
+    for name, plan in zip(names, plans):
+        with apply_plan(model, plan, fingerprint_mismatch="warn"):
+            error = fidelity.error(model)
+        timing = timings[name]
+        rows.append({"plan": name, "latency_ms": round(timing.median_ms, 3),
+                     "speedup": round(base / timing.median_ms, 3), f"{metric}": error,
+                     "peak_memory_mb": timing.peak_memory_mb})
+    return rows

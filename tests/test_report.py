@@ -1,0 +1,125 @@
+import json
+
+import optuna
+import pandas as pd
+import pytest
+
+from precsearch import Plan, load_plan
+from precsearch.cli import main
+from precsearch.compare import unit_differences
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert main(["optimize", "--trials", "10", "--out", str(out), "--model", "precsearch.examples.demo:small_model",
+                 "--data", "precsearch.examples.demo:data"]) == 0
+    return out
+
+
+def _study(out):
+    return optuna.load_study(study_name="demo-small_model", storage=f"sqlite:///{out / 'study.db'}")
+
+
+def test_trials_csv_matches_the_study(run_dir):
+    study = _study(run_dir)
+    frame = pd.read_csv(run_dir / "trials.csv")
+    finished = [t for t in study.trials if t.state.is_finished()]
+    assert list(frame["trial"]) == [t.number for t in finished]
+    for trial, row in zip(finished, frame.itertuples()):
+        assert row.latency_ms == pytest.approx(trial.value)
+        assert row.plan == trial.user_attrs["plan"]
+        assert row.feasible == (trial.constraints["error"] <= 0)
+        assert row.bf16 + row.fp16 + row.fp32 == 6
+
+
+def test_saved_plans_are_the_pareto_front(run_dir):
+    plans = [load_plan(run_dir / "plan.yaml")] + [load_plan(p) for p in sorted((run_dir / "pareto").glob("*.yaml"))]
+    frame = pd.read_csv(run_dir / "trials.csv")
+    feasible = frame[frame["feasible"] & (frame["plan"] != "f" * 6)]  # the fp32 baseline is reported apart
+    points = [(p.metrics["latency_ms"], p.metrics["error"]) for p in plans[1:]]
+    # the other Pareto plans carry their trial's numbers; none dominates another
+    for i, (lat, err) in enumerate(points):
+        assert not any(l2 <= lat and e2 <= err and (l2, e2) != (lat, err) for j, (l2, e2) in enumerate(points) if i != j)
+    # every feasible trial is dominated by (or is) a saved plan's trial
+    saved = {p.metrics["trial"] for p in plans}
+    by_trial = {int(r.trial): (r.latency_ms, r.error) for r in feasible.itertuples()}
+    for trial, (lat, err) in by_trial.items():
+        assert trial in saved or any(by_trial[s][0] <= lat and by_trial[s][1] <= err for s in saved if s in by_trial)
+
+
+def test_report_files_hold_the_numbers(run_dir):
+    plan = load_plan(run_dir / "plan.yaml")
+    markdown = (run_dir / "report.md").read_text()
+    assert "rel_l2 <= 0.01" in markdown and "precsearch.examples.demo:small_model" in markdown
+    assert f"{plan.metrics['speedup']:.2f}x" in markdown
+    for unit in ("stem", "blocks.0.fc1", "blocks.0.fc2", "amplify", "shift", "head"):
+        row = next(line for line in markdown.splitlines() if line.startswith(f"| {unit} |"))
+        assert row.rstrip(" |").endswith(plan.precision(unit))
+    for image in ("tradeoff.png", "progress.png", "units.png"):
+        assert (run_dir / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({image})" in markdown
+    page = (run_dir / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3 and 'src="http' not in page
+
+
+def test_report_command_rebuilds_from_the_directory(run_dir, capsys):
+    before = (run_dir / "report.md").read_text()
+    (run_dir / "report.md").unlink()
+    assert main(["report", str(run_dir)]) == 0
+    assert (run_dir / "report.md").read_text() == before
+    assert "report.html" in capsys.readouterr().out
+
+
+def test_report_without_a_study_is_bad_input(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no study here" in capsys.readouterr().err
+
+
+def test_unit_differences_lists_only_differing_units():
+    a = Plan(default="bf16", layers={"x": "fp32"})
+    b = Plan(default="bf16", layers={"y": "fp16"})
+    rows = unit_differences(["a", "b"], [a, b], ["w", "x", "y", "z"])
+    assert rows == [{"unit": "x", "a": "fp32", "b": "bf16"}, {"unit": "y", "a": "bf16", "b": "fp16"}]
+
+
+def test_compare_json_and_remeasure(tmp_path, capsys):
+    a = Plan(default="bf16", layers={"shift": "fp32"}, target={"torch": "2.13.0"}).save(tmp_path / "a.yaml")
+    b = Plan(default="fp32", layers={"blocks.0.fc1": "bf16"}, target={"torch": "2.4.0"}).save(tmp_path / "b.yaml")
+    code = main(["compare", str(a), str(b), "--json", "--model", "precsearch.examples.demo:small_model",
+                 "--data", "precsearch.examples.demo:data"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert [row["plan"] for row in result["remeasured"]] == ["fp32 baseline", "a.yaml", "b.yaml"]
+    assert result["remeasured"][0]["rel_l2"] == 0 and result["remeasured"][2]["rel_l2"] > 0
+    # a: all bf16 but shift; b: all fp32 but blocks.0.fc1 -> they agree on shift and blocks.0.fc1
+    assert {row["unit"] for row in result["differences"]} == {"stem", "blocks.0.fc2", "amplify", "head"}
+    assert [row["bf16"] for row in result["plans"]] == [5, 1]
+    assert any("torch versions" in note for note in result["warnings"])
+
+
+def test_compare_warns_in_one_line_per_difference(tmp_path, capsys):
+    a = Plan(default="bf16", target={"device": "cpu", "device_name": "A"}).save(tmp_path / "a.yaml")
+    b = Plan(default="fp32", target={"device": "cuda", "device_name": "B"}).save(tmp_path / "b.yaml")
+    assert main(["compare", str(a), str(b)]) == 0
+    captured = capsys.readouterr()
+    assert "precsearch: warning: plans were made on different devices" in captured.err
+    assert "0 of 0 units differ" in captured.out
+
+
+@pytest.mark.parametrize("case,message", [
+    ("self", "compares a plan with itself"),
+    ("newer", "format 'precsearch-plan/2' is not supported"),
+    ("model-only", "--model and --data go together"),
+    ("one", "compare needs at least two plans"),
+])
+def test_compare_bad_input(tmp_path, capsys, case, message):
+    a = Plan(default="bf16").save(tmp_path / "a.yaml")
+    newer = tmp_path / "new.yaml"
+    newer.write_text("format: precsearch-plan/2\n")
+    argv = {"self": [str(a), str(a)], "newer": [str(a), str(newer)],
+            "model-only": [str(a), str(Plan().save(tmp_path / "b.yaml")), "--model", "precsearch.examples.demo:model"],
+            "one": [str(a)]}[case]
+    assert main(["compare", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
