@@ -118,10 +118,10 @@ def overhead() -> dict:
         spent: list[tuple[float, float]] = []  # (start, seconds) of each model evaluation
         real = Evaluator.measure
 
-        def timed(self, layers, repeats=None, real=real, spent=spent):
+        def timed(self, layers, repeats=None, max_seconds=None, real=real, spent=spent):
             begin = time.time()
             try:
-                return real(self, layers, repeats)
+                return real(self, layers, repeats, max_seconds)
             finally:
                 spent.append((begin, time.time() - begin))
 

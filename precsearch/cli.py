@@ -43,7 +43,8 @@ def _model_and_data(args: argparse.Namespace) -> tuple[Any, list[Any], str, str]
     if (args.model is None) != (args.data is None):
         raise InputError("--model and --data go together: give both, or neither for the built-in demo")
     model_spec = args.model or factories.DEMO_MODEL
-    data_spec = args.data or factories.DEMO_DATA
+    training = getattr(args, "mode", "infer") == "train"
+    data_spec = args.data or (factories.DEMO_TRAINING_DATA if training else factories.DEMO_DATA)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device_type_of(device)
@@ -80,10 +81,18 @@ def cmd_check(args: argparse.Namespace) -> int:
     from precsearch.runtime import apply_plan, audit
 
     plan = load_plan(args.plan)
+    args.mode = "train" if plan.mode == "training" else "infer"  # training plans audit backward too
     model, data, device, _ = _model_and_data(args)
     mismatch = "warn" if args.ignore_fingerprint else "error"
+    loss_fn = None
+    if plan.mode == "training":
+        from precsearch import factories
+        from precsearch.training import default_loss
+
+        loss_fn = factories.resolve(args.loss, "loss") if args.loss else default_loss
+        model.train()
     with apply_plan(model, plan, fingerprint_mismatch=mismatch):
-        report = audit(model, plan, data)
+        report = audit(model, plan, data, loss_fn=loss_fn)
     if args.json:
         print(json.dumps({"ok": report.ok, "ops": len(report.entries),
                           "mismatches": [vars(e) for e in report.mismatches]}, indent=2))
@@ -117,6 +126,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
     import optuna
 
+    from precsearch import factories
     from precsearch.plan import mask_password
     from precsearch.report import format_table, write_report
     from precsearch.search import optimize
@@ -128,14 +138,20 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     out = Path(args.out or Path("reports") / study_name)
     out.mkdir(parents=True, exist_ok=True)
     storage = args.storage or f"sqlite:///{out / 'study.db'}"
-    fidelity = _fidelity(args, model, data)
+    training = args.mode == "train"
+    loss_fn = factories.resolve(args.loss, "loss") if args.loss else None
+    if loss_fn is not None and not training:
+        raise InputError("--loss applies to --mode train")
+    fidelity = None if training and not args.metric else _fidelity(args, model, data)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    print(f"precsearch: searching {model_spec} on {device}: {fidelity.name} <= {fidelity.limit:g}, "
+    limit = f"{fidelity.name} <= {fidelity.limit:g}" if fidelity else f"grad_rel_l2 <= {args.max_error:g}"
+    print(f"precsearch: searching {model_spec} on {device} ({'training' if training else 'inference'}): {limit}, "
           f"{args.trials} trials, study {study_name!r} in {mask_password(storage)}", file=sys.stderr)
     try:
-        result = optimize(model, data, space=space, fidelity=fidelity, trials=args.trials, timeout=args.timeout,
-                          storage=storage, study_name=study_name, seed=args.seed, model_name=model_spec,
-                          progress=sys.stderr.isatty())
+        result = optimize(model, data, space=space, fidelity=fidelity, max_error=args.max_error,
+                          mode="training" if training else "inference", loss_fn=loss_fn, trials=args.trials,
+                          timeout=args.timeout, storage=storage, study_name=study_name, seed=args.seed,
+                          model_name=model_spec, progress=sys.stderr.isatty())
     except KeyboardInterrupt:
         print(f"precsearch: interrupted; every finished trial is kept in {mask_password(storage)}: "
               f"rerun the same command to resume", file=sys.stderr)
@@ -145,7 +161,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         write_report(out, result.study)
         risky = ", ".join(f"{name or '<root>'} in {dtype} (~{error:.2g})"
                           for name, dtype, error in result.decisions.most_sensitive(3))
-        print(f"precsearch: no plan meets {fidelity.name} <= {fidelity.limit:g} in {len(result.study.trials)} "
+        print(f"precsearch: no plan meets {limit} in {len(result.study.trials)} "
               f"trials; most sensitive: {risky}. Loosen the limit or add trials.", file=sys.stderr)
         return EXIT_FAILED
     result.plan.save(out / "plan.yaml")
@@ -242,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--plan", required=True, metavar="PLAN.yaml", help="the plan to check")
     _add_model_args(check)
     check.add_argument("--json", action="store_true", help="machine-readable result")
+    check.add_argument("--loss", metavar="MODULE:FUNC",
+                       help="training plans: the loss FUNC(output, target) for the backward pass (default: cross entropy)")
     check.add_argument("--ignore-fingerprint", action="store_true",
                        help="warn instead of failing when the plan was made for another model")
     check.set_defaults(run=cmd_check)
@@ -266,7 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--trials", type=_positive_int, default=60, metavar="N",
                         help="total trials in the study (default: 60)")
     search.add_argument("--timeout", type=_number, metavar="SECONDS", help="stop after this long")
-    search.add_argument("--mode", choices=["infer"], default="infer", help="what to time (default: infer)")
+    search.add_argument("--mode", choices=["infer", "train"], default="infer",
+                        help="time inference, or full training steps on (inputs, target) batches with the "
+                             "gradients' rel_l2 against FP32 as the constraint (default: infer)")
+    search.add_argument("--loss", metavar="MODULE:FUNC",
+                        help="training loss FUNC(output, target) -> scalar (default: cross entropy)")
     search.add_argument("--storage", metavar="URL",
                         help="sqlite:///PATH, journal:///PATH or postgresql://... (default: OUT/study.db)")
     search.add_argument("--study", metavar="NAME", help="study name (default: from the model factory)")

@@ -24,12 +24,16 @@ _COMMON = {
 _KERNELS_CPU = {
     "_scaled_dot_product_flash_attention_for_cpu", "_native_multi_head_attention",
     "mkldnn_rnn", "mkldnn_rnn_layer",
+    # backward kernels of the above (matmul backward is mm/bmm again)
+    "convolution_backward", "_scaled_dot_product_flash_attention_for_cpu_backward", "mkldnn_rnn_layer_backward",
 }
 _KERNELS_CUDA = {
     "addmv", "addr", "mv", "einsum", "chain_matmul", "linalg_multi_dot",
     "_thnn_fused_lstm_cell", "_thnn_fused_gru_cell", "lstm_cell", "gru_cell", "rnn_tanh_cell",
     "rnn_relu_cell", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
     "_scaled_dot_product_cudnn_attention", "_cudnn_rnn", "cudnn_convolution",
+    "convolution_backward", "_scaled_dot_product_flash_attention_backward",
+    "_scaled_dot_product_efficient_attention_backward", "_cudnn_rnn_backward",
 }
 # torch.nn.functional / torch / Tensor-method spellings seen in FX graphs.
 _ALIASES = {"__matmul__": "matmul", "__rmatmul__": "matmul"}

@@ -150,6 +150,7 @@ def write_report(directory: str | Path, study: Any) -> dict[str, Path]:
         {"setting": "device", "value": f"{settings['device']} ({settings['device_name']})"},
         {"setting": "torch", "value": settings["torch"]},
         {"setting": "search space", "value": settings["space"]},
+        {"setting": "mode", "value": settings.get("mode", "inference")},
         {"setting": "constraint", "value": f"{constraint['metric']} <= {constraint['limit']:g}"},
         {"setting": "budget", "value": f"{settings['trials']} trials ({len(finished)} finished)"},
         {"setting": "sampler", "value": f"{settings['sampler']} (seed {settings['seed']}), "
@@ -181,6 +182,7 @@ def write_report(directory: str | Path, study: Any) -> dict[str, Path]:
                 or [{"plan": "none"}])]
     blocks += [("h2", "Search progress"), ("img", files["progress"].name, "best feasible latency over trials"),
                ("table", _milestones(trials))]
+    blocks += _training_blocks(attrs.get("training_diagnostics"), settings)
     failed = trials[trials["failure"].notna()] if "failure" in trials else trials.iloc[0:0]
     if len(failed):
         blocks += [("h2", "Trials that failed"),
@@ -197,6 +199,26 @@ def write_report(directory: str | Path, study: Any) -> dict[str, Path]:
     files["html"] = write_atomic(directory / "report.html", page)
     files["csv"] = directory / "trials.csv"
     return files
+
+
+def _training_blocks(diagnostics: dict | None, settings: dict) -> list[tuple]:
+    """Loss scaling and gradient health of the chosen plan, for training searches."""
+    if settings.get("mode") != "training" or diagnostics is None:
+        return []
+    blocks: list[tuple] = [("h2", "Training: loss scaling and gradient health")]
+    if not diagnostics["scales"]:
+        blocks.append(("p", "The chosen plan has no FP16 unit: BF16 and FP32 keep FP32's range, no loss scaling."))
+    else:
+        scales = diagnostics["scales"]
+        blocks.append(("p", f"Dynamic loss scaling over {len(scales)} steps: {diagnostics['skipped']} skipped for "
+                            f"non-finite gradients, final scale {scales[-1]:g} (history: "
+                            + ", ".join(f"{s:g}" for s in scales) + ")."))
+    flagged = [{"unit": unit, "problem": f"{share:.1%} of its gradient underflows to zero in FP16 without scaling"}
+               for unit, share in diagnostics["underflow"].items()]
+    flagged += [{"unit": unit, "problem": "gradient overflows (inf/NaN) in FP16 without scaling"}
+                for unit in diagnostics["overflow"]]
+    blocks.append(("table", flagged) if flagged else ("p", "No FP16 unit loses its gradient without scaling."))
+    return blocks
 
 
 def _fmt(value: float | None) -> str:

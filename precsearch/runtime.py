@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from precsearch import batches as _batches
@@ -163,6 +164,12 @@ def apply_plan(model: nn.Module, plan: Plan, *, device_type: str | None = None,
                       modules)
 
 
+def applied_plan(model: nn.Module) -> Plan | None:
+    """The plan currently applied to ``model``, if any."""
+    handle = _applied.get(model)
+    return handle.plan if handle is not None else None
+
+
 @contextmanager
 def applied(model: nn.Module, plan: Plan, **options: Any) -> Iterator[PlanHandle]:
     """``plan`` applied to ``model`` for a block; reuses the handle if it is already applied."""
@@ -183,6 +190,7 @@ class OpRecord:
     op: str         # aten kernel name, e.g. "addmm"
     dtype: torch.dtype
     shapes: tuple   # input tensor shapes (None for non-tensors), then the output shape
+    phase: str = "forward"
 
 
 class _ModuleStack:
@@ -194,17 +202,18 @@ class _ModuleStack:
         self._hooks: list[Any] = []
 
     def __enter__(self) -> _ModuleStack:
-        def push(module: nn.Module, args: Any) -> None:
+        def push(module: nn.Module, *args: Any) -> None:
             name = self.names.get(id(module))
             if name is not None:
                 self.stack.append(name)
 
-        def pop(module: nn.Module, args: Any, output: Any) -> None:
+        def pop(module: nn.Module, *args: Any) -> None:
             if id(module) in self.names and self.stack:
                 self.stack.pop()
 
-        self._hooks = [nn.modules.module.register_module_forward_pre_hook(push),
-                       nn.modules.module.register_module_forward_hook(pop, always_call=True)]
+        hooks = nn.modules.module
+        self._hooks = [hooks.register_module_forward_pre_hook(push),
+                       hooks.register_module_forward_hook(pop, always_call=True)]
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -214,6 +223,28 @@ class _ModuleStack:
     @property
     def current(self) -> str:
         return self.stack[-1] if self.stack else ""
+
+
+class _NodeOwners(TorchFunctionMode):
+    """Which unit created each autograd node, so that backward ops can be attributed: every
+    torch call claims the not-yet-claimed nodes behind its outputs for the innermost module."""
+
+    def __init__(self, modules: _ModuleStack) -> None:
+        super().__init__()
+        self.modules = modules
+        self.owner: dict[Any, str] = {}
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        result = func(*args, **(kwargs or {}))
+        unit = self.modules.current
+        for leaf in torch.utils._pytree.tree_leaves(result):
+            pending = [getattr(leaf, "grad_fn", None)] if isinstance(leaf, torch.Tensor) else []
+            while pending:
+                node = pending.pop()
+                if node is not None and node not in self.owner:
+                    self.owner[node] = unit
+                    pending.extend(parent for parent, _ in node.next_functions)
+        return result
 
 
 def _shape(value: Any) -> tuple[int, ...] | None:
@@ -228,32 +259,41 @@ class OpRecorder(TorchDispatchMode):
     """
 
     def __init__(self, model: nn.Module, device_type: str,
-                 on_op: Callable[[Any, tuple, Any, str], None] | None = None) -> None:
+                 on_op: Callable[[Any, tuple, Any, str], None] | None = None, backward: bool = False) -> None:
         super().__init__()
         self.device_type = device_type
         self.modules = _ModuleStack(model)
+        self.nodes = _NodeOwners(self.modules) if backward else None
         self.records: list[OpRecord] = []
         self.on_op = on_op
+        self.phase = "forward"
 
     def __enter__(self) -> OpRecorder:
         self.modules.__enter__()
+        if self.nodes is not None:
+            self.nodes.__enter__()
         return super().__enter__()
 
     def __exit__(self, *exc: object) -> None:
         try:
             super().__exit__(*exc)
         finally:
+            if self.nodes is not None:
+                self.nodes.__exit__(*exc)
             self.modules.__exit__(*exc)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         output = func(*args, **(kwargs or {}))
         unit = self.modules.current
+        if self.nodes is not None and self.phase == "backward":
+            unit = self.nodes.owner.get(torch._C._current_autograd_node(), unit)
         name = op_name(func)
         if is_eligible(name, self.device_type):
-            first = output[0] if isinstance(output, (tuple, list)) else output
-            if isinstance(first, torch.Tensor) and first.is_floating_point():
+            outputs = output if isinstance(output, (tuple, list)) else (output,)
+            first = next((t for t in outputs if isinstance(t, torch.Tensor) and t.is_floating_point()), None)
+            if first is not None:
                 shapes = tuple(_shape(arg) for arg in args) + (_shape(first),)
-                self.records.append(OpRecord(unit, name, first.dtype, shapes))
+                self.records.append(OpRecord(unit, name, first.dtype, shapes, self.phase))
         if self.on_op is not None:
             self.on_op(func, args, output, unit)
         return output
@@ -269,6 +309,7 @@ class AuditEntry:
     op: str
     expected: str
     actual: str
+    phase: str = "forward"
 
     @property
     def ok(self) -> bool:
@@ -301,24 +342,39 @@ class AuditReport:
         if self.ok:
             return f"audit ok: {len(self.entries)} eligible ops in {len(units)} units ran in their planned dtype"
         lines = [f"audit found {len(self.mismatches)} of {len(self.entries)} eligible ops off plan:"]
-        lines += [f"  {e.unit or '<root>'}: {e.op} ran in {e.actual}, plan says {e.expected}"
+        lines += [f"  {e.unit or '<root>'}: {e.op} ({e.phase}) ran in {e.actual}, plan says {e.expected}"
                   for e in self.mismatches[:20]]
         return "\n".join(lines)
 
 
-def audit(model: nn.Module, plan: Plan, batches: Iterable[Any], *, device_type: str | None = None) -> AuditReport:
+def audit(model: nn.Module, plan: Plan, batches: Iterable[Any], *, device_type: str | None = None,
+          loss_fn: Callable[[Any, Any], torch.Tensor] | None = None) -> AuditReport:
     """Run ``model`` under ``plan`` and record the dtype each eligible op computed in.
 
-    Applies the plan for the duration unless it is already applied.
+    With ``loss_fn``, batches are ``(inputs, target)`` and the backward pass is audited too:
+    the ops autograd runs for a unit must compute in the unit's dtype. Applies the plan for the
+    duration unless it is already applied.
     """
     batches = _batches.as_list(batches)
     device_type = device_type or model_device_type(model)
-    with applied(model, plan, device_type=device_type), torch.no_grad(), \
-            OpRecorder(model, device_type) as recorder:
+    training = loss_fn is not None
+    with applied(model, plan, device_type=device_type), torch.set_grad_enabled(training), \
+            OpRecorder(model, device_type, backward=training) as recorder:
         for batch in batches:
-            _batches.call(model, batch)
+            recorder.phase = "forward"
+            if not training:
+                _batches.call(model, batch)
+                continue
+            from precsearch.training import compute_loss, split_training_batch
+
+            inputs, target = split_training_batch(batch)
+            loss = compute_loss(loss_fn, _batches.call(model, inputs), target, "loss_fn")
+            recorder.phase = "backward"
+            loss.backward()
+        if training:
+            model.zero_grad(set_to_none=True)
     entries = tuple(
         AuditEntry(r.unit, r.op, plan.precision(r.unit),
-                   "fp32" if r.dtype == torch.float64 else _NAMES.get(r.dtype, str(r.dtype)))
+                   "fp32" if r.dtype == torch.float64 else _NAMES.get(r.dtype, str(r.dtype)), r.phase)
         for r in recorder.records)
     return AuditReport(entries)

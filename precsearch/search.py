@@ -17,6 +17,7 @@ import gc
 import logging
 import math
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import optuna
@@ -177,6 +178,10 @@ class Evaluator:
         with torch.no_grad():
             _batches.call(self.model, self.batches[0])
 
+    def step(self, plan: Plan | None) -> Callable[[], None]:
+        """What is timed for ``plan`` (None: the FP32 model): one forward pass on the first batch."""
+        return self._run
+
     def apply(self, layers: dict[str, str]) -> PlanHandle:
         return apply_plan(self.model, Plan.compact(layers), device_type=self.device_type, modules=self.modules)
 
@@ -184,14 +189,16 @@ class Evaluator:
         with self.apply(layers):
             return self.fidelity.error(self.model)
 
-    def measure(self, layers: dict[str, str], repeats: int | None = None) -> Measurement:
+    def measure(self, layers: dict[str, str], repeats: int | None = None,
+                max_seconds: float | None = None) -> Measurement:
         try:
             with self.apply(layers) as handle:
                 error = self.fidelity.error(self.model)
                 feasible = error <= self.fidelity.limit
                 timings = time_interleaved(
-                    {"baseline": (handle.suspended, self._run), "candidate": self._run},
-                    device_type=self.device_type, repeats=repeats or (self.repeats if feasible else 3), warmup=1)
+                    {"baseline": (handle.suspended, self.step(None)), "candidate": self.step(handle.plan)},
+                    device_type=self.device_type, repeats=repeats or (self.repeats if feasible else 3), warmup=1,
+                    max_seconds=max_seconds)
         except (RuntimeError, ValueError, torch.cuda.OutOfMemoryError) as failure:
             gc.collect()
             if self.device_type == "cuda":
@@ -200,6 +207,28 @@ class Evaluator:
             return Measurement(math.inf, math.nan, math.nan, None, reason)
         return Measurement(error, timings["candidate"].median_ms, timings["baseline"].median_ms,
                            timings["candidate"].peak_memory_mb)
+
+
+class TrainingEvaluator(Evaluator):
+    """Times a full training step (forward, backward, optimizer step) instead of a forward pass.
+
+    The optimizer is AdamW with a zero learning rate: it does all of its work and never moves a
+    weight, so every candidate is measured at the same weights.
+    """
+
+    def __init__(self, model: nn.Module, batches: list[Any], fidelity: Fidelity, device_type: str,
+                 repeats: int = 9, loss_fn: Callable | None = None) -> None:
+        from precsearch.training import default_loss
+
+        super().__init__(model, batches, fidelity, device_type, repeats)
+        self.loss_fn = loss_fn or default_loss
+        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0,
+                                           weight_decay=0.0)
+
+    def step(self, plan: Plan | None) -> Callable[[], None]:
+        from precsearch.training import training_step
+
+        return training_step(self.model, self.batches[0], self.loss_fn, self.optimizer, plan, self.device_type)
 
 
 # -- the study --------------------------------------------------------------------------------------
@@ -255,6 +284,7 @@ def open_storage(url: str | None) -> optuna.storages.BaseStorage | None:
 
 def optimize(model: nn.Module, batches: list[Any], *, space: str | SearchSpace = "default",
              fidelity: Fidelity | None = None, metric: str = "rel_l2", max_error: float = 0.01,
+             mode: str = "inference", loss_fn: Callable | None = None,
              trials: int = 60, timeout: float | None = None, storage: str | None = None,
              study_name: str = "precsearch", seed: int = 0, model_name: str | None = None,
              progress: bool = True, repeats: int = 9, max_categorical: int = MAX_CATEGORICAL,
@@ -262,56 +292,91 @@ def optimize(model: nn.Module, batches: list[Any], *, space: str | SearchSpace =
     """Search the fastest per-unit precision plan whose error stays within the limit.
 
     ``fidelity`` overrides ``metric``/``max_error`` (e.g. ``Fidelity.user(...)`` for a task
-    metric). ``trials`` is the study's total budget: a resumed study runs only what is left.
+    metric). ``mode="training"`` times full training steps on ``(inputs, target)`` batches and
+    bounds the gradients' rel_l2 against FP32 (``loss_fn(output, target)``, default cross
+    entropy). ``trials`` is the study's total budget: a resumed study runs only what is left.
     ``drop_slow_dtypes`` leaves out a half precision whose all-low plan ran clearly slower than
     FP32 (FP16 on most CPUs).
     """
+    from precsearch.training import default_loss, gradient_fidelity, split_training_batch
+
     batches = _batches.as_list(batches)
+    if mode not in ("inference", "training"):
+        raise InputError(f"--mode {mode!r}: use inference or training")
     if not isinstance(trials, int) or trials < 1:
         raise InputError(f"--trials {trials!r}: must be a positive integer")
     if timeout is not None and not timeout > 0:
         raise InputError(f"--timeout {timeout!r}: must be a positive number of seconds")
     space = space if isinstance(space, SearchSpace) else SearchSpace.load(space)
+    training = mode == "training"
+    inputs = [split_training_batch(b, f"--data batch {i}")[0] for i, b in enumerate(batches)] if training else batches
     device_type = model_device_type(model)
-    model.eval()
-    graph = walk(model, batches[0], device=device_type)
-    choices = space.choices(graph, device_type)
-    fidelity = fidelity or Fidelity.builtin(model, batches, metric, max_error)
-
     study = optuna.create_study(
         study_name=study_name, storage=open_storage(storage), direction="minimize", load_if_exists=True,
-        sampler=optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True,
-                                           n_startup_trials=10))
-    units = graph.units
-    if "sensitivity" not in study.user_attrs:
-        low = sorted({d for c in choices for d in c.dtypes if d != "fp32"})
-        study.set_user_attr("sensitivity", unit_sensitivity(model, units, batches[0], low, device_type))
-        # What `precsearch report` needs to describe the run without the model.
-        study.set_user_attr("units", [{k: row[k] for k in ("name", "type", "params", "flops")} for row in graph.rows()])
-        study.set_user_attr("edges", [list(edge) for edge in graph.graph.edges])
-        study.set_user_attr("settings", {
-            "model": model_name or type(model).__name__, "space": space.name, "constraint": fidelity.describe(),
-            **_target(device_type), "trials": trials, "seed": seed, "sampler": "TPESampler",
-            "parametrisation": "ranked" if len(choices) > max_categorical else "categorical"})
-    evaluator = Evaluator(model, batches, fidelity, device_type, repeats)
-    if "dtype_probe" not in study.user_attrs:
-        study.set_user_attr("dtype_probe", _probe_dtypes(evaluator, choices, study.user_attrs["sensitivity"]))
-    probe = study.user_attrs["dtype_probe"]
-    if drop_slow_dtypes:
-        choices = _without_slow_dtypes(choices, probe, device_type)
-    decisions = Decisions(choices, study.user_attrs["sensitivity"], {u: graph[u]["flops"] for u in units},
-                          ranked=len(choices) > max_categorical, limit=fidelity.limit,
-                          calibration={d: p["error_gain"] for d, p in probe.items() if p.get("error_gain")})
-    if not study.user_attrs.get("seeded"):
-        for params in decisions.seeds():
-            study.enqueue_trial(params, skip_if_exists=True)
-        study.set_user_attr("seeded", True)
+        sampler=optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True, n_startup_trials=10))
+    # Training steps update BatchNorm statistics; the caller gets them back as they were.
+    buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    was_training = model.training
+    try:
+        model.eval()
+        graph = walk(model, inputs[0], device=device_type)
+        choices = space.choices(graph, device_type)
+        units = graph.units
+        if "sensitivity" not in study.user_attrs:
+            low = sorted({d for c in choices for d in c.dtypes if d != "fp32"})
+            study.set_user_attr("sensitivity", unit_sensitivity(model, units, inputs[0], low, device_type))
+        if training:
+            loss_fn = loss_fn or default_loss
+            fidelity = fidelity or gradient_fidelity(model, batches, loss_fn, max_error)
+            evaluator: Evaluator = TrainingEvaluator(model, batches, fidelity, device_type, repeats, loss_fn)
+        else:
+            fidelity = fidelity or Fidelity.builtin(model, batches, metric, max_error)
+            evaluator = Evaluator(model, batches, fidelity, device_type, repeats)
+        if "settings" not in study.user_attrs:
+            # What `precsearch report` needs to describe the run without the model.
+            study.set_user_attr("units", [{k: row[k] for k in ("name", "type", "params", "flops")}
+                                          for row in graph.rows()])
+            study.set_user_attr("edges", [list(edge) for edge in graph.graph.edges])
+            study.set_user_attr("settings", {
+                "model": model_name or type(model).__name__, "space": space.name, "mode": mode,
+                "constraint": fidelity.describe(), **_target(device_type), "trials": trials, "seed": seed,
+                "sampler": "TPESampler",
+                "parametrisation": "ranked" if len(choices) > max_categorical else "categorical"})
+        if "dtype_probe" not in study.user_attrs:
+            study.set_user_attr("dtype_probe", _probe_dtypes(evaluator, choices, study.user_attrs["sensitivity"]))
+        probe = study.user_attrs["dtype_probe"]
+        if drop_slow_dtypes:
+            choices = _without_slow_dtypes(choices, probe, device_type)
+        decisions = Decisions(choices, study.user_attrs["sensitivity"], {u: graph[u]["flops"] for u in units},
+                              ranked=len(choices) > max_categorical, limit=fidelity.limit,
+                              calibration={d: p["error_gain"] for d, p in probe.items() if p.get("error_gain")})
+        if not study.user_attrs.get("seeded"):
+            for params in decisions.seeds():
+                study.enqueue_trial(params, skip_if_exists=True)
+            study.set_user_attr("seeded", True)
+        if "baseline_ms" not in study.user_attrs:
+            timing = time_interleaved({"fp32": evaluator.step(None)}, device_type=device_type, repeats=max(repeats, 5))
+            study.set_user_attr("baseline_ms", timing["fp32"].median_ms)
+        _run_trials(study, decisions, evaluator, units, trials, timeout, progress)
+        result = _result(model, study, graph, decisions, evaluator, space, model_name, storage, mode)
+        if training and result.plan is not None and "training_diagnostics" not in study.user_attrs:
+            from precsearch.training import diagnose
 
-    if "baseline_ms" not in study.user_attrs:
-        timing = time_interleaved({"fp32": evaluator._run}, device_type=device_type,
-                                  repeats=max(repeats, 5))
-        study.set_user_attr("baseline_ms", timing["fp32"].median_ms)
+            study.set_user_attr("training_diagnostics",
+                                diagnose(model, result.plan, batches, evaluator.loss_fn).to_dict())
+        return result
+    finally:
+        with torch.no_grad():
+            for name, buffer in model.named_buffers():
+                if name in buffers:
+                    buffer.copy_(buffers[name])
+        model.train(was_training)
+
+
+def _run_trials(study: optuna.Study, decisions: Decisions, evaluator: Evaluator, units: list[str],
+                trials: int, timeout: float | None, progress: bool) -> None:
     baseline_ms = study.user_attrs["baseline_ms"]
+    limit = evaluator.fidelity.limit
     seen: dict[str, Measurement] = {}
 
     def objective(trial: optuna.Trial) -> float:
@@ -326,7 +391,7 @@ def optimize(model: nn.Module, batches: list[Any], *, space: str | SearchSpace =
         trial.set_user_attr("peak_memory_mb", measured.peak_memory_mb)
         if measured.failure:
             trial.set_user_attr("failure", measured.failure)
-        trial.set_constraint("error", min(measured.error - fidelity.limit, _CAP))
+        trial.set_constraint("error", min(measured.error - limit, _CAP))
         if not math.isfinite(measured.latency_ms):
             return baseline_ms * 10  # failed candidates: clearly worse than anything that ran
         # Normalised to the study's baseline: drift of the machine between trials cancels.
@@ -337,7 +402,6 @@ def optimize(model: nn.Module, batches: list[Any], *, space: str | SearchSpace =
     if remaining > 0:
         study.optimize(objective, n_trials=remaining, timeout=timeout, show_progress_bar=progress,
                        callbacks=[optuna.study.MaxTrialsCallback(trials, states=_COUNTED)], gc_after_trial=False)
-    return _result(model, study, graph, decisions, evaluator, fidelity, space, model_name, baseline_ms, storage)
 
 
 def _probe_dtypes(evaluator: Evaluator, choices: list[Choice], sensitivity) -> dict[str, dict[str, float]]:
@@ -346,7 +410,7 @@ def _probe_dtypes(evaluator: Evaluator, choices: list[Choice], sensitivity) -> d
     probe = {}
     for dtype in sorted({d for c in choices for d in c.dtypes if d != "fp32"}):
         layers = {u: dtype for c in choices if dtype in c.dtypes for u in c.units}
-        measured = evaluator.measure(layers, repeats=5)
+        measured = evaluator.measure(layers, repeats=5, max_seconds=3.0)  # a slow dtype shows in 3 rounds
         if measured.failure:
             continue
         predicted = choice_error(sensitivity, tuple(layers), dtype, 0.0)
@@ -381,8 +445,10 @@ def pareto_front(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.Fr
             if not any(v <= value and e <= error and (v < value or e < error) for v, e, _ in points)]
 
 
-def _result(model, study, graph, decisions, evaluator, fidelity, space, model_name, baseline_ms, storage):
-    units = graph.units
+def _result(model, study, graph, decisions, evaluator, space, model_name, storage, mode):
+    from precsearch.plan import LossScaling
+
+    units, fidelity, baseline_ms = graph.units, evaluator.fidelity, study.user_attrs["baseline_ms"]
     front = pareto_front(feasible_trials(study))
 
     def plan_of(trial: optuna.trial.FrozenTrial, measured: Measurement | None = None) -> Plan:
@@ -391,7 +457,8 @@ def _result(model, study, graph, decisions, evaluator, fidelity, space, model_na
         error = measured.error if measured else trial.user_attrs["error"]
         speedup = measured.speedup if measured else baseline_ms / trial.value
         return Plan.compact(
-            layers,
+            layers, mode=mode,
+            loss_scaling=LossScaling() if mode == "training" and "fp16" in layers.values() else None,
             model={"name": model_name or type(model).__name__, "fingerprint": model_fingerprint(model),
                    "units": len(units)},
             target=_target(evaluator.device_type),
@@ -400,8 +467,8 @@ def _result(model, study, graph, decisions, evaluator, fidelity, space, model_na
                      "baseline_latency_ms": round(measured.baseline_ms if measured else baseline_ms, 4),
                      "speedup": round(speedup, 3), "error": error,
                      "peak_memory_mb": trial.user_attrs.get("peak_memory_mb"), "trial": trial.number},
-            search={"space": space.name, "trials": len(study.get_trials(deepcopy=False, states=_COUNTED)), "sampler": type(study.sampler).__name__,
-                    "study": study.study_name, "storage": storage})
+            search={"space": space.name, "trials": len(study.get_trials(deepcopy=False, states=_COUNTED)),
+                    "sampler": type(study.sampler).__name__, "study": study.study_name, "storage": storage})
 
     if not front:
         return SearchResult(None, [], study, graph, decisions, baseline_ms)

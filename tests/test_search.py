@@ -101,11 +101,11 @@ def test_interrupted_trial_is_redone_on_resume(tmp_path, monkeypatch):
     real = search_module.Evaluator.measure
     count = {"n": 0}
 
-    def flaky(self, layers, repeats=None):
+    def flaky(self, layers, repeats=None, max_seconds=None):
         count["n"] += 1
         if count["n"] == 2 + 4:  # after the fp16 and bf16 probes, during the 4th trial
             raise KeyboardInterrupt
-        return real(self, layers, repeats)
+        return real(self, layers, repeats, max_seconds)
 
     monkeypatch.setattr(search_module.Evaluator, "measure", flaky)
     with pytest.raises(KeyboardInterrupt):

@@ -1,0 +1,259 @@
+"""Training with a plan: each unit's forward and backward in its planned dtype, FP32 master
+weights (parameters never change dtype), and dynamic loss scaling when any unit is FP16.
+
+A plain PyTorch loop adopts a plan in three lines::
+
+    trainer = Trainer(model, load_plan("plan.yaml"), optimizer)     # applies the plan
+    for inputs, target in loader:
+        loss = trainer.step(inputs, target)                          # forward, backward, step
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from precsearch import batches as _batches
+from precsearch.accuracy import Fidelity, flatten_outputs
+from precsearch.errors import InputError
+from precsearch.plan import LossScaling, Plan
+from precsearch.runtime import applied_plan, apply_plan, model_device_type
+
+LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
+
+
+def default_loss(output: Any, target: torch.Tensor) -> torch.Tensor:
+    """Cross entropy of the first floating output (logits) against ``target``."""
+    logits = flatten_outputs(output)[0]
+    return nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1))
+
+
+def uses_fp16(plan: Plan | None) -> bool:
+    return plan is not None and (plan.default == "fp16" or "fp16" in plan.layers.values())
+
+
+def grad_scaler(plan: Plan | None, device_type: str) -> torch.amp.GradScaler | None:
+    """A GradScaler configured by the plan's ``loss_scaling`` (torch's defaults if absent), or
+    None for plans without FP16 units: BF16 keeps FP32's range and needs no scaling."""
+    if not uses_fp16(plan):
+        return None
+    scaling = plan.loss_scaling or LossScaling()
+    return torch.amp.GradScaler(device_type, init_scale=scaling.init_scale, growth_factor=scaling.growth_factor,
+                                backoff_factor=scaling.backoff_factor, growth_interval=scaling.growth_interval)
+
+
+def split_training_batch(batch: Any, where: str = "training batch") -> tuple[Any, torch.Tensor]:
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+        raise InputError(f"{where}: training mode needs each batch as (inputs, target), "
+                         f"got {type(batch).__name__}" + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
+    return batch[0], batch[1]
+
+
+def compute_loss(loss_fn: LossFn, output: Any, target: torch.Tensor, name: str = "--loss") -> torch.Tensor:
+    loss = loss_fn(output, target)
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shape = list(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise InputError(f"{name}: the loss must be a scalar tensor, got {shape}")
+    return loss.reshape(())
+
+
+class Trainer:
+    """A plan applied to ``model`` for training with ``optimizer``.
+
+    ``step(inputs, target)`` runs forward and backward in the planned dtypes, clips gradients
+    (after unscaling) when ``max_grad_norm`` is set, and steps the optimizer — skipping the step
+    and backing off the loss scale when FP16 gradients overflow.
+    """
+
+    def __init__(self, model: nn.Module, plan: Plan, optimizer: torch.optim.Optimizer, *,
+                 loss_fn: LossFn = default_loss, max_grad_norm: float | None = None) -> None:
+        self.model, self.plan, self.optimizer = model, plan, optimizer
+        self.loss_fn, self.max_grad_norm = loss_fn, max_grad_norm
+        self.device_type = model_device_type(model)
+        self.handle = apply_plan(model, plan, device_type=self.device_type)
+        self.scaler = grad_scaler(plan, self.device_type)
+        self.scales: list[float] = []    # loss scale after each step (empty without FP16)
+        self.skipped = 0                 # steps skipped for non-finite gradients
+
+    def step(self, inputs: Any, target: torch.Tensor) -> float:
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = compute_loss(self.loss_fn, _batches.call(self.model, inputs), target, "loss_fn")
+        if self.scaler is None:
+            loss.backward()
+            self._clip()
+            self.optimizer.step()
+            return float(loss.detach())
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        self._clip()
+        before = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scales.append(self.scaler.get_scale())
+        self.skipped += self.scaler.get_scale() < before
+        return float(loss.detach())
+
+    def _clip(self) -> None:
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+# -- what the search needs in training mode -------------------------------------------------------
+def _parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+@contextlib.contextmanager
+def _same_randomness(seed: int = 0):
+    """Dropout draws the same masks for every candidate, so gradients compare like for like."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def gradients(model: nn.Module, batches: list[Any], loss_fn: LossFn, scale: float = 1.0) -> torch.Tensor:
+    """All parameter gradients over ``batches``, concatenated in float64 (divided by ``scale``)."""
+    params = _parameters(model)
+    for p in params:
+        p.grad = None
+    with _same_randomness():
+        for batch in batches:
+            inputs, target = split_training_batch(batch)
+            (compute_loss(loss_fn, _batches.call(model, inputs), target) * scale).backward()
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).double().flatten() for p in params])
+    for p in params:
+        p.grad = None
+    return flat / scale
+
+
+def scaled_gradients(model: nn.Module, batches: list[Any], loss_fn: LossFn, plan: Plan | None) -> torch.Tensor:
+    """Gradients as dynamic loss scaling would produce them: start at the plan's init scale and
+    back off while they overflow (unscaled for plans without FP16)."""
+    if not uses_fp16(plan):
+        return gradients(model, batches, loss_fn)
+    scaling = plan.loss_scaling or LossScaling()
+    scale = scaling.init_scale
+    for _ in range(24):
+        grads = gradients(model, batches, loss_fn, scale)
+        if torch.isfinite(grads).all():
+            return grads
+        scale *= scaling.backoff_factor
+    return grads
+
+
+def gradient_fidelity(model: nn.Module, batches: list[Any], loss_fn: LossFn, limit: float) -> Fidelity:
+    """rel_l2 of the concatenated parameter gradients against FP32, same batches and weights."""
+    for index, batch in enumerate(batches):
+        split_training_batch(batch, f"--data batch {index}")
+    model.train()
+    reference = gradients(model, batches, loss_fn)
+    norm = float(reference.norm())
+
+    def error(candidate: nn.Module) -> float:
+        grads = scaled_gradients(candidate, batches, loss_fn, applied_plan(candidate))
+        if not torch.isfinite(grads).all():
+            return math.inf
+        return float((grads - reference).norm()) / norm if norm > 0 else float(grads.norm() > 0) * math.inf
+
+    from precsearch.accuracy import _check_limit
+
+    return Fidelity("grad_rel_l2", _check_limit(limit, "--max-error"), error)
+
+
+def training_step(model: nn.Module, batch: Any, loss_fn: LossFn, optimizer: torch.optim.Optimizer,
+                  plan: Plan | None, device_type: str) -> Callable[[], None]:
+    """One full training step (forward, backward, optimizer step) as the search times it."""
+    inputs, target = split_training_batch(batch)
+    scaler = grad_scaler(plan, device_type)
+
+    def run() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss = compute_loss(loss_fn, _batches.call(model, inputs), target)
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+    return run
+
+
+@dataclasses.dataclass(frozen=True)
+class Diagnostics:
+    """How FP16 gradients fare under a plan: per unit, and the loss scale over a few steps."""
+
+    underflow: dict[str, float]   # unit -> fraction of its gradient that is zero in FP16 without scaling only
+    overflow: list[str]           # units whose gradients are non-finite without scaling
+    scales: list[float]
+    skipped: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def diagnose(model: nn.Module, plan: Plan, batches: list[Any], loss_fn: LossFn, steps: int = 10) -> Diagnostics:
+    """Compare each FP16 unit's unscaled gradients with FP32's, then run ``steps`` scaled steps
+    with a zero learning rate (weights unchanged) to record the loss-scale history."""
+    units = [name for name, _ in model.named_modules() if plan.precision(name) == "fp16"]
+    underflow, overflow = {}, []
+    if units:
+        modules = dict(model.named_modules())
+        model.train()
+        reference = _per_module_grads(model, modules, units, batches, loss_fn)
+        with apply_plan(model, plan):
+            lowered = _per_module_grads(model, modules, units, batches, loss_fn)
+        for unit in units:
+            if unit not in lowered or lowered[unit].numel() == 0:
+                continue
+            got, want = lowered[unit], reference[unit]
+            if not torch.isfinite(got).all():
+                overflow.append(unit)
+                continue
+            lost = float(((got == 0) & (want != 0)).double().mean())
+            if lost > 0.01:
+                underflow[unit] = round(lost, 4)
+    scales, skipped = [], 0
+    if uses_fp16(plan):
+        optimizer = torch.optim.SGD(_parameters(model), lr=0.0)
+        with Trainer(model, plan, optimizer, loss_fn=loss_fn) as trainer:
+            for index in range(steps):
+                inputs, target = split_training_batch(batches[index % len(batches)])
+                trainer.step(inputs, target)
+            scales, skipped = trainer.scales, trainer.skipped
+        for p in _parameters(model):
+            p.grad = None
+    return Diagnostics(underflow, overflow, scales, skipped)
+
+
+def _per_module_grads(model, modules, units, batches, loss_fn) -> dict[str, torch.Tensor]:
+    params = _parameters(model)
+    for p in params:
+        p.grad = None
+    with _same_randomness():
+        for batch in batches:
+            inputs, target = split_training_batch(batch)
+            compute_loss(loss_fn, _batches.call(model, inputs), target).backward()
+    result = {}
+    for unit in units:
+        grads = [p.grad.flatten() for p in modules[unit].parameters(recurse=False) if p.grad is not None]
+        result[unit] = torch.cat(grads) if grads else torch.empty(0)
+    for p in params:
+        p.grad = None
+    return result
