@@ -49,7 +49,7 @@ def _model_and_data(args: argparse.Namespace) -> tuple[Any, list[Any], str, str]
     try:
         device_type_of(device)
         torch.empty(0, device=device)
-    except (ValueError, RuntimeError) as error:
+    except Exception as error:  # e.g. "Torch not compiled with CUDA enabled" is an AssertionError
         raise InputError(f"--device {device!r}: {str(error).splitlines()[0]}") from None
     model = factories.load_model(model_spec).to(device)
     data = [to_device(batch, device) for batch in factories.load_data(data_spec)]
@@ -151,11 +151,13 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         result = optimize(model, data, space=space, fidelity=fidelity, max_error=args.max_error,
                           mode="training" if training else "inference", loss_fn=loss_fn, trials=args.trials,
                           timeout=args.timeout, storage=storage, study_name=study_name, seed=args.seed,
-                          model_name=model_spec, progress=sys.stderr.isatty())
+                          model_name=model_spec, progress=sys.stderr.isatty(), heartbeat=args.heartbeat)
     except KeyboardInterrupt:
         print(f"precsearch: interrupted; every finished trial is kept in {mask_password(storage)}: "
               f"rerun the same command to resume", file=sys.stderr)
         return 130
+    if result.set_up_here:
+        print(f"precsearch: this worker set up study {study_name!r} (sensitivity, probes, seeds)", file=sys.stderr)
     if result.plan is None:
         (out / "plan.yaml").unlink(missing_ok=True)  # a stale plan from an earlier run must not pass for this one
         write_report(out, result.study)
@@ -294,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--study", metavar="NAME", help="study name (default: from the model factory)")
     search.add_argument("--out", metavar="DIR", help="output directory (default: reports/STUDY/)")
     search.add_argument("--seed", type=int, default=0, help="sampler seed (default: 0)")
+    search.add_argument("--heartbeat", type=_number, default=60, metavar="SECONDS",
+                        help="how often a worker tells the storage it is alive; a trial silent for twice this "
+                             "is failed and re-queued (default: 60)")
     search.set_defaults(run=cmd_optimize)
 
     report = commands.add_parser("report", help="write report.md/.html, plots and trials.csv for a search",
@@ -369,6 +374,13 @@ def _run(argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         print("precsearch: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:  # a bug, not bad input: one line, the traceback on request
+        if os.environ.get("PRECSEARCH_DEBUG"):
+            raise
+        message = str(error).splitlines()[0] if str(error) else ""
+        print(f"precsearch: internal error: {type(error).__name__}: {message} "
+              f"(rerun with PRECSEARCH_DEBUG=1 for the traceback, and please report it)", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

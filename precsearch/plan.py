@@ -32,7 +32,7 @@ _SECTIONS = ("format", "created", "model", "target", "mode", "default", "layers"
 
 
 def check_precision(value: object, where: str) -> str:
-    if value not in DTYPES:
+    if not isinstance(value, str) or value not in DTYPES:
         raise PlanError(f"{where}: unknown dtype {value!r}; use one of {', '.join(DTYPES)}")
     return value  # type: ignore[return-value]
 
@@ -94,7 +94,7 @@ class Plan:
             if not isinstance(name, str):
                 raise PlanError(f"layers: unit name {name!r} must be a string")
             check_precision(precision, f"layers.{name}")
-        if self.mode not in MODES:
+        if not isinstance(self.mode, str) or self.mode not in MODES:
             raise PlanError(f"mode: {self.mode!r} is not one of {', '.join(MODES)}")
         for section in ("model", "target"):
             if not isinstance(getattr(self, section), dict):

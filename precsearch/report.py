@@ -68,8 +68,8 @@ def trials_frame(study: Any) -> Any:
 
     rows = []
     for trial in study.get_trials(deepcopy=False):
-        if not trial.state.is_finished() and trial.state.name != "RUNNING":
-            continue  # enqueued seeds not reached within the budget
+        if (not trial.state.is_finished() and trial.state.name != "RUNNING") or trial.user_attrs.get("surplus"):
+            continue  # enqueued seeds not reached within the budget; trials past the budget
         attrs = trial.user_attrs
         code = attrs.get("plan", "")
         constraint = trial.constraints.get("error")
@@ -94,7 +94,7 @@ def open_study(directory: str | Path, storage: str | None = None, study_name: st
     """The study behind an output directory (``DIR/study.db`` unless ``storage`` says otherwise)."""
     import optuna
 
-    from precsearch.search import open_storage
+    from precsearch.storage import open_storage
 
     directory = Path(directory)
     if storage is None:

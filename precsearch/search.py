@@ -33,6 +33,10 @@ from precsearch.plan import Plan, model_fingerprint
 from precsearch.runtime import PlanHandle, apply_plan, model_device_type
 from precsearch.sensitivity import choice_error, unit_sensitivity
 from precsearch.space import Choice, SearchSpace
+from precsearch.storage import (
+    COUNTED, HEARTBEAT_S, Surplus, budget_left, check_budget, claim_setup, mark_worker, open_storage, open_study,
+    recover_dead_trials, wait_for_setup,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +45,6 @@ _CODE = {"fp16": "h", "bf16": "b", "fp32": "f"}
 _DTYPE = {code: dtype for dtype, code in _CODE.items()}
 SLOW_DTYPE = 1.25        # an all-low plan this many times FP32's latency takes its dtype out of the search
 _CAP = 1e9               # constraint value stored for non-finite errors
-_COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)  # what the budget counts
 
 
 def encode(layers: dict[str, str], units: list[str], default: str = "fp32") -> str:
@@ -199,7 +202,9 @@ class Evaluator:
                     {"baseline": (handle.suspended, self.step(None)), "candidate": self.step(handle.plan)},
                     device_type=self.device_type, repeats=repeats or (self.repeats if feasible else 3), warmup=1,
                     max_seconds=max_seconds)
-        except (RuntimeError, ValueError, torch.cuda.OutOfMemoryError) as failure:
+        except InputError:
+            raise
+        except Exception as failure:  # NaN guards, dtype errors, (simulated) OOM: the candidate fails, not the search
             gc.collect()
             if self.device_type == "cuda":
                 torch.cuda.empty_cache()
@@ -242,6 +247,7 @@ class SearchResult:
     graph: LayerGraph
     decisions: Decisions
     baseline_ms: float
+    set_up_here: bool = False   # this process did the study's one-time setup
 
     @property
     def feasible(self) -> bool:
@@ -261,34 +267,13 @@ class SearchResult:
         return rows
 
 
-def open_storage(url: str | None) -> optuna.storages.BaseStorage | None:
-    """``sqlite:///``, ``postgresql://`` (RDB) or ``journal:///PATH`` (a journal file)."""
-    if url is None:
-        return None
-    from precsearch.plan import mask_password
-
-    try:
-        if url.startswith("journal:///"):
-            from optuna.storages.journal import JournalFileBackend
-
-            return optuna.storages.JournalStorage(JournalFileBackend(url.removeprefix("journal:///")))
-        if url.startswith("postgresql"):  # several machines: a dead worker's trial must be noticed
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=120)
-        return optuna.storages.RDBStorage(url)
-    except Exception as error:
-        raise InputError(f"--storage {mask_password(url)}: cannot open ({type(error).__name__}: "
-                         f"{mask_password(str(error).splitlines()[0]) if str(error) else ''})") from None
-
-
 def optimize(model: nn.Module, batches: list[Any], *, space: str | SearchSpace = "default",
              fidelity: Fidelity | None = None, metric: str = "rel_l2", max_error: float = 0.01,
              mode: str = "inference", loss_fn: Callable | None = None,
              trials: int = 60, timeout: float | None = None, storage: str | None = None,
              study_name: str = "precsearch", seed: int = 0, model_name: str | None = None,
              progress: bool = True, repeats: int = 9, max_categorical: int = MAX_CATEGORICAL,
-             drop_slow_dtypes: bool = True) -> SearchResult:
+             drop_slow_dtypes: bool = True, heartbeat: float = HEARTBEAT_S) -> SearchResult:
     """Search the fastest per-unit precision plan whose error stays within the limit.
 
     ``fidelity`` overrides ``metric``/``max_error`` (e.g. ``Fidelity.user(...)`` for a task
@@ -297,6 +282,9 @@ def optimize(model: nn.Module, batches: list[Any], *, space: str | SearchSpace =
     entropy). ``trials`` is the study's total budget: a resumed study runs only what is left.
     ``drop_slow_dtypes`` leaves out a half precision whose all-low plan ran clearly slower than
     FP32 (FP16 on most CPUs).
+
+    Several processes may call this with the same ``storage`` and ``study_name``: the first does
+    the one-time setup (sensitivity, probes, seeds), all share the ``trials`` budget.
     """
     from precsearch.training import default_loss, gradient_fidelity, split_training_batch
 
@@ -311,9 +299,11 @@ def optimize(model: nn.Module, batches: list[Any], *, space: str | SearchSpace =
     training = mode == "training"
     inputs = [split_training_batch(b, f"--data batch {i}")[0] for i, b in enumerate(batches)] if training else batches
     device_type = model_device_type(model)
-    study = optuna.create_study(
-        study_name=study_name, storage=open_storage(storage), direction="minimize", load_if_exists=True,
-        sampler=optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True, n_startup_trials=10))
+    sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True, n_startup_trials=10)
+    study, created = open_study(study_name, open_storage(storage, heartbeat), sampler)
+    if created:
+        claim_setup(study)
+    setup = created or wait_for_setup(study)
     # Training steps update BatchNorm statistics; the caller gets them back as they were.
     buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
     was_training = model.training
@@ -322,7 +312,7 @@ def optimize(model: nn.Module, batches: list[Any], *, space: str | SearchSpace =
         graph = walk(model, inputs[0], device=device_type)
         choices = space.choices(graph, device_type)
         units = graph.units
-        if "sensitivity" not in study.user_attrs:
+        if setup:
             low = sorted({d for c in choices for d in c.dtypes if d != "fp32"})
             study.set_user_attr("sensitivity", unit_sensitivity(model, units, inputs[0], low, device_type))
         if training:
@@ -332,33 +322,25 @@ def optimize(model: nn.Module, batches: list[Any], *, space: str | SearchSpace =
         else:
             fidelity = fidelity or Fidelity.builtin(model, batches, metric, max_error)
             evaluator = Evaluator(model, batches, fidelity, device_type, repeats)
-        if "settings" not in study.user_attrs:
-            # What `precsearch report` needs to describe the run without the model.
-            study.set_user_attr("units", [{k: row[k] for k in ("name", "type", "params", "flops")}
-                                          for row in graph.rows()])
-            study.set_user_attr("edges", [list(edge) for edge in graph.graph.edges])
-            study.set_user_attr("settings", {
-                "model": model_name or type(model).__name__, "space": space.name, "mode": mode,
-                "constraint": fidelity.describe(), **_target(device_type), "trials": trials, "seed": seed,
-                "sampler": "TPESampler",
-                "parametrisation": "ranked" if len(choices) > max_categorical else "categorical"})
-        if "dtype_probe" not in study.user_attrs:
-            study.set_user_attr("dtype_probe", _probe_dtypes(evaluator, choices, study.user_attrs["sensitivity"]))
+        fingerprint = _study_fingerprint(model, space, fidelity, mode)
+        if setup:
+            _record_setup(study, graph, choices, evaluator, space, mode, model_name or type(model).__name__,
+                          trials, seed, max_categorical, fingerprint)
+        elif study.user_attrs.get("fingerprint") != fingerprint:
+            raise InputError(f"--study {study.study_name!r} was made for another model, space, constraint or mode "
+                             f"({_describe(study.user_attrs.get('settings', {}))}); give this search its own --study")
         probe = study.user_attrs["dtype_probe"]
         if drop_slow_dtypes:
             choices = _without_slow_dtypes(choices, probe, device_type)
         decisions = Decisions(choices, study.user_attrs["sensitivity"], {u: graph[u]["flops"] for u in units},
                               ranked=len(choices) > max_categorical, limit=fidelity.limit,
                               calibration={d: p["error_gain"] for d, p in probe.items() if p.get("error_gain")})
-        if not study.user_attrs.get("seeded"):
-            for params in decisions.seeds():
-                study.enqueue_trial(params, skip_if_exists=True)
-            study.set_user_attr("seeded", True)
-        if "baseline_ms" not in study.user_attrs:
-            timing = time_interleaved({"fp32": evaluator.step(None)}, device_type=device_type, repeats=max(repeats, 5))
-            study.set_user_attr("baseline_ms", timing["fp32"].median_ms)
+        if setup:
+            _seed(study, decisions, evaluator)
+        recover_dead_trials(study)
         _run_trials(study, decisions, evaluator, units, trials, timeout, progress)
         result = _result(model, study, graph, decisions, evaluator, space, model_name, storage, mode)
+        result.set_up_here = setup
         if training and result.plan is not None and "training_diagnostics" not in study.user_attrs:
             from precsearch.training import diagnose
 
@@ -373,6 +355,47 @@ def optimize(model: nn.Module, batches: list[Any], *, space: str | SearchSpace =
         model.train(was_training)
 
 
+def _record_setup(study: optuna.Study, graph: LayerGraph, choices: list[Choice], evaluator: Evaluator,
+                  space: SearchSpace, mode: str, model_name: str, trials: int, seed: int, max_categorical: int,
+                  fingerprint: str) -> None:
+    """Once per study, by the worker that set it up: what every worker and the report share."""
+    device_type, fidelity = evaluator.device_type, evaluator.fidelity
+    # What `precsearch report` needs to describe the run without the model.
+    study.set_user_attr("units", [{k: row[k] for k in ("name", "type", "params", "flops")} for row in graph.rows()])
+    study.set_user_attr("edges", [list(edge) for edge in graph.graph.edges])
+    study.set_user_attr("settings", {
+        "model": model_name, "space": space.name, "mode": mode, "constraint": fidelity.describe(),
+        **_target(device_type), "trials": trials, "seed": seed, "sampler": "TPESampler",
+        "parametrisation": "ranked" if len(choices) > max_categorical else "categorical"})
+    study.set_user_attr("fingerprint", fingerprint)
+    study.set_user_attr("dtype_probe", _probe_dtypes(evaluator, choices, study.user_attrs["sensitivity"]))
+
+
+def _seed(study: optuna.Study, decisions: Decisions, evaluator: Evaluator) -> None:
+    """Enqueue the seed plans and time the FP32 baseline; then other workers may start."""
+    for params in decisions.seeds():
+        study.enqueue_trial(params, skip_if_exists=True)
+    timing = time_interleaved({"fp32": evaluator.step(None)}, device_type=evaluator.device_type,
+                              repeats=max(evaluator.repeats, 5))
+    study.set_user_attr("baseline_ms", timing["fp32"].median_ms)
+    study.set_user_attr("ready", True)
+
+
+def _study_fingerprint(model: nn.Module, space: SearchSpace, fidelity: Fidelity, mode: str) -> str:
+    import hashlib
+
+    text = repr((model_fingerprint(model), space.dtypes, [(r.dtypes, r.name and r.name.pattern, r.types)
+                                                          for r in space.rules],
+                 [g.pattern for g in space.groups], fidelity.describe(), mode))
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def _describe(settings: dict[str, Any]) -> str:
+    constraint = settings.get("constraint", {})
+    return (f"model {settings.get('model', '?')}, space {settings.get('space', '?')}, "
+            f"{constraint.get('metric', '?')} <= {constraint.get('limit', '?')}, mode {settings.get('mode', '?')}")
+
+
 def _run_trials(study: optuna.Study, decisions: Decisions, evaluator: Evaluator, units: list[str],
                 trials: int, timeout: float | None, progress: bool) -> None:
     baseline_ms = study.user_attrs["baseline_ms"]
@@ -380,6 +403,8 @@ def _run_trials(study: optuna.Study, decisions: Decisions, evaluator: Evaluator,
     seen: dict[str, Measurement] = {}
 
     def objective(trial: optuna.Trial) -> float:
+        mark_worker(trial)
+        check_budget(study, trial, trials)
         layers = decisions.suggest(trial)
         code = encode(layers, units)
         measured = seen.get(code) or evaluator.measure(layers)
@@ -397,11 +422,12 @@ def _run_trials(study: optuna.Study, decisions: Decisions, evaluator: Evaluator,
         # Normalised to the study's baseline: drift of the machine between trials cancels.
         return baseline_ms * measured.latency_ms / measured.baseline_ms
 
-    # The budget counts finished trials; one that failed (an interrupt, a crash) is redone.
-    remaining = trials - len(study.get_trials(deepcopy=False, states=_COUNTED))
+    # The budget counts finished trials across all workers; one that failed (an interrupt, a
+    # crash) is redone.
+    remaining = budget_left(study, trials)
     if remaining > 0:
-        study.optimize(objective, n_trials=remaining, timeout=timeout, show_progress_bar=progress,
-                       callbacks=[optuna.study.MaxTrialsCallback(trials, states=_COUNTED)], gc_after_trial=False)
+        study.optimize(objective, n_trials=remaining, timeout=timeout, show_progress_bar=progress, catch=(Surplus,),
+                       callbacks=[optuna.study.MaxTrialsCallback(trials, states=COUNTED)], gc_after_trial=False)
 
 
 def _probe_dtypes(evaluator: Evaluator, choices: list[Choice], sensitivity) -> dict[str, dict[str, float]]:
@@ -467,7 +493,7 @@ def _result(model, study, graph, decisions, evaluator, space, model_name, storag
                      "baseline_latency_ms": round(measured.baseline_ms if measured else baseline_ms, 4),
                      "speedup": round(speedup, 3), "error": error,
                      "peak_memory_mb": trial.user_attrs.get("peak_memory_mb"), "trial": trial.number},
-            search={"space": space.name, "trials": len(study.get_trials(deepcopy=False, states=_COUNTED)),
+            search={"space": space.name, "trials": len(study.get_trials(deepcopy=False, states=COUNTED)),
                     "sampler": type(study.sampler).__name__, "study": study.study_name, "storage": storage})
 
     if not front:

@@ -121,9 +121,13 @@ def _end_to_end(model, units, batch, dtypes, device_type) -> dict[str, dict[str,
     for unit in units:
         result[unit] = {}
         for dtype in dtypes:
-            with apply_plan(model, Plan(default="fp32", layers={unit: dtype}), device_type=device_type,
-                            modules=named):
-                result[unit][dtype] = rel_l2(run_outputs(model, [batch]), reference)
+            try:
+                with apply_plan(model, Plan(default="fp32", layers={unit: dtype}), device_type=device_type,
+                                modules=named):
+                    result[unit][dtype] = rel_l2(run_outputs(model, [batch]), reference)
+            except Exception as failure:  # the model cannot run with this unit in this dtype
+                log.info("%s in %s breaks the model: %s", unit, dtype, failure)
+                result[unit][dtype] = math.inf
     return result
 
 

@@ -178,7 +178,7 @@ def _check_dtypes(dtypes: tuple, where: str) -> None:
     if not dtypes:
         raise InputError(f"{where}: empty; give at least one of {', '.join(DTYPES)}")
     for dtype in dtypes:
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise InputError(f"{where}: unknown dtype {dtype!r}; use {', '.join(DTYPES)}")
 
 

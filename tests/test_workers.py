@@ -1,0 +1,157 @@
+"""Several workers on one study, crash recovery, and faults inside trials."""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+import torch
+from torch import nn
+
+from precsearch import walk
+from precsearch.cli import main
+from precsearch.errors import InputError
+from precsearch.search import optimize
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+MODEL = ["--model", "precsearch.examples.demo:small_model", "--data", "precsearch.examples.demo:data"]
+
+
+def _worker(storage, study, trials, out, *extra):
+    return subprocess.Popen([sys.executable, "-m", "precsearch", "optimize", *MODEL, "--storage", storage,
+                             "--study", study, "--trials", str(trials), "--out", str(out), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _check_shared_study(storage, study_name, trials, workers):
+    results = [w.communicate(timeout=600) for w in workers]
+    assert all(w.returncode == 0 for w in workers), [err for _, err in results]
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(complete) == trials
+    assert {t.user_attrs["worker"] for t in complete} and len({t.user_attrs["worker"] for t in study.trials
+                                                                if "worker" in t.user_attrs}) == 2
+    seeded = [tuple(sorted(t.params.items())) for t in complete if t.system_attrs.get("fixed_params")]
+    assert len(seeded) == len(set(seeded))  # no enqueued seed evaluated twice
+    assert sum("this worker set up study" in err for _, err in results) == 1  # one sensitivity analysis
+    assert "sensitivity" in study.user_attrs
+    return study
+
+
+@pytest.mark.slow
+def test_two_workers_share_a_journal_study(tmp_path):
+    storage = f"journal:///{tmp_path / 'journal.log'}"
+    workers = [_worker(storage, "shared", 10, tmp_path / f"out{i}") for i in range(2)]
+    from precsearch.storage import open_storage
+
+    _check_shared_study(open_storage(storage), "shared", 10, workers)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("PRECSEARCH_TEST_POSTGRES"),
+                    reason="set PRECSEARCH_TEST_POSTGRES=postgresql://... (CI starts a server)")
+def test_two_workers_share_a_postgres_study(tmp_path):
+    storage = os.environ["PRECSEARCH_TEST_POSTGRES"]
+    name = f"shared-{os.getpid()}-{time.time_ns()}"
+    workers = [_worker(storage, name, 10, tmp_path / f"out{i}") for i in range(2)]
+    _check_shared_study(storage, name, 10, workers)
+    assert main(["report", str(tmp_path / "out0"), "--storage", storage, "--study", name]) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_a_worker_killed_mid_trial_loses_only_that_trial(tmp_path, kind):
+    storage = f"sqlite:///{tmp_path / 'study.db'}" if kind == "sqlite" else f"journal:///{tmp_path / 'j.log'}"
+    from precsearch.storage import open_storage
+
+    backend = open_storage(storage)
+    worker = _worker(storage, "s", 12, tmp_path / "out", "--heartbeat", "1")
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        try:
+            trials = optuna.load_study(study_name="s", storage=backend).trials
+        except KeyError:
+            trials = []
+        if sum(t.state.name == "COMPLETE" for t in trials) >= 3 and any(t.state.name == "RUNNING" for t in trials):
+            break
+        time.sleep(0.05)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    before = {t.number: (t.value, t.user_attrs["plan"]) for t in
+              optuna.load_study(study_name="s", storage=backend).trials if t.state.name == "COMPLETE"}
+    killed = [t.number for t in optuna.load_study(study_name="s", storage=backend).trials if t.state.name == "RUNNING"]
+    assert before and killed
+
+    rerun = _worker(storage, "s", 12, tmp_path / "out", "--heartbeat", "1")
+    _, err = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, err
+    study = optuna.load_study(study_name="s", storage=backend)
+    after = {t.number: (t.value, t.user_attrs["plan"]) for t in study.trials if t.state.name == "COMPLETE"}
+    assert len(after) == 12
+    assert all(after[number] == value for number, value in before.items())  # earlier trials intact
+    assert all(study.trials[number].state.name == "FAIL" for number in killed)
+
+
+class Probe(nn.Linear):
+    """A linear layer that remembers the precision it last ran in."""
+
+    def forward(self, x):
+        self.ran_in = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32
+        return super().forward(x)
+
+
+class Faulty(nn.Module):
+    """Breaks in chosen precisions: an exception when `first` runs in fp16, a (simulated) CUDA
+    OOM when both run in bf16, NaN outputs when only `second` runs in bf16."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = Probe(32, 32)
+        self.second = Probe(32, 32)
+
+    def forward(self, x):
+        out = self.second(self.first(x))
+        first, second = self.first.ran_in, self.second.ran_in
+        if first == torch.float16:
+            raise RuntimeError("boom: unsupported in fp16")
+        if first == second == torch.bfloat16:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        if second == torch.bfloat16:
+            return out * float("nan")
+        return out
+
+
+def test_faults_inside_trials_are_recorded_and_the_search_goes_on(tmp_path):
+    torch.manual_seed(0)
+    model = Faulty().eval()
+    batches = [torch.randn(8, 32) for _ in range(2)]
+    result = optimize(model, batches, trials=12, progress=False, repeats=3, drop_slow_dtypes=False,
+                      storage=f"sqlite:///{tmp_path / 'study.db'}", study_name="faults")
+    trials = {t.user_attrs["plan"]: t for t in result.study.trials if t.state.name == "COMPLETE"}
+    assert "OutOfMemoryError" in trials["bb"].user_attrs["failure"]
+    assert "boom" in trials["hh"].user_attrs["failure"]
+    assert trials["fb"].user_attrs["error"] is None and trials["fb"].constraints["error"] > 0  # NaN -> infeasible
+    assert result.plan is not None and result.plan.precision("second") != "bf16"
+    from precsearch.report import write_report
+
+    result.plan.save(tmp_path / "plan.yaml")
+    markdown = write_report(tmp_path, result.study)["md"].read_text()
+    assert "## Trials that failed" in markdown and "OutOfMemoryError" in markdown and "boom" in markdown
+
+
+def test_a_worker_with_another_model_is_refused(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    torch.manual_seed(0)
+    batches = [torch.randn(8, 32)]
+    optimize(nn.Sequential(nn.Linear(32, 32)), batches, trials=2, storage=storage, study_name="s", progress=False,
+             repeats=3)
+    with pytest.raises(InputError, match="was made for another model, space, constraint or mode"):
+        optimize(nn.Sequential(nn.Linear(32, 16)), batches, trials=2, storage=storage, study_name="s",
+                 progress=False, repeats=3)
+    with pytest.raises(InputError, match="was made for another"):
+        optimize(nn.Sequential(nn.Linear(32, 32)), batches, trials=2, storage=storage, study_name="s",
+                 progress=False, repeats=3, max_error=0.5)
