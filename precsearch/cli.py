@@ -151,7 +151,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         result = optimize(model, data, space=space, fidelity=fidelity, max_error=args.max_error,
                           mode="training" if training else "inference", loss_fn=loss_fn, trials=args.trials,
                           timeout=args.timeout, storage=storage, study_name=study_name, seed=args.seed,
-                          model_name=model_spec, progress=sys.stderr.isatty(), heartbeat=args.heartbeat)
+                          model_name=model_spec, progress=sys.stderr.isatty(), heartbeat=args.heartbeat,
+                          strategy=args.strategy)
     except KeyboardInterrupt:
         print(f"precsearch: interrupted; every finished trial is kept in {mask_password(storage)}: "
               f"rerun the same command to resume", file=sys.stderr)
@@ -296,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--study", metavar="NAME", help="study name (default: from the model factory)")
     search.add_argument("--out", metavar="DIR", help="output directory (default: reports/STUDY/)")
     search.add_argument("--seed", type=int, default=0, help="sampler seed (default: 0)")
+    search.add_argument("--strategy", default="optuna", choices=["optuna", "random", "global", "greedy", "bisect"],
+                        help="optuna (default): seeded TPE; or a baseline to compare with: random plans, one global "
+                             "dtype, greedy back-off by sensitivity, bisection in graph order")
     search.add_argument("--heartbeat", type=_number, default=60, metavar="SECONDS",
                         help="how often a worker tells the storage it is alive; a trial silent for twice this "
                              "is failed and re-queued (default: 60)")

@@ -153,8 +153,8 @@ def write_report(directory: str | Path, study: Any) -> dict[str, Path]:
         {"setting": "mode", "value": settings.get("mode", "inference")},
         {"setting": "constraint", "value": f"{constraint['metric']} <= {constraint['limit']:g}"},
         {"setting": "budget", "value": f"{settings['trials']} trials ({len(finished)} finished)"},
-        {"setting": "sampler", "value": f"{settings['sampler']} (seed {settings['seed']}), "
-                                        f"{settings['parametrisation']} parametrisation"},
+        {"setting": "strategy", "value": f"{settings.get('strategy', 'optuna')}: {settings['sampler']} "
+                                         f"(seed {settings['seed']}), {settings['parametrisation']} parametrisation"},
         {"setting": "study", "value": f"{study.study_name}"},
     ])]
     blocks.append(("h2", "Result"))

@@ -67,6 +67,7 @@ class Decisions:
     ranked: bool
     limit: float = math.inf
     calibration: dict[str, float] = dataclasses.field(default_factory=dict)  # metric error per unit of sensitivity
+    speed: dict[str, float] = dataclasses.field(default_factory=dict)        # all-low latency / FP32 latency
 
     def __post_init__(self) -> None:
         self.low = [d for d in ("bf16", "fp16") if any(d in c.dtypes for c in self.choices)]
@@ -81,6 +82,11 @@ class Decisions:
         self.errors = {d: {c.name: choice_error(self.sensitivity, c.units, d, unknown) for c in self.choices}
                        for d in self.low}
 
+    @property
+    def preferred_low(self) -> str | None:
+        """The half precision that ran the whole model fastest (bf16 when unmeasured)."""
+        return min(self.low, key=lambda d: self.speed.get(d, 1.0 if d == "bf16" else 2.0)) if self.low else None
+
     def _flops(self, choice: Choice) -> int:
         return sum(self.flops.get(unit, 0) for unit in choice.units)
 
@@ -90,18 +96,18 @@ class Decisions:
 
     def suggest(self, trial: optuna.Trial) -> dict[str, str]:
         if not self.ranked:
-            return self._expand({c.name: trial.suggest_categorical(self.param(c), list(c.dtypes))
+            return self.expand({c.name: trial.suggest_categorical(self.param(c), list(c.dtypes))
                                  if len(c.dtypes) > 1 else c.dtypes[0] for c in self.choices})
         if not self.low:
-            return self._expand({})
+            return self.expand({})
         dtype = trial.suggest_categorical("dtype", self.low)
         fraction = trial.suggest_float("fraction", 0.0, 1.0)
-        return self._expand(self._prefix(dtype, round(fraction * len(self.order[dtype]))))
+        return self.expand(self._prefix(dtype, round(fraction * len(self.order[dtype]))))
 
     def _prefix(self, dtype: str, k: int) -> dict[str, str]:
         return {c.name: dtype for c in self.order[dtype][:k]}
 
-    def _expand(self, by_choice: dict[str, str]) -> dict[str, str]:
+    def expand(self, by_choice: dict[str, str]) -> dict[str, str]:
         """Per-unit dtypes; choices not named keep fp32 (or their only dtype)."""
         layers = {}
         for choice in self.choices:
@@ -273,7 +279,7 @@ def optimize(model: nn.Module, batches: list[Any], *, space: str | SearchSpace =
              trials: int = 60, timeout: float | None = None, storage: str | None = None,
              study_name: str = "precsearch", seed: int = 0, model_name: str | None = None,
              progress: bool = True, repeats: int = 9, max_categorical: int = MAX_CATEGORICAL,
-             drop_slow_dtypes: bool = True, heartbeat: float = HEARTBEAT_S) -> SearchResult:
+             drop_slow_dtypes: bool = True, heartbeat: float = HEARTBEAT_S, strategy: str = "optuna") -> SearchResult:
     """Search the fastest per-unit precision plan whose error stays within the limit.
 
     ``fidelity`` overrides ``metric``/``max_error`` (e.g. ``Fidelity.user(...)`` for a task
@@ -285,10 +291,17 @@ def optimize(model: nn.Module, batches: list[Any], *, space: str | SearchSpace =
 
     Several processes may call this with the same ``storage`` and ``study_name``: the first does
     the one-time setup (sensitivity, probes, seeds), all share the ``trials`` budget.
+
+    ``strategy`` is ``"optuna"`` (seeded TPE), or a reference to compare against: ``"random"``,
+    ``"global"``, ``"greedy"`` or ``"bisect"`` (see ``precsearch.strategies``); ``trials`` then
+    caps their evaluations.
     """
+    from precsearch.strategies import PROPOSERS, STRATEGIES
     from precsearch.training import default_loss, gradient_fidelity, split_training_batch
 
     batches = _batches.as_list(batches)
+    if strategy not in STRATEGIES:
+        raise InputError(f"--strategy {strategy!r}: use one of {', '.join(STRATEGIES)}")
     if mode not in ("inference", "training"):
         raise InputError(f"--mode {mode!r}: use inference or training")
     if not isinstance(trials, int) or trials < 1:
@@ -299,7 +312,8 @@ def optimize(model: nn.Module, batches: list[Any], *, space: str | SearchSpace =
     training = mode == "training"
     inputs = [split_training_batch(b, f"--data batch {i}")[0] for i, b in enumerate(batches)] if training else batches
     device_type = model_device_type(model)
-    sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True, n_startup_trials=10)
+    sampler = (optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True, n_startup_trials=10)
+               if strategy == "optuna" else optuna.samplers.RandomSampler(seed=seed))
     study, created = open_study(study_name, open_storage(storage, heartbeat), sampler)
     if created:
         claim_setup(study)
@@ -322,10 +336,10 @@ def optimize(model: nn.Module, batches: list[Any], *, space: str | SearchSpace =
         else:
             fidelity = fidelity or Fidelity.builtin(model, batches, metric, max_error)
             evaluator = Evaluator(model, batches, fidelity, device_type, repeats)
-        fingerprint = _study_fingerprint(model, space, fidelity, mode)
+        fingerprint = _study_fingerprint(model, space, fidelity, mode, strategy)
         if setup:
             _record_setup(study, graph, choices, evaluator, space, mode, model_name or type(model).__name__,
-                          trials, seed, max_categorical, fingerprint)
+                          trials, seed, max_categorical, fingerprint, strategy)
         elif study.user_attrs.get("fingerprint") != fingerprint:
             raise InputError(f"--study {study.study_name!r} was made for another model, space, constraint or mode "
                              f"({_describe(study.user_attrs.get('settings', {}))}); give this search its own --study")
@@ -333,12 +347,14 @@ def optimize(model: nn.Module, batches: list[Any], *, space: str | SearchSpace =
         if drop_slow_dtypes:
             choices = _without_slow_dtypes(choices, probe, device_type)
         decisions = Decisions(choices, study.user_attrs["sensitivity"], {u: graph[u]["flops"] for u in units},
-                              ranked=len(choices) > max_categorical, limit=fidelity.limit,
-                              calibration={d: p["error_gain"] for d, p in probe.items() if p.get("error_gain")})
+                              ranked=strategy == "optuna" and len(choices) > max_categorical, limit=fidelity.limit,
+                              calibration={d: p["error_gain"] for d, p in probe.items() if p.get("error_gain")},
+                              speed={d: p["relative_latency"] for d, p in probe.items()})
         if setup:
-            _seed(study, decisions, evaluator)
+            _seed(study, decisions if strategy == "optuna" else None, evaluator)
         recover_dead_trials(study)
-        _run_trials(study, decisions, evaluator, units, trials, timeout, progress)
+        proposer = PROPOSERS[strategy](decisions, fidelity.limit) if strategy in PROPOSERS else None
+        _run_trials(study, decisions, evaluator, units, trials, timeout, progress, proposer)
         result = _result(model, study, graph, decisions, evaluator, space, model_name, storage, mode)
         result.set_up_here = setup
         if training and result.plan is not None and "training_diagnostics" not in study.user_attrs:
@@ -357,7 +373,7 @@ def optimize(model: nn.Module, batches: list[Any], *, space: str | SearchSpace =
 
 def _record_setup(study: optuna.Study, graph: LayerGraph, choices: list[Choice], evaluator: Evaluator,
                   space: SearchSpace, mode: str, model_name: str, trials: int, seed: int, max_categorical: int,
-                  fingerprint: str) -> None:
+                  fingerprint: str, strategy: str) -> None:
     """Once per study, by the worker that set it up: what every worker and the report share."""
     device_type, fidelity = evaluator.device_type, evaluator.fidelity
     # What `precsearch report` needs to describe the run without the model.
@@ -365,15 +381,16 @@ def _record_setup(study: optuna.Study, graph: LayerGraph, choices: list[Choice],
     study.set_user_attr("edges", [list(edge) for edge in graph.graph.edges])
     study.set_user_attr("settings", {
         "model": model_name, "space": space.name, "mode": mode, "constraint": fidelity.describe(),
-        **_target(device_type), "trials": trials, "seed": seed, "sampler": "TPESampler",
-        "parametrisation": "ranked" if len(choices) > max_categorical else "categorical"})
+        **_target(device_type), "trials": trials, "seed": seed, "strategy": strategy,
+        "sampler": {"optuna": "TPESampler", "random": "RandomSampler"}.get(strategy, f"{strategy} (no sampler)"),
+        "parametrisation": "ranked" if strategy == "optuna" and len(choices) > max_categorical else "categorical"})
     study.set_user_attr("fingerprint", fingerprint)
     study.set_user_attr("dtype_probe", _probe_dtypes(evaluator, choices, study.user_attrs["sensitivity"]))
 
 
-def _seed(study: optuna.Study, decisions: Decisions, evaluator: Evaluator) -> None:
-    """Enqueue the seed plans and time the FP32 baseline; then other workers may start."""
-    for params in decisions.seeds():
+def _seed(study: optuna.Study, decisions: Decisions | None, evaluator: Evaluator) -> None:
+    """Enqueue the seed plans (TPE only) and time the FP32 baseline; then other workers may start."""
+    for params in decisions.seeds() if decisions is not None else []:
         study.enqueue_trial(params, skip_if_exists=True)
     timing = time_interleaved({"fp32": evaluator.step(None)}, device_type=evaluator.device_type,
                               repeats=max(evaluator.repeats, 5))
@@ -381,12 +398,12 @@ def _seed(study: optuna.Study, decisions: Decisions, evaluator: Evaluator) -> No
     study.set_user_attr("ready", True)
 
 
-def _study_fingerprint(model: nn.Module, space: SearchSpace, fidelity: Fidelity, mode: str) -> str:
+def _study_fingerprint(model: nn.Module, space: SearchSpace, fidelity: Fidelity, mode: str, strategy: str) -> str:
     import hashlib
 
     text = repr((model_fingerprint(model), space.dtypes, [(r.dtypes, r.name and r.name.pattern, r.types)
                                                           for r in space.rules],
-                 [g.pattern for g in space.groups], fidelity.describe(), mode))
+                 [g.pattern for g in space.groups], fidelity.describe(), mode, strategy))
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -397,18 +414,26 @@ def _describe(settings: dict[str, Any]) -> str:
 
 
 def _run_trials(study: optuna.Study, decisions: Decisions, evaluator: Evaluator, units: list[str],
-                trials: int, timeout: float | None, progress: bool) -> None:
+                trials: int, timeout: float | None, progress: bool, proposer: Any = None) -> None:
+    """Run trials until the budget is spent; with a ``proposer`` (a strategy's generator), its
+    plans instead of the sampler's, until it has its answer."""
     baseline_ms = study.user_attrs["baseline_ms"]
     limit = evaluator.fidelity.limit
     seen: dict[str, Measurement] = {}
+    proposed = [next(proposer)] if proposer is not None else []
 
     def objective(trial: optuna.Trial) -> float:
         mark_worker(trial)
         check_budget(study, trial, trials)
-        layers = decisions.suggest(trial)
+        layers = proposed[0] if proposer is not None else decisions.suggest(trial)
         code = encode(layers, units)
         measured = seen.get(code) or evaluator.measure(layers)
         seen[code] = measured
+        if proposer is not None:
+            try:
+                proposed[0] = proposer.send(measured)
+            except StopIteration:
+                study.stop()
         trial.set_user_attr("plan", code)
         trial.set_user_attr("error", measured.error if math.isfinite(measured.error) else None)
         trial.set_user_attr("latency_ms", measured.latency_ms)

@@ -1,8 +1,18 @@
-"""Reference strategies the Optuna search is measured against.
+"""Search strategies besides Optuna's TPE, for comparison (``precsearch optimize --strategy``).
 
-- ``exhaustive``: every plan; the true optimum for models small enough (3**units plans).
-- ``greedy``: all low precision, then the most sensitive units back to FP32 one at a time
-  until the limit holds (the error-ordered approach of Intel Neural Compressor's tuning).
+Each is a generator: it yields per-unit plans and receives their measurements, and stops when
+it has its answer. The study runs them like any other trials, so their plans, trials.csv and
+report come out the same way.
+
+- ``global``: one dtype for the whole model, the faster feasible of all-FP16 and all-BF16 (what
+  ``torch.autocast`` around the model gives), else FP32.
+- ``greedy``: all low precision, then units back to FP32 one at a time, most sensitive first,
+  until the limit holds (Intel Neural Compressor's mixed-precision tuning).
+- ``bisect``: bisection over the units in graph order for those that must stay FP32
+  (Polygraphy's ``debug precision``, ONNX Runtime's ``auto_mixed_precision``).
+
+``random`` (random plans) and ``optuna`` are samplers, not generators; ``exhaustive`` tries every
+plan of a small model to establish the true optimum for benchmarks.
 """
 
 from __future__ import annotations
@@ -10,8 +20,64 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+from collections.abc import Generator
 
-from precsearch.search import Evaluator, Measurement
+from precsearch.search import Decisions, Evaluator, Measurement
+
+Proposer = Generator[dict[str, str], Measurement, None]
+STRATEGIES = ("optuna", "random", "global", "greedy", "bisect")
+
+
+def global_plans(decisions: Decisions, limit: float) -> Proposer:
+    feasible = False
+    for dtype in decisions.low:
+        measured = yield decisions.expand({c.name: dtype for c in decisions.choices if dtype in c.dtypes})
+        feasible |= measured.error <= limit
+    if not feasible:
+        yield decisions.expand({})
+
+
+def greedy_plans(decisions: Decisions, limit: float) -> Proposer:
+    dtype = decisions.preferred_low
+    if dtype is None:
+        yield decisions.expand({})
+        return
+    lowered = [c for c in decisions.choices if dtype in c.dtypes and len(c.dtypes) > 1]
+    riskiest_first = sorted(lowered, key=lambda c: -decisions.errors[dtype][c.name])
+    measured = yield decisions.expand({c.name: dtype for c in lowered})
+    for choice in riskiest_first:
+        if measured.error <= limit:
+            return
+        lowered.remove(choice)
+        measured = yield decisions.expand({c.name: dtype for c in lowered})
+
+
+def bisect_plans(decisions: Decisions, limit: float) -> Proposer:
+    dtype = decisions.preferred_low
+    if dtype is None:
+        yield decisions.expand({})
+        return
+    lowered: list[str] = []
+
+    def plan(names: list[str]) -> dict[str, str]:
+        return decisions.expand({name: dtype for name in names})
+
+    def must_keep(group: list[str]) -> Generator[dict[str, str], Measurement, list[str]]:
+        measured = yield plan(lowered + group)
+        if measured.error <= limit:
+            lowered.extend(group)
+            return []
+        if len(group) == 1:
+            return group
+        half = len(group) // 2
+        first = yield from must_keep(group[:half])
+        second = yield from must_keep(group[half:])
+        return first + second
+
+    yield from must_keep([c.name for c in decisions.choices if dtype in c.dtypes and len(c.dtypes) > 1])
+
+
+PROPOSERS = {"global": global_plans, "greedy": greedy_plans, "bisect": bisect_plans}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,6 +85,7 @@ class Found:
     layers: dict[str, str]
     measurement: Measurement | None   # None when nothing met the limit
     evaluations: int                  # accuracy evaluations of the whole model
+    relative: dict[tuple, float] = dataclasses.field(default_factory=dict)  # feasible plan -> latency / FP32
 
 
 def exhaustive(evaluator: Evaluator, units: list[str], dtypes: tuple[str, ...] = ("fp16", "bf16", "fp32"),
@@ -35,23 +102,11 @@ def exhaustive(evaluator: Evaluator, units: list[str], dtypes: tuple[str, ...] =
     timed = sorted(((evaluator.measure(layers, repeats=repeats), layers) for layers in feasible),
                    key=lambda pair: pair[0].latency_ms / pair[0].baseline_ms)
     final = [(evaluator.measure(layers, repeats=5 * repeats), layers) for _, layers in timed[:finalists]]
-    measurement, layers = min(final, key=lambda pair: pair[0].latency_ms / pair[0].baseline_ms)
-    return Found(layers, measurement, evaluations)
+    measurement, layers = min(final, key=lambda pair: relative_latency(pair[0]))
+    table = {tuple(layers.values()): relative_latency(m) for m, layers in timed}
+    table.update({tuple(layers.values()): relative_latency(m) for m, layers in final})
+    return Found(layers, measurement, evaluations, table)
 
 
-def greedy(evaluator: Evaluator, units: list[str], sensitivity: dict[str, dict[str, float | None]],
-           dtype: str = "bf16") -> Found:
-    """All ``dtype``, then units back to FP32, most sensitive first, until the limit holds."""
-    def risk(unit: str) -> float:
-        value = sensitivity.get(unit, {}).get(dtype)
-        return math.inf if value is None else value
-
-    layers = {unit: dtype for unit in units}
-    evaluations = 0
-    for unit in [None, *sorted(units, key=risk, reverse=True)]:
-        if unit is not None:
-            layers[unit] = "fp32"
-        evaluations += 1
-        if evaluator.error(layers) <= evaluator.fidelity.limit:
-            return Found(dict(layers), evaluator.measure(layers), evaluations)
-    return Found({}, None, evaluations)
+def relative_latency(measurement: Measurement) -> float:
+    return measurement.latency_ms / measurement.baseline_ms if measurement.baseline_ms else math.inf
