@@ -1,6 +1,6 @@
 """Run every CPU benchmark on this machine and rewrite benchmarks/README.md from the results.
 
-    python benchmarks/run.py            # about 4 minutes on 2 cores
+    python benchmarks/run.py            # about 10 minutes on 2 cores
 
 Results land in benchmarks/results/*.json; the README's tables are rendered from them, never
 typed by hand. Times are medians of interleaved runs; ratios are ratios of medians.
@@ -17,20 +17,53 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import applier_overhead  # noqa: E402
-import search_quality  # noqa: E402
+import search_overhead  # noqa: E402
+import strategies  # noqa: E402
 
 from precsearch.search import device_name  # noqa: E402
 
 
-def render(applier: dict, quality: dict) -> str:
-    trap, bert, overhead = quality["trap_model"], quality["bert"], quality["overhead_300_units"]
+def render(applier: dict, quality: dict, overhead: dict) -> str:
+    trap, bert, cnn = quality["trap_model"], quality["bert"], quality["cnn"]
     lines = [
         "# Benchmarks",
         "",
-        "Regenerate everything below with `python benchmarks/run.py` (about 4 minutes on 2 cores).",
+        "Regenerate everything below with `python benchmarks/run.py` (about 10 minutes on 2 cores).",
         f"Machine: {device_name('cpu')}, {quality['threads']} threads, torch {quality['torch']}, "
         f"Python {platform.python_version()}. CPU only: BF16 autocast is fast here (AVX512-BF16), "
-        "FP16 is several times slower than FP32. Times are medians of interleaved runs.",
+        "FP16 several times slower than FP32, so every search leaves FP16 out after probing it. "
+        "Times are medians of interleaved runs; the machine is shared, so differences of a few "
+        "percent are noise.",
+        "",
+        "## Strategies (`strategies.py`)",
+        "",
+        "Each strategy searched the same model with the same data and limit; then every distinct plan found and "
+        "FP32 were timed together, interleaved. *evaluations*: distinct plans whose accuracy and latency were "
+        "measured; *search s*: wall time of the search.",
+        "",
+        f"### Trap model: the demo's traps in {trap['units']} units, rel_l2 <= {trap['limit']}",
+        "",
+        f"Exhaustive search ({trap['exhaustive']['evaluations']} plans, {trap['exhaustive']['seconds']} s) "
+        f"establishes the optimum: `{_short(trap['exhaustive']['plan'])}`.",
+        "",
+        *_strategy_table(trap, with_optimum=True),
+        "",
+        f"Trials until a plan within 5% of the exhaustive optimum: Optuna "
+        f"{trap['strategies']['optuna']['trials_to_within_5pct']}, random "
+        f"{trap['strategies']['random']['trials_to_within_5pct']} (latencies from the exhaustive run's table).",
+        "",
+        f"### transformers BERT: {bert['model']}, {bert['units']} units",
+        "",
+        f"All-BF16 has rel_l2 {bert['all_bf16_error']:.3g}; the limit is half that, {bert['limit']:.3g}, so some "
+        "units must stay FP32.",
+        "",
+        *_strategy_table(bert),
+        "",
+        f"Greedy latency / Optuna latency: **{bert['strategies']['greedy']['ms'] / bert['strategies']['optuna']['ms']:.3f}**.",
+        "",
+        f"### CNN: {cnn['model']}, {cnn['units']} units, rel_l2 <= {cnn['limit']}",
+        "",
+        *_strategy_table(cnn),
         "",
         "## Applier overhead (`applier_overhead.py`)",
         "",
@@ -43,40 +76,7 @@ def render(applier: dict, quality: dict) -> str:
         f"| mixed plan (every other unit fp32) | {applier['plan_mixed_ms']} | "
         f"{applier['plan_mixed_ms'] / applier['autocast_ms']:.3f} |",
         "",
-        "## Search quality (`search_quality.py`)",
-        "",
-        "### Trap model vs exhaustive search",
-        "",
-        f"The demo's traps in {trap['units']} units (3^{trap['units']} = {trap['exhaustive_evaluations']} plans), "
-        f"limit rel_l2 <= {trap['limit']}.",
-        "",
-        "| strategy | model evaluations | wall s | latency vs exhaustive optimum | speedup vs fp32 |",
-        "| --- | ---: | ---: | ---: | ---: |",
-        f"| exhaustive | {trap['exhaustive_evaluations']} | {trap['exhaustive_s']} | 1.000 | - |",
-        f"| precsearch (Optuna) | {trap['search_trials']} (best found at trial {trap['search_found_at_trial']}) | "
-        f"{trap['search_s']} | {trap['search_vs_exhaustive_latency']} | {trap['speedup_vs_fp32']} |",
-        "",
-        f"Same plan as exhaustive: {'yes' if trap['same_plan'] else 'no'} "
-        f"(search: `{_short(trap['search_plan'])}`, exhaustive: `{_short(trap['exhaustive_plan'])}`).",
-        "",
-        "### Cost-aware search vs error-ordered greedy (transformers BERT)",
-        "",
-        f"{bert['model']}, {bert['units']} units; all-bf16 has rel_l2 {bert['all_bf16_error']:.3g}, "
-        f"so the limit is {bert['limit']:.3g}.",
-        "",
-        "| strategy | fp32 units | rel_l2 | median ms | speedup vs fp32 | model evaluations |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
-        f"| fp32 | {bert['units']} | 0 | {bert['fp32_ms']} | 1.000 | - |",
-        f"| greedy (all bf16, most sensitive back to fp32) | {bert['greedy_fp32_units']} | "
-        f"{bert['greedy_error']:.3g} | {bert['greedy_ms']} | {bert['fp32_ms'] / bert['greedy_ms']:.3f} | "
-        f"{bert['greedy_evaluations']} |",
-        f"| precsearch (Optuna, {bert['search_trials']} trials) | {bert['search_fp32_units']} | "
-        f"{bert['search_error']:.3g} | {bert['search_ms']} | {bert['search_speedup_vs_fp32']} | "
-        f"{bert['search_trials']} |",
-        "",
-        f"Greedy latency / precsearch latency: **{bert['greedy_over_search']}**.",
-        "",
-        "### Search overhead at 300+ units",
+        "## Search overhead at 300+ units (`search_overhead.py`)",
         "",
         f"BertModel with 48 tiny layers: {overhead['units']} units, walked by {overhead['walker_method']} "
         f"in {overhead['walker_s']} s. Overhead = everything in a trial but model evaluation "
@@ -90,8 +90,35 @@ def render(applier: dict, quality: dict) -> str:
         lines.append(f"| {label} | {row['trials']} | {row['distinct_plans']} | {row['per_trial_ms']} | "
                      f"{row['per_trial_model_evaluation_ms']} | {row['per_trial_overhead_ms']} |")
     lines += ["", "ranked (the default above 48 choices): which half precision and how far down the cost-aware "
-              "sensitivity order to lower; categorical: one parameter per unit.", ""]
+              "sensitivity order to lower; categorical: one parameter per unit.", "",
+              "## GPU", "", "`benchmarks/gpu.sh` (GPT-2 small: FP32 vs global FP16/BF16 autocast vs a searched plan, "
+              "inference and training step, latency and peak memory) is prepared for an H200 and smoke-tested "
+              "on the CPU (`python benchmarks/gpu.py --device cpu --tiny`). " + _gpu_note(), ""]
     return "\n".join(lines)
+
+
+def _strategy_table(result: dict, with_optimum: bool = False) -> list[str]:
+    header = "| strategy | fp32 units | rel_l2 | meets limit | median ms | speedup vs fp32 | evaluations | search s |"
+    rule = "| --- | ---: | ---: | :---: | ---: | ---: | ---: | ---: |"
+    if with_optimum:
+        header += " latency vs optimum |"
+        rule += " ---: |"
+    rows = [header, rule, f"| fp32 | {result['units']} | 0 | yes | {result['fp32_ms']} | 1.000 | - | - |" +
+            (" - |" if with_optimum else "")]
+    for name, row in result["strategies"].items():
+        line = (f"| {name} | {row['fp32_units']} | {row['error']:.3g} | {'yes' if row['meets_limit'] else 'no'} | "
+                f"{row['ms']} | {row['speedup']} | {row['evaluations']} | {row['seconds']} |")
+        rows.append(line + (f" {row['relative_to_optimum']} |" if with_optimum else ""))
+    return rows
+
+
+def _gpu_note() -> str:
+    path = HERE / "results" / "gpu.json"
+    if not path.exists():
+        return "No GPU was lent to the session that last ran this, so no GPU numbers are committed."
+    result = json.loads(path.read_text())
+    rows = ", ".join(f"{name} {value['speedup']}x" for name, value in result["inference"].items())
+    return f"Last run on {result['device']}: inference speedups {rows}."
 
 
 def _short(plan: dict[str, str]) -> str:
@@ -103,9 +130,11 @@ def main() -> None:
     results.mkdir(exist_ok=True)
     applier = applier_overhead.measure()
     (results / "applier_overhead.json").write_text(json.dumps(applier, indent=2))
-    quality = search_quality.run_all()
-    (results / "search_quality.json").write_text(json.dumps(quality, indent=2))
-    (HERE / "README.md").write_text(render(applier, quality))
+    quality = strategies.run_all()
+    (results / "strategies.json").write_text(json.dumps(quality, indent=2, default=str))
+    overhead = search_overhead.overhead()
+    (results / "search_overhead.json").write_text(json.dumps(overhead, indent=2))
+    (HERE / "README.md").write_text(render(applier, quality, overhead))
     print((HERE / "README.md").read_text())
 
 

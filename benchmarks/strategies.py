@@ -22,9 +22,11 @@ from torch import nn
 from precsearch import Plan, walk
 from precsearch.accuracy import Fidelity
 from precsearch.bench import settings, time_interleaved
+from precsearch.decisions import decode, encode
+from precsearch.evaluate import Evaluator
 from precsearch.examples import demo
 from precsearch.runtime import apply_plan
-from precsearch.search import Evaluator, decode, encode, optimize
+from precsearch.search import optimize
 from precsearch.strategies import STRATEGIES, exhaustive
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -262,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(check)
     check.add_argument("--json", action="store_true", help="machine-readable result")
     check.add_argument("--loss", metavar="MODULE:FUNC",
-                       help="training plans: the loss FUNC(output, target) for the backward pass (default: cross entropy)")
+                       help="training plans: the loss FUNC(output, target) for the backward pass "
+                            "(default: cross entropy)")
     check.add_argument("--ignore-fingerprint", action="store_true",
                        help="warn instead of failing when the plan was made for another model")
     check.set_defaults(run=cmd_check)

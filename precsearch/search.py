@@ -13,7 +13,6 @@ stored (SQLite by default) so that rerunning the same command resumes it.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import logging
 import math
 import warnings
@@ -27,219 +26,34 @@ from torch import nn
 from precsearch import batches as _batches
 from precsearch.accuracy import Fidelity
 from precsearch.bench import time_interleaved
+from precsearch.decisions import Decisions, decode, encode
 from precsearch.errors import InputError
+from precsearch.evaluate import Evaluator, Measurement, TrainingEvaluator
 from precsearch.graph import LayerGraph, walk
 from precsearch.plan import Plan, model_fingerprint
-from precsearch.runtime import PlanHandle, apply_plan, model_device_type
+from precsearch.runtime import model_device_type
 from precsearch.sensitivity import choice_error, unit_sensitivity
 from precsearch.space import Choice, SearchSpace
 from precsearch.storage import (
-    COUNTED, HEARTBEAT_S, Surplus, budget_left, check_budget, claim_setup, mark_worker, open_storage, open_study,
-    recover_dead_trials, wait_for_setup,
+    COUNTED,
+    HEARTBEAT_S,
+    Surplus,
+    budget_left,
+    check_budget,
+    claim_setup,
+    mark_worker,
+    open_storage,
+    open_study,
+    recover_dead_trials,
+    wait_for_setup,
 )
 
 log = logging.getLogger(__name__)
 
 MAX_CATEGORICAL = 48     # above this many choices, the study searches a ranked parametrisation
-_CODE = {"fp16": "h", "bf16": "b", "fp32": "f"}
-_DTYPE = {code: dtype for dtype, code in _CODE.items()}
 SLOW_DTYPE = 1.25        # an all-low plan this many times FP32's latency takes its dtype out of the search
+FINALISTS, FINALIST_MARGIN = 4, 1.10  # plans re-timed together before the winner is chosen
 _CAP = 1e9               # constraint value stored for non-finite errors
-
-
-def encode(layers: dict[str, str], units: list[str], default: str = "fp32") -> str:
-    """A plan as one character per unit (h=fp16, b=bf16, f=fp32), in unit order."""
-    return "".join(_CODE[layers.get(unit, default)] for unit in units)
-
-
-def decode(code: str, units: list[str]) -> dict[str, str]:
-    return {unit: _DTYPE[char] for unit, char in zip(units, code, strict=True)}
-
-
-# -- the decisions ------------------------------------------------------------------------------
-@dataclasses.dataclass
-class Decisions:
-    """Maps Optuna parameters to per-unit dtypes, per-choice or ranked by cost-aware sensitivity."""
-
-    choices: list[Choice]
-    sensitivity: dict[str, dict[str, float | None]]
-    flops: dict[str, int]
-    ranked: bool
-    limit: float = math.inf
-    calibration: dict[str, float] = dataclasses.field(default_factory=dict)  # metric error per unit of sensitivity
-    speed: dict[str, float] = dataclasses.field(default_factory=dict)        # all-low latency / FP32 latency
-
-    def __post_init__(self) -> None:
-        self.low = [d for d in ("bf16", "fp16") if any(d in c.dtypes for c in self.choices)]
-        known = [v for per in self.sensitivity.values() for v in per.values() if v is not None and math.isfinite(v)]
-        unknown = sorted(known)[len(known) // 2] if known else 0.0
-        self.order: dict[str, list[Choice]] = {}
-        for dtype in self.low:
-            candidates = [c for c in self.choices if dtype in c.dtypes and len(c.dtypes) > 1]
-            # Cost-aware: squared error spent per FLOP saved, cheapest first; unsafe ones last.
-            self.order[dtype] = sorted(candidates, key=lambda c: (
-                choice_error(self.sensitivity, c.units, dtype, unknown) ** 2 / max(self._flops(c), 1)))
-        self.errors = {d: {c.name: choice_error(self.sensitivity, c.units, d, unknown) for c in self.choices}
-                       for d in self.low}
-
-    @property
-    def preferred_low(self) -> str | None:
-        """The half precision that ran the whole model fastest (bf16 when unmeasured)."""
-        return min(self.low, key=lambda d: self.speed.get(d, 1.0 if d == "bf16" else 2.0)) if self.low else None
-
-    def _flops(self, choice: Choice) -> int:
-        return sum(self.flops.get(unit, 0) for unit in choice.units)
-
-    @staticmethod
-    def param(choice: Choice) -> str:
-        return choice.name or "<root>"
-
-    def suggest(self, trial: optuna.Trial) -> dict[str, str]:
-        if not self.ranked:
-            return self.expand({c.name: trial.suggest_categorical(self.param(c), list(c.dtypes))
-                                 if len(c.dtypes) > 1 else c.dtypes[0] for c in self.choices})
-        if not self.low:
-            return self.expand({})
-        dtype = trial.suggest_categorical("dtype", self.low)
-        fraction = trial.suggest_float("fraction", 0.0, 1.0)
-        return self.expand(self._prefix(dtype, round(fraction * len(self.order[dtype]))))
-
-    def _prefix(self, dtype: str, k: int) -> dict[str, str]:
-        return {c.name: dtype for c in self.order[dtype][:k]}
-
-    def expand(self, by_choice: dict[str, str]) -> dict[str, str]:
-        """Per-unit dtypes; choices not named keep fp32 (or their only dtype)."""
-        layers = {}
-        for choice in self.choices:
-            dtype = by_choice.get(choice.name, "fp32" if "fp32" in choice.dtypes else choice.dtypes[-1])
-            layers.update({unit: dtype for unit in choice.units})
-        return layers
-
-    def predicted_prefix(self, dtype: str) -> int:
-        """The longest cost-aware prefix whose predicted error (root-sum-square of the units'
-        errors, scaled by the calibration) stays within the limit."""
-        gain = self.calibration.get(dtype, 1.0)
-        total, k = 0.0, 0
-        for choice in self.order[dtype]:
-            total += self.errors[dtype][choice.name] ** 2
-            if gain * math.sqrt(total) > self.limit:
-                break
-            k += 1
-        return k
-
-    def seeds(self) -> list[dict[str, Any]]:
-        """Optuna params for the baseline, all-low plans and cost-aware prefixes: around the
-        predicted longest feasible prefix, and at fixed fractions."""
-        seeds: list[dict[str, Any]] = []
-        for dtype in ["fp32", *self.low]:
-            n = len(self.order.get(dtype, []))
-            best = self.predicted_prefix(dtype) if dtype != "fp32" else 0
-            sizes = [0] if dtype == "fp32" else [n, *sorted(
-                ({best, best - 1, best + 1, best - 2, best + 2, best - 4, best + 4}
-                 | {n - 1, math.ceil(3 * n / 4), math.ceil(n / 2), math.ceil(n / 4)}) & set(range(1, n)),
-                key=lambda k: (abs(k - best), -k))]
-            for k in sizes:
-                if self.ranked and not self.low:
-                    seeds.append({})
-                elif self.ranked:
-                    seeds.append({"dtype": self.low[0] if dtype == "fp32" else dtype,
-                                  "fraction": 0.0 if dtype == "fp32" else k / n})
-                else:
-                    chosen = self._prefix(dtype, k) if dtype != "fp32" else {}
-                    seeds.append({self.param(c): chosen.get(c.name, "fp32" if "fp32" in c.dtypes else c.dtypes[-1])
-                                  for c in self.choices if len(c.dtypes) > 1})
-        unique = []
-        for seed in seeds:
-            if seed not in unique:
-                unique.append(seed)
-        return unique
-
-    def most_sensitive(self, count: int = 5) -> list[tuple[str, str, float]]:
-        """(choice, dtype, estimated error) of the riskiest decisions."""
-        rows = [(name, dtype, error) for dtype, per in self.errors.items() for name, error in per.items()]
-        return sorted(rows, key=lambda row: -row[2])[:count]
-
-
-# -- measuring one candidate ----------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Measurement:
-    error: float
-    latency_ms: float          # candidate median, this trial
-    baseline_ms: float         # FP32 median, interleaved with it
-    peak_memory_mb: float | None
-    failure: str | None = None
-
-    @property
-    def speedup(self) -> float:
-        return self.baseline_ms / self.latency_ms if self.latency_ms > 0 else math.nan
-
-
-class Evaluator:
-    """Runs candidates on one model: accuracy over all batches, latency on the first batch."""
-
-    def __init__(self, model: nn.Module, batches: list[Any], fidelity: Fidelity, device_type: str,
-                 repeats: int = 9) -> None:
-        self.model, self.batches, self.fidelity = model, batches, fidelity
-        self.device_type, self.repeats = device_type, repeats
-        self.modules = list(model.named_modules())  # walked once, not once per candidate
-
-    def _run(self) -> None:
-        with torch.no_grad():
-            _batches.call(self.model, self.batches[0])
-
-    def step(self, plan: Plan | None) -> Callable[[], None]:
-        """What is timed for ``plan`` (None: the FP32 model): one forward pass on the first batch."""
-        return self._run
-
-    def apply(self, layers: dict[str, str]) -> PlanHandle:
-        return apply_plan(self.model, Plan.compact(layers), device_type=self.device_type, modules=self.modules)
-
-    def error(self, layers: dict[str, str]) -> float:
-        with self.apply(layers):
-            return self.fidelity.error(self.model)
-
-    def measure(self, layers: dict[str, str], repeats: int | None = None,
-                max_seconds: float | None = None) -> Measurement:
-        try:
-            with self.apply(layers) as handle:
-                error = self.fidelity.error(self.model)
-                feasible = error <= self.fidelity.limit
-                timings = time_interleaved(
-                    {"baseline": (handle.suspended, self.step(None)), "candidate": self.step(handle.plan)},
-                    device_type=self.device_type, repeats=repeats or (self.repeats if feasible else 3), warmup=1,
-                    max_seconds=max_seconds)
-        except InputError:
-            raise
-        except Exception as failure:  # NaN guards, dtype errors, (simulated) OOM: the candidate fails, not the search
-            gc.collect()
-            if self.device_type == "cuda":
-                torch.cuda.empty_cache()
-            reason = f"{type(failure).__name__}: {str(failure).splitlines()[0][:200] if str(failure) else ''}"
-            return Measurement(math.inf, math.nan, math.nan, None, reason)
-        return Measurement(error, timings["candidate"].median_ms, timings["baseline"].median_ms,
-                           timings["candidate"].peak_memory_mb)
-
-
-class TrainingEvaluator(Evaluator):
-    """Times a full training step (forward, backward, optimizer step) instead of a forward pass.
-
-    The optimizer is AdamW with a zero learning rate: it does all of its work and never moves a
-    weight, so every candidate is measured at the same weights.
-    """
-
-    def __init__(self, model: nn.Module, batches: list[Any], fidelity: Fidelity, device_type: str,
-                 repeats: int = 9, loss_fn: Callable | None = None) -> None:
-        from precsearch.training import default_loss
-
-        super().__init__(model, batches, fidelity, device_type, repeats)
-        self.loss_fn = loss_fn or default_loss
-        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0,
-                                           weight_decay=0.0)
-
-    def step(self, plan: Plan | None) -> Callable[[], None]:
-        from precsearch.training import training_step
-
-        return training_step(self.model, self.batches[0], self.loss_fn, self.optimizer, plan, self.device_type)
 
 
 # -- the study --------------------------------------------------------------------------------------
@@ -517,17 +331,33 @@ def _result(model, study, graph, decisions, evaluator, space, model_name, storag
             metrics={"latency_ms": round(latency, 4),
                      "baseline_latency_ms": round(measured.baseline_ms if measured else baseline_ms, 4),
                      "speedup": round(speedup, 3), "error": error,
-                     "peak_memory_mb": trial.user_attrs.get("peak_memory_mb"), "trial": trial.number},
+                     "peak_memory_mb": measured.peak_memory_mb if measured else trial.user_attrs.get("peak_memory_mb"),
+                     "trial": trial.number},
             search={"space": space.name, "trials": len(study.get_trials(deepcopy=False, states=COUNTED)),
                     "sampler": type(study.sampler).__name__, "study": study.study_name, "storage": storage})
 
     if not front:
         return SearchResult(None, [], study, graph, decisions, baseline_ms)
-    best = front[0]
-    # Re-measure the winner with more repeats: the best of many noisy trials flatters itself.
-    confirmed = evaluator.measure(decode(best.user_attrs["plan"], units), repeats=max(3 * evaluator.repeats, 15))
-    plan = plan_of(best, confirmed if confirmed.failure is None else None)
-    others = [plan_of(t) for t in front[1:] if set(t.user_attrs["plan"]) != {"f"}]  # fp32 is the baseline
+    # The best of many noisy trials flatters itself: the feasible plans within 10% of the fastest
+    # race once more, interleaved and longer, and the race picks the winner.
+    finalists: dict[str, optuna.trial.FrozenTrial] = {}
+    for trial in sorted(feasible_trials(study), key=lambda t: t.value):
+        if trial.value <= FINALIST_MARGIN * front[0].value and len(finalists) < FINALISTS:
+            finalists.setdefault(trial.user_attrs["plan"], trial)
+    try:
+        raced = evaluator.race({code: decode(code, units) for code in finalists}, repeats=max(3 * evaluator.repeats, 15))
+    except Exception as failure:  # keep the trials' own numbers
+        log.warning("final race failed (%s); using the trials' measurements", failure)
+        raced = {}
+    if raced:
+        code = min(raced, key=lambda c: raced[c][0] / raced[c][1])
+        latency, base, memory = raced[code]
+        best = finalists[code]
+        plan = plan_of(best, Measurement(best.user_attrs["error"] or 0.0, latency, base, memory))
+    else:
+        best = front[0]
+        plan = plan_of(best)
+    others = [plan_of(t) for t in front if t.user_attrs["plan"] not in (best.user_attrs["plan"], "f" * len(units))]
     return SearchResult(plan, others, study, graph, decisions, baseline_ms)
 
 

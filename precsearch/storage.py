@@ -13,6 +13,7 @@ import os
 import socket
 import time
 import warnings
+
 import optuna
 from optuna.trial import TrialState
 

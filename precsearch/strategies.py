@@ -22,7 +22,8 @@ import itertools
 import math
 from collections.abc import Generator
 
-from precsearch.search import Decisions, Evaluator, Measurement
+from precsearch.decisions import Decisions
+from precsearch.evaluate import Evaluator, Measurement
 
 Proposer = Generator[dict[str, str], Measurement, None]
 STRATEGIES = ("optuna", "random", "global", "greedy", "bisect")

@@ -50,8 +50,9 @@ def grad_scaler(plan: Plan | None, device_type: str) -> torch.amp.GradScaler | N
 
 def split_training_batch(batch: Any, where: str = "training batch") -> tuple[Any, torch.Tensor]:
     if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+        length = f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""
         raise InputError(f"{where}: training mode needs each batch as (inputs, target), "
-                         f"got {type(batch).__name__}" + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
+                         f"got {type(batch).__name__}{length}")
     return batch[0], batch[1]
 
 
@@ -127,8 +128,8 @@ def _same_randomness(seed: int = 0):
         yield
 
 
-def gradients(model: nn.Module, batches: list[Any], loss_fn: LossFn, scale: float = 1.0) -> torch.Tensor:
-    """All parameter gradients over ``batches``, concatenated in float64 (divided by ``scale``)."""
+def _backward(model: nn.Module, batches: list[Any], loss_fn: LossFn, scale: float = 1.0) -> list[nn.Parameter]:
+    """Clear the gradients, then accumulate those of ``batches`` (of the loss times ``scale``)."""
     params = _parameters(model)
     for p in params:
         p.grad = None
@@ -136,9 +137,19 @@ def gradients(model: nn.Module, batches: list[Any], loss_fn: LossFn, scale: floa
         for batch in batches:
             inputs, target = split_training_batch(batch)
             (compute_loss(loss_fn, _batches.call(model, inputs), target) * scale).backward()
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).double().flatten() for p in params])
+    return params
+
+
+def _clear(params: list[nn.Parameter]) -> None:
     for p in params:
         p.grad = None
+
+
+def gradients(model: nn.Module, batches: list[Any], loss_fn: LossFn, scale: float = 1.0) -> torch.Tensor:
+    """All parameter gradients over ``batches``, concatenated in float64 (divided by ``scale``)."""
+    params = _backward(model, batches, loss_fn, scale)
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).double().flatten() for p in params])
+    _clear(params)
     return flat / scale
 
 
@@ -237,23 +248,15 @@ def diagnose(model: nn.Module, plan: Plan, batches: list[Any], loss_fn: LossFn, 
                 inputs, target = split_training_batch(batches[index % len(batches)])
                 trainer.step(inputs, target)
             scales, skipped = trainer.scales, trainer.skipped
-        for p in _parameters(model):
-            p.grad = None
+        _clear(_parameters(model))
     return Diagnostics(underflow, overflow, scales, skipped)
 
 
 def _per_module_grads(model, modules, units, batches, loss_fn) -> dict[str, torch.Tensor]:
-    params = _parameters(model)
-    for p in params:
-        p.grad = None
-    with _same_randomness():
-        for batch in batches:
-            inputs, target = split_training_batch(batch)
-            compute_loss(loss_fn, _batches.call(model, inputs), target).backward()
+    params = _backward(model, batches, loss_fn)
     result = {}
     for unit in units:
         grads = [p.grad.flatten() for p in modules[unit].parameters(recurse=False) if p.grad is not None]
         result[unit] = torch.cat(grads) if grads else torch.empty(0)
-    for p in params:
-        p.grad = None
+    _clear(params)
     return result

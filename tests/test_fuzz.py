@@ -1,7 +1,6 @@
 """Malformed plans, spaces and command lines meet one-line errors and exit code 2, never a
 traceback (property-based, seeded)."""
 
-import pytest
 import yaml
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st

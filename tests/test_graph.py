@@ -1,8 +1,8 @@
 import networkx as nx
 import pytest
 import torch
-
 from conftest import Branchy, build_bert, build_cnn, build_gpt2, image_batches, token_batches
+
 from precsearch import graph as graph_module
 from precsearch import walk
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import build_bert, token_batches
+
 from precsearch import Plan, PlanError, apply_plan, audit, walk
 from precsearch.batches import call
 

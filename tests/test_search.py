@@ -8,9 +8,11 @@ from precsearch import search as search_module
 from precsearch.accuracy import Fidelity
 from precsearch.bench import time_interleaved
 from precsearch.cli import main
+from precsearch.decisions import Decisions
+from precsearch.evaluate import Evaluator
 from precsearch.examples import demo
 from precsearch.runtime import apply_plan
-from precsearch.search import Decisions, Evaluator, optimize
+from precsearch.search import optimize
 from precsearch.sensitivity import unit_sensitivity
 from precsearch.space import SearchSpace
 from precsearch.strategies import exhaustive
@@ -98,7 +100,7 @@ def test_ranked_parametrisation_for_many_choices():
 def test_interrupted_trial_is_redone_on_resume(tmp_path, monkeypatch):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     model, batches = demo.small_model(), small_data()
-    real = search_module.Evaluator.measure
+    real = Evaluator.measure
     count = {"n": 0}
 
     def flaky(self, layers, repeats=None, max_seconds=None):
@@ -107,10 +109,10 @@ def test_interrupted_trial_is_redone_on_resume(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(self, layers, repeats, max_seconds)
 
-    monkeypatch.setattr(search_module.Evaluator, "measure", flaky)
+    monkeypatch.setattr(Evaluator, "measure", flaky)
     with pytest.raises(KeyboardInterrupt):
         optimize(model, batches, trials=6, storage=storage, study_name="s", progress=False, repeats=3)
-    monkeypatch.setattr(search_module.Evaluator, "measure", real)
+    monkeypatch.setattr(Evaluator, "measure", real)
     study = optuna.load_study(study_name="s", storage=storage)
     assert [t.state.name for t in study.trials if t.state.is_finished()] == ["COMPLETE"] * 3 + ["FAIL"]
     result = optimize(model, batches, trials=6, storage=storage, study_name="s", progress=False, repeats=3)

@@ -1,6 +1,6 @@
 import pytest
-
 from conftest import build_bert, build_gpt2, token_batches
+
 from precsearch import walk
 from precsearch.errors import InputError
 from precsearch.examples import demo

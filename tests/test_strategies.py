@@ -1,5 +1,4 @@
 import optuna
-import pytest
 
 from precsearch.cli import main
 from precsearch.examples import demo

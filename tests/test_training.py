@@ -1,10 +1,9 @@
-import math
 
 import pytest
 import torch
+from conftest import build_cnn, image_batches
 from torch import nn
 
-from conftest import build_cnn, image_batches
 from precsearch import LossScaling, Plan, audit, load_plan
 from precsearch.cli import main
 from precsearch.examples import digits, train_digits

@@ -1,6 +1,5 @@
 """Several workers on one study, crash recovery, and faults inside trials."""
 
-import math
 import os
 import signal
 import subprocess
@@ -12,7 +11,6 @@ import pytest
 import torch
 from torch import nn
 
-from precsearch import walk
 from precsearch.cli import main
 from precsearch.errors import InputError
 from precsearch.search import optimize
