@@ -340,9 +340,11 @@ def _result(model, study, graph, decisions, evaluator, space, model_name, storag
         return SearchResult(None, [], study, graph, decisions, baseline_ms)
     # The best of many noisy trials flatters itself: the feasible plans within 10% of the fastest
     # race once more, interleaved and longer, and the race picks the winner.
+    # The FP32 plan always races too: no plan slower than the model as it was is recommended.
     finalists: dict[str, optuna.trial.FrozenTrial] = {}
     for trial in sorted(feasible_trials(study), key=lambda t: t.value):
-        if trial.value <= FINALIST_MARGIN * front[0].value and len(finalists) < FINALISTS:
+        fp32 = set(trial.user_attrs["plan"]) == {"f"}
+        if fp32 or (trial.value <= FINALIST_MARGIN * front[0].value and len(finalists) < FINALISTS):
             finalists.setdefault(trial.user_attrs["plan"], trial)
     try:
         raced = evaluator.race({code: decode(code, units) for code in finalists}, repeats=max(3 * evaluator.repeats, 15))

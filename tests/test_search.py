@@ -167,3 +167,17 @@ def test_cli_optimize_bad_input(tmp_path, capsys, argv, message):
     assert code == 2, err
     assert message in err and "hunter2" not in err
     assert len(err.strip().splitlines()) == 1 or err.startswith("precsearch: searching")
+
+
+@pytest.mark.slow
+def test_cli_optimize_transformers_bert_then_check(tmp_path, capsys):
+    model = ["--model", "precsearch.examples.transformers_models:bert",
+             "--data", "precsearch.examples.transformers_models:tokens"]
+    out = tmp_path / "bert"
+    assert main(["optimize", *model, "--space", "transformer", "--max-error", "0.0005", "--trials", "8",
+                 "--out", str(out)]) == 0
+    plan = load_plan(out / "plan.yaml")
+    assert plan.metrics["error"] <= 0.0005 and plan.metrics["speedup"] >= 0.95  # never a plan slower than FP32
+    capsys.readouterr()
+    assert main(["check", "--plan", str(out / "plan.yaml"), *model]) == 0
+    assert "audit ok: 58 eligible ops in 29 units" in capsys.readouterr().out
