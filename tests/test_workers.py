@@ -128,8 +128,12 @@ def test_faults_inside_trials_are_recorded_and_the_search_goes_on(tmp_path):
     torch.manual_seed(0)
     model = Faulty().eval()
     batches = [torch.randn(8, 32) for _ in range(2)]
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="faults", storage=storage)  # the faulty plans go first
+    for first, second in (("bf16", "bf16"), ("fp16", "fp16"), ("fp32", "bf16")):
+        study.enqueue_trial({"first": first, "second": second})
     result = optimize(model, batches, trials=12, progress=False, repeats=3, drop_slow_dtypes=False,
-                      storage=f"sqlite:///{tmp_path / 'study.db'}", study_name="faults")
+                      storage=storage, study_name="faults")
     trials = {t.user_attrs["plan"]: t for t in result.study.trials if t.state.name == "COMPLETE"}
     assert "OutOfMemoryError" in trials["bb"].user_attrs["failure"]
     assert "boom" in trials["hh"].user_attrs["failure"]
