@@ -22,14 +22,6 @@ class Timing:
     samples_ms: tuple[float, ...]
     peak_memory_mb: float | None  # measured on CUDA only; None elsewhere
 
-    @property
-    def spread(self) -> float:
-        """Interquartile range relative to the median: how noisy the measurement was."""
-        if len(self.samples_ms) < 4:
-            return 0.0
-        q1, _, q3 = statistics.quantiles(self.samples_ms, n=4)
-        return (q3 - q1) / self.median_ms if self.median_ms else 0.0
-
 
 def _synchronize(device_type: str) -> None:
     if device_type == "cuda":
