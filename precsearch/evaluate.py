@@ -83,9 +83,7 @@ class Evaluator:
         ``{name: (median ms, FP32 median ms, peak memory MB or None)}``."""
         turns: dict[str, Any] = {"fp32": self.step(None)}
         for name, layers in plans.items():
-            plan = Plan.compact(layers)
-            turns[name] = (lambda plan=plan: apply_plan(self.model, plan, device_type=self.device_type,
-                                                        modules=self.modules), self.step(plan))
+            turns[name] = (lambda layers=layers: self.apply(layers), self.step(Plan.compact(layers)))
         timings = time_interleaved(turns, device_type=self.device_type, repeats=repeats, warmup=1)
         base = timings["fp32"].median_ms
         return {name: (timings[name].median_ms, base, timings[name].peak_memory_mb) for name in plans}

@@ -127,7 +127,8 @@ class Plan:
                      names: set[str] | None = None) -> None:
         """Check that every named layer exists in ``model`` and the fingerprint matches.
 
-        ``fingerprint_mismatch="warn"`` downgrades a fingerprint mismatch to a warning.
+        ``fingerprint_mismatch="warn"`` downgrades a fingerprint mismatch to a warning;
+        ``"ignore"`` skips the check (for callers that already made it once).
         """
         if names is None:
             names = {name for name, _ in model.named_modules()} if self.layers else set()
@@ -137,7 +138,7 @@ class Plan:
                 hint = f" (did you mean {near!r}?)" if near else ""
                 raise PlanError(f"layers.{name}: the model has no module of that name{hint}")
         expected = self.model.get("fingerprint")
-        if expected:
+        if expected and fingerprint_mismatch != "ignore":
             actual = model_fingerprint(model)
             if actual != expected:
                 message = (f"model.fingerprint: the plan was made for another model "

@@ -315,6 +315,11 @@ def _result(model, study, graph, decisions, evaluator, space, model_name, storag
 
     units, fidelity, baseline_ms = graph.units, evaluator.fidelity, study.user_attrs["baseline_ms"]
     front = pareto_front(feasible_trials(study))
+    # Shared by every plan written: computed once, not once per Pareto plan.
+    model_info = {"name": model_name or type(model).__name__, "fingerprint": model_fingerprint(model),
+                  "units": len(units)}
+    search_info = {"space": space.name, "trials": len(study.get_trials(deepcopy=False, states=COUNTED)),
+                   "sampler": type(study.sampler).__name__, "study": study.study_name, "storage": storage}
 
     def plan_of(trial: optuna.trial.FrozenTrial, measured: Measurement | None = None) -> Plan:
         layers = decode(trial.user_attrs["plan"], units)
@@ -324,8 +329,7 @@ def _result(model, study, graph, decisions, evaluator, space, model_name, storag
         return Plan.compact(
             layers, mode=mode,
             loss_scaling=LossScaling() if mode == "training" and "fp16" in layers.values() else None,
-            model={"name": model_name or type(model).__name__, "fingerprint": model_fingerprint(model),
-                   "units": len(units)},
+            model=dict(model_info),
             target=_target(evaluator.device_type),
             constraint=fidelity.describe(),
             metrics={"latency_ms": round(latency, 4),
@@ -333,8 +337,7 @@ def _result(model, study, graph, decisions, evaluator, space, model_name, storag
                      "speedup": round(speedup, 3), "error": error,
                      "peak_memory_mb": measured.peak_memory_mb if measured else trial.user_attrs.get("peak_memory_mb"),
                      "trial": trial.number},
-            search={"space": space.name, "trials": len(study.get_trials(deepcopy=False, states=COUNTED)),
-                    "sampler": type(study.sampler).__name__, "study": study.study_name, "storage": storage})
+            search=dict(search_info))
 
     if not front:
         return SearchResult(None, [], study, graph, decisions, baseline_ms)
