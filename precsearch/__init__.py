@@ -9,10 +9,11 @@
 
 from typing import Any
 
+from precsearch.audit import AuditReport, audit
 from precsearch.errors import InputError, PlanError
 from precsearch.graph import LayerGraph, walk
 from precsearch.plan import LossScaling, Plan, load_plan, model_fingerprint
-from precsearch.runtime import AuditReport, PlanHandle, apply_plan, audit
+from precsearch.runtime import PlanHandle, apply_plan
 
 __version__ = "0.1.0"
 

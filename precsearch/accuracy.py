@@ -122,7 +122,7 @@ class Fidelity:
         """Compare against FP32 reference outputs computed once, now."""
         if metric not in _BUILTIN:
             raise InputError(f"--metric-name {metric!r}: unknown metric; use one of {', '.join(METRICS)}")
-        _check_limit(limit, "--max-error")
+        check_limit(limit, "--max-error")
         reference = run_outputs(model, batches)
         if not any(reference):
             raise InputError("the model returned no floating-point tensor to compare")
@@ -135,7 +135,7 @@ class Fidelity:
         """A user metric, higher is better, bounded by its drop against the FP32 model."""
         if (max_drop is None) == (max_rel_drop is None):
             raise InputError(f"--metric {name}: give exactly one of --max-drop or --max-rel-drop")
-        limit = _check_limit(max_drop if max_drop is not None else max_rel_drop,
+        limit = check_limit(max_drop if max_drop is not None else max_rel_drop,
                              "--max-drop" if max_drop is not None else "--max-rel-drop")
         with torch.no_grad():
             reference_value = _call_user_metric(function, model, batches, name)
@@ -162,7 +162,7 @@ def _call_user_metric(function, model, batches, name) -> float:
         raise InputError(f"--metric {name}: returned {type(value).__name__}, not a number") from None
 
 
-def _check_limit(limit: object, flag: str) -> float:
+def check_limit(limit: object, flag: str) -> float:
     if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not math.isfinite(limit) or limit < 0:
         raise InputError(f"{flag} {limit!r}: must be a finite number >= 0")
     return float(limit)

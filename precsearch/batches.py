@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -11,6 +11,7 @@ from torch import nn
 from precsearch.errors import InputError
 
 Batch = Any  # a Tensor, a tuple/list of positional inputs, or a dict of keyword inputs
+LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
 
 
 def split(batch: Batch) -> tuple[tuple, dict]:
@@ -56,3 +57,21 @@ def to_device(value: Any, device: torch.device | str) -> Any:
     if isinstance(value, (tuple, list)):
         return type(value)(to_device(item, device) for item in value)
     return value
+
+
+def split_training(batch: Batch, where: str = "training batch") -> tuple[Batch, torch.Tensor]:
+    """A training batch ``(inputs, target)`` -> its two halves, or an InputError."""
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+        length = f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""
+        raise InputError(f"{where}: training mode needs each batch as (inputs, target), "
+                         f"got {type(batch).__name__}{length}")
+    return batch[0], batch[1]
+
+
+def compute_loss(loss_fn: LossFn, output: Any, target: torch.Tensor, name: str = "--loss") -> torch.Tensor:
+    """``loss_fn(output, target)`` checked to be a scalar tensor."""
+    loss = loss_fn(output, target)
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shape = list(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise InputError(f"{name}: the loss must be a scalar tensor, got {shape}")
+    return loss.reshape(())

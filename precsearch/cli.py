@@ -77,8 +77,9 @@ def cmd_layers(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from precsearch.audit import audit
     from precsearch.plan import load_plan
-    from precsearch.runtime import apply_plan, audit
+    from precsearch.runtime import apply_plan
 
     plan = load_plan(args.plan)
     args.mode = "train" if plan.mode == "training" else "infer"  # training plans audit backward too

@@ -13,10 +13,10 @@ from precsearch import batches as _batches
 from precsearch.accuracy import Fidelity
 from precsearch.bench import time_interleaved
 from precsearch.errors import InputError
+from precsearch.ops import model_device_type
 from precsearch.plan import Plan
-from precsearch.runtime import apply_plan, model_device_type
-
-DTYPE_ORDER = ("fp16", "bf16", "fp32")
+from precsearch.precisions import NAMES
+from precsearch.runtime import apply_plan
 
 
 def check_distinct(paths: list[Path], plans: list[Plan]) -> None:
@@ -50,7 +50,7 @@ def summary_rows(names: list[str], plans: list[Plan], units: list[str]) -> list[
         metrics, constraint = plan.metrics or {}, plan.constraint or {}
         counts = plan.counts(units)
         rows.append({"plan": name, "default": plan.default,
-                     **{dtype: counts.get(dtype, 0) for dtype in DTYPE_ORDER},
+                     **{dtype: counts.get(dtype, 0) for dtype in NAMES},
                      "speedup": metrics.get("speedup"), "latency_ms": metrics.get("latency_ms"),
                      "error": metrics.get("error"),
                      "limit": f"{constraint.get('metric', '-')}<={constraint.get('limit', '-')}",

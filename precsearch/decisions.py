@@ -10,20 +10,18 @@ from typing import Any
 
 import optuna
 
+from precsearch.precisions import FP32, PRECISIONS, by_code, low_precisions
 from precsearch.sensitivity import choice_error
 from precsearch.space import Choice
 
-_CODE = {"fp16": "h", "bf16": "b", "fp32": "f"}
-_DTYPE = {code: dtype for dtype, code in _CODE.items()}
 
-
-def encode(layers: dict[str, str], units: list[str], default: str = "fp32") -> str:
-    """A plan as one character per unit (h=fp16, b=bf16, f=fp32), in unit order."""
-    return "".join(_CODE[layers.get(unit, default)] for unit in units)
+def encode(layers: dict[str, str], units: list[str], default: str = FP32) -> str:
+    """A plan as one letter per unit (``Precision.code``: h=fp16, b=bf16, f=fp32), in unit order."""
+    return "".join(PRECISIONS[layers.get(unit, default)].code for unit in units)
 
 
 def decode(code: str, units: list[str]) -> dict[str, str]:
-    return {unit: _DTYPE[char] for unit, char in zip(units, code, strict=True)}
+    return {unit: by_code(char) for unit, char in zip(units, code, strict=True)}
 
 
 @dataclasses.dataclass
@@ -39,7 +37,8 @@ class Decisions:
     speed: dict[str, float] = dataclasses.field(default_factory=dict)        # all-low latency / FP32 latency
 
     def __post_init__(self) -> None:
-        self.low = [d for d in ("bf16", "fp16") if any(d in c.dtypes for c in self.choices)]
+        self.low = [p.name for p in sorted(low_precisions(), key=lambda p: p.preference)
+                    if any(p.name in c.dtypes for c in self.choices)]
         known = [v for per in self.sensitivity.values() for v in per.values() if v is not None and math.isfinite(v)]
         unknown = sorted(known)[len(known) // 2] if known else 0.0
         self.order: dict[str, list[Choice]] = {}
@@ -53,8 +52,9 @@ class Decisions:
 
     @property
     def preferred_low(self) -> str | None:
-        """The half precision that ran the whole model fastest (bf16 when unmeasured)."""
-        return min(self.low, key=lambda d: self.speed.get(d, 1.0 if d == "bf16" else 2.0)) if self.low else None
+        """The low precision that ran the whole model fastest (by ``preference`` when unmeasured)."""
+        return min(self.low, key=lambda d: (self.speed.get(d, math.inf), PRECISIONS[d].preference)) \
+            if self.low else None
 
     def _flops(self, choice: Choice) -> int:
         return sum(self.flops.get(unit, 0) for unit in choice.units)
@@ -80,7 +80,7 @@ class Decisions:
         """Per-unit dtypes; choices not named keep fp32 (or their only dtype)."""
         layers = {}
         for choice in self.choices:
-            dtype = by_choice.get(choice.name, "fp32" if "fp32" in choice.dtypes else choice.dtypes[-1])
+            dtype = by_choice.get(choice.name, FP32 if FP32 in choice.dtypes else choice.dtypes[-1])
             layers.update({unit: dtype for unit in choice.units})
         return layers
 
@@ -100,10 +100,10 @@ class Decisions:
         """Optuna params for the baseline, all-low plans and cost-aware prefixes: around the
         predicted longest feasible prefix, and at fixed fractions."""
         seeds: list[dict[str, Any]] = []
-        for dtype in ["fp32", *self.low]:
+        for dtype in [FP32, *self.low]:
             n = len(self.order.get(dtype, []))
-            best = self.predicted_prefix(dtype) if dtype != "fp32" else 0
-            sizes = [0] if dtype == "fp32" else [n, *sorted(
+            best = self.predicted_prefix(dtype) if dtype != FP32 else 0
+            sizes = [0] if dtype == FP32 else [n, *sorted(
                 ({best, best - 1, best + 1, best - 2, best + 2, best - 4, best + 4}
                  | {n - 1, math.ceil(3 * n / 4), math.ceil(n / 2), math.ceil(n / 4)}) & set(range(1, n)),
                 key=lambda k: (abs(k - best), -k))]
@@ -111,11 +111,11 @@ class Decisions:
                 if self.ranked and not self.low:
                     seeds.append({})
                 elif self.ranked:
-                    seeds.append({"dtype": self.low[0] if dtype == "fp32" else dtype,
-                                  "fraction": 0.0 if dtype == "fp32" else k / n})
+                    seeds.append({"dtype": self.low[0] if dtype == FP32 else dtype,
+                                  "fraction": 0.0 if dtype == FP32 else k / n})
                 else:
-                    chosen = self._prefix(dtype, k) if dtype != "fp32" else {}
-                    seeds.append({self.param(c): chosen.get(c.name, "fp32" if "fp32" in c.dtypes else c.dtypes[-1])
+                    chosen = self._prefix(dtype, k) if dtype != FP32 else {}
+                    seeds.append({self.param(c): chosen.get(c.name, FP32 if FP32 in c.dtypes else c.dtypes[-1])
                                   for c in self.choices if len(c.dtypes) > 1})
         unique = []
         for seed in seeds:

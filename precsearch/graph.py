@@ -27,8 +27,9 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from precsearch import batches as _batches
-from precsearch.ops import device_type_of, estimate_flops, is_eligible, module_op, op_name
-from precsearch.runtime import OpRecorder, _ModuleStack
+from precsearch.ops import device_type_of, estimate_flops, is_eligible, model_device_type, module_op, op_name
+from precsearch.precisions import FP32
+from precsearch.recording import ModuleStack, OpRecorder
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class LayerGraph:
     def __getitem__(self, name: str) -> dict[str, Any]:
         return self.graph.nodes[name]
 
-    def cast_boundaries(self, precision: dict[str, str], default: str = "fp32") -> int:
+    def cast_boundaries(self, precision: dict[str, str], default: str = FP32) -> int:
         """Edges whose two ends run in different precisions (each is a cast at run time)."""
         return sum(precision.get(a, default) != precision.get(b, default) for a, b in self.graph.edges)
 
@@ -86,8 +87,6 @@ def walk(model: nn.Module, example_inputs: Any, *, device: str | torch.device | 
 
     ``device`` picks the autocast op list (cpu or cuda); by default the model's own device.
     """
-    from precsearch.runtime import model_device_type
-
     device_type = device_type_of(device) if device is not None else model_device_type(model)
     args, kwargs = _batches.split(example_inputs)
     modules = dict(model.named_modules())
@@ -236,7 +235,7 @@ def _via_hooks(model, modules, args, kwargs, device_type) -> list[_Op]:
 def _unit_shapes(model: nn.Module, units: set[str], args: tuple, kwargs: dict) -> dict[str, tuple[list, list]]:
     """Input and output tensor shapes of each unit's first call."""
     shapes: dict[str, tuple[list, list]] = {}
-    stack = _ModuleStack(model)
+    stack = ModuleStack(model)
 
     def tensors(value: Any) -> list[list[int]]:
         return [list(t.shape) for t in torch.utils._pytree.tree_leaves(value) if isinstance(t, torch.Tensor)]

@@ -62,6 +62,15 @@ def device_type_of(device: str | torch.device) -> str:
     return kind
 
 
+def model_device_type(model: nn.Module, fallback: str = "cpu") -> str:
+    """The device type of the model's first parameter (or buffer), else ``fallback``."""
+    for tensor in model.parameters():
+        return device_type_of(tensor.device)
+    for tensor in model.buffers():
+        return device_type_of(tensor.device)
+    return device_type_of(fallback)
+
+
 def op_name(target: object) -> str:
     """Normalise an aten overload, torch function or method name to one op name."""
     schema = getattr(target, "_schema", None)

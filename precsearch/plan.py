@@ -18,22 +18,21 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 from torch import nn
 
 from precsearch.errors import PlanError
+from precsearch.precisions import FP32, NAMES, choices_text, is_precision, needs_loss_scaling
 
 FORMAT = "precsearch-plan/1"
-DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 MODES = ("inference", "training")
 _SECTIONS = ("format", "created", "model", "target", "mode", "default", "layers", "loss_scaling",
              "constraint", "metrics", "search")
 
 
 def check_precision(value: object, where: str) -> str:
-    if not isinstance(value, str) or value not in DTYPES:
-        raise PlanError(f"{where}: unknown dtype {value!r}; use one of {', '.join(DTYPES)}")
+    if not is_precision(value):
+        raise PlanError(f"{where}: unknown dtype {value!r}; use one of {choices_text()}")
     return value  # type: ignore[return-value]
 
 
@@ -75,7 +74,7 @@ class Plan:
     """A per-unit precision assignment plus the provenance that makes it reproducible."""
 
     layers: dict[str, str] = dataclasses.field(default_factory=dict)
-    default: str = "fp32"
+    default: str = FP32
     mode: str = "inference"
     model: dict[str, Any] = dataclasses.field(default_factory=dict)
     target: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -89,7 +88,7 @@ class Plan:
     def __post_init__(self) -> None:
         check_precision(self.default, "default")
         if not isinstance(self.layers, dict):
-            raise PlanError("layers: must be a mapping of unit name -> fp16 | bf16 | fp32")
+            raise PlanError(f"layers: must be a mapping of unit name -> one of {choices_text()}")
         for name, precision in self.layers.items():
             if not isinstance(name, str):
                 raise PlanError(f"layers: unit name {name!r} must be a string")
@@ -111,12 +110,17 @@ class Plan:
         The search measures exactly this form, so a saved plan runs as it was measured.
         """
         counts = Counter(layers.values())
-        default = min(DTYPES, key=lambda d: (-counts.get(d, 0), d != "fp32")) if counts else "fp32"
+        default = min(NAMES, key=lambda d: (-counts.get(d, 0), d != FP32)) if counts else FP32
         return cls(default=default, layers={u: d for u, d in layers.items() if d != default}, **fields)
 
     def precision(self, unit: str) -> str:
         """The precision of ``unit``: its own entry, else the plan's default."""
         return self.layers.get(unit, self.default)
+
+    @property
+    def needs_loss_scaling(self) -> bool:
+        """Training with this plan needs dynamic loss scaling (it has an FP16 unit)."""
+        return needs_loss_scaling({self.default, *self.layers.values()})
 
     def counts(self, units: list[str] | None = None) -> Counter:
         """Units per precision, over ``units`` (default: the units the plan names)."""
@@ -198,7 +202,7 @@ class Plan:
         try:
             return cls(
                 layers=data.get("layers") or {},
-                default=data.get("default", "fp32"),
+                default=data.get("default", FP32),
                 mode=data.get("mode", "inference"),
                 model=data.get("model") or {},
                 target=data.get("target") or {},

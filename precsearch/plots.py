@@ -7,7 +7,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-COLORS = {"fp16": "#e8871e", "bf16": "#2f6fb0", "fp32": "#8c8c8c"}
+from precsearch.precisions import FP32, PRECISIONS
+
+COLORS = {name: p.color for name, p in PRECISIONS.items()}
 
 
 def _pyplot():
@@ -43,7 +45,7 @@ def tradeoff(trials: Any, limit: float, baseline_ms: float, chosen_trial: int | 
         ax.step(front["latency_ms"], front["error"].clip(lower=floor), where="post", color="#27ae60", lw=1.5,
                 label="Pareto front (feasible)")
     ax.axhline(limit, color="#c0392b", ls="--", lw=1, label=f"limit {metric} = {limit:g}")
-    ax.axvline(baseline_ms, color=COLORS["fp32"], ls=":", lw=1, label=f"fp32 baseline {baseline_ms:.3g} ms")
+    ax.axvline(baseline_ms, color=COLORS[FP32], ls=":", lw=1, label=f"fp32 baseline {baseline_ms:.3g} ms")
     if chosen_trial is not None and chosen_trial in set(done["trial"]):
         row = done[done["trial"] == chosen_trial].iloc[0]
         ax.scatter([row["latency_ms"]], [max(row["error"], floor)], s=160, marker="*", color="#f1c40f",
@@ -83,7 +85,7 @@ def progress(trials: Any, baseline_ms: float, path: Path) -> Path:
         best.append(current)
     fig, ax = plt.subplots(figsize=(8, 3.6), dpi=110)
     ax.step(done["trial"], best, where="post", color="#27ae60", lw=2, label="best feasible plan so far")
-    ax.axhline(baseline_ms, color=COLORS["fp32"], ls=":", label=f"fp32 baseline {baseline_ms:.3g} ms")
+    ax.axhline(baseline_ms, color=COLORS[FP32], ls=":", label=f"fp32 baseline {baseline_ms:.3g} ms")
     ax.set_xlabel("trial")
     ax.set_ylabel("latency per batch (ms)")
     ax.set_title("Search progress")
@@ -128,7 +130,7 @@ def unit_map(units: list[str], precision: dict[str, str], edges: list[list[str]]
     centre = {}
     for y, (block, members) in enumerate(rows.items()):
         for x, unit in enumerate(members):
-            ax.add_patch(Rectangle((x + 0.05, -y - 0.4), 0.9, 0.8, color=COLORS[precision.get(unit, "fp32")]))
+            ax.add_patch(Rectangle((x + 0.05, -y - 0.4), 0.9, 0.8, color=COLORS[precision.get(unit, FP32)]))
             ax.text(x + 0.5, -y, _label(unit, block), ha="center", va="center", fontsize=6, color="white")
             centre[unit] = (x + 0.5, -y)
     for source, target in edges:
@@ -139,7 +141,7 @@ def unit_map(units: list[str], precision: dict[str, str], edges: list[list[str]]
     ax.set_xticks([])
     ax.set_xlim(0, width)
     ax.set_ylim(-len(rows) + 0.4, 0.6)
-    counts = {d: sum(precision.get(u, "fp32") == d for u in units) for d in COLORS}
+    counts = {d: sum(precision.get(u, FP32) == d for u in units) for d in COLORS}
     fig.legend(handles=[Patch(color=COLORS[d], label=f"{d} ({counts[d]} units)") for d in COLORS],
                loc="lower center", ncol=3, fontsize=8, frameon=False)
     ax.set_title(title)

@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from precsearch.errors import InputError
+from precsearch.precisions import NAMES, PRECISIONS, low_precisions
+
+LOW = [p.name for p in low_precisions()]
 
 
 def human(number: float | int | None) -> str:
@@ -77,7 +80,7 @@ def trials_frame(study: Any) -> Any:
             if trial.datetime_complete and trial.datetime_start else None
         rows.append({
             "trial": trial.number, "state": trial.state.name,
-            "fp16": code.count("h"), "bf16": code.count("b"), "fp32": code.count("f"), "plan": code,
+            **{name: code.count(p.code) for name, p in PRECISIONS.items()}, "plan": code,
             "latency_ms": trial.value, "measured_ms": attrs.get("latency_ms"),
             "baseline_ms": attrs.get("baseline_ms"),
             "speedup": attrs["baseline_ms"] / attrs["latency_ms"] if attrs.get("latency_ms") else None,
@@ -171,7 +174,7 @@ def write_report(directory: str | Path, study: Any) -> dict[str, Path]:
              "peak_memory_mb": "not measured on CPU" if memory is None else memory},
         ]))
         counts = plan.counts(units)
-        blocks.append(("p", "Units per dtype: " + ", ".join(f"{d} {counts.get(d, 0)}" for d in ("fp16", "bf16", "fp32"))
+        blocks.append(("p", "Units per dtype: " + ", ".join(f"{d} {counts.get(d, 0)}" for d in NAMES)
                        + f" (of {len(units)})."))
     blocks += [("img", files["tradeoff"].name, "error vs latency of every trial"),
                ("img", files["units"].name, "precision of every unit")]
@@ -192,7 +195,7 @@ def write_report(directory: str | Path, study: Any) -> dict[str, Path]:
                                       "models) with only that unit lowered."),
                ("table", [{"unit": row["name"] or "<root>", "type": row["type"], "params": row["params"],
                            "flops": human(row["flops"]),
-                           **{f"sens_{d}": _fmt(sensitivity.get(row["name"], {}).get(d)) for d in ("fp16", "bf16")},
+                           **{f"sens_{d}": _fmt(sensitivity.get(row["name"], {}).get(d)) for d in LOW},
                            "chosen": precision.get(row["name"], "-")} for row in units_info])]
     markdown, page = _render(blocks, directory)
     files["md"] = write_atomic(directory / "report.md", markdown)
@@ -232,7 +235,7 @@ def _plan_row(name: str, plan: Any, units: list[str]) -> dict[str, Any]:
     counts = plan.counts(units)
     return {"plan": name, "trial": metrics.get("trial"), "latency_ms": metrics.get("latency_ms"),
             "speedup": f"{metrics.get('speedup', math.nan):.2f}x", "error": metrics.get("error"),
-            **{d: counts.get(d, 0) for d in ("fp16", "bf16", "fp32")}}
+            **{d: counts.get(d, 0) for d in NAMES}}
 
 
 def _milestones(trials: Any) -> list[dict[str, Any]]:

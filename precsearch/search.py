@@ -30,8 +30,9 @@ from precsearch.decisions import Decisions, decode, encode
 from precsearch.errors import InputError
 from precsearch.evaluate import Evaluator, Measurement, TrainingEvaluator
 from precsearch.graph import LayerGraph, walk
+from precsearch.ops import model_device_type
 from precsearch.plan import Plan, model_fingerprint
-from precsearch.runtime import model_device_type
+from precsearch.precisions import FP32, NAMES, needs_loss_scaling
 from precsearch.sensitivity import choice_error, unit_sensitivity
 from precsearch.space import Choice, SearchSpace
 from precsearch.storage import (
@@ -77,13 +78,13 @@ class SearchResult:
         """Rows for a table: FP32 baseline vs the chosen plan."""
         baseline = (self.plan.metrics or {}).get("baseline_latency_ms") if self.plan else None
         rows = [{"plan": "fp32 baseline", "latency_ms": baseline or self.baseline_ms, "speedup": "1.00x", "error": 0.0,
-                 "fp16": 0, "bf16": 0, "fp32": len(self.graph)}]
+                 **{d: len(self.graph) if d == FP32 else 0 for d in NAMES}}]
         if self.plan is not None:
             metrics = self.plan.metrics or {}
             counts = self.plan.counts(self.graph.units)
             rows.append({"plan": "chosen", "latency_ms": metrics.get("latency_ms"),
                          "speedup": f"{metrics.get('speedup', math.nan):.2f}x", "error": metrics.get("error"),
-                         **{d: counts.get(d, 0) for d in ("fp16", "bf16", "fp32")}})
+                         **{d: counts.get(d, 0) for d in NAMES}})
         return rows
 
 
@@ -110,8 +111,9 @@ def optimize(model: nn.Module, batches: list[Any], *, space: str | SearchSpace =
     ``"global"``, ``"greedy"`` or ``"bisect"`` (see ``precsearch.strategies``); ``trials`` then
     caps their evaluations.
     """
+    from precsearch.batches import split_training
     from precsearch.strategies import PROPOSERS, STRATEGIES
-    from precsearch.training import default_loss, gradient_fidelity, split_training_batch
+    from precsearch.training import default_loss, gradient_fidelity
 
     batches = _batches.as_list(batches)
     if strategy not in STRATEGIES:
@@ -124,7 +126,7 @@ def optimize(model: nn.Module, batches: list[Any], *, space: str | SearchSpace =
         raise InputError(f"--timeout {timeout!r}: must be a positive number of seconds")
     space = space if isinstance(space, SearchSpace) else SearchSpace.load(space)
     training = mode == "training"
-    inputs = [split_training_batch(b, f"--data batch {i}")[0] for i, b in enumerate(batches)] if training else batches
+    inputs = [split_training(b, f"--data batch {i}")[0] for i, b in enumerate(batches)] if training else batches
     device_type = model_device_type(model)
     sampler = (optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True, n_startup_trials=10)
                if strategy == "optuna" else optuna.samplers.RandomSampler(seed=seed))
@@ -141,7 +143,7 @@ def optimize(model: nn.Module, batches: list[Any], *, space: str | SearchSpace =
         choices = space.choices(graph, device_type)
         units = graph.units
         if setup:
-            low = sorted({d for c in choices for d in c.dtypes if d != "fp32"})
+            low = sorted({d for c in choices for d in c.dtypes if d != FP32})
             study.set_user_attr("sensitivity", unit_sensitivity(model, units, inputs[0], low, device_type))
         if training:
             loss_fn = loss_fn or default_loss
@@ -273,7 +275,7 @@ def _probe_dtypes(evaluator: Evaluator, choices: list[Choice], sensitivity) -> d
     """Per low dtype, the all-low plan measured once: its latency relative to FP32, and its
     error divided by the error sensitivity predicts (so sensitivity predicts the user's metric)."""
     probe = {}
-    for dtype in sorted({d for c in choices for d in c.dtypes if d != "fp32"}):
+    for dtype in sorted({d for c in choices for d in c.dtypes if d != FP32}):
         layers = {u: dtype for c in choices if dtype in c.dtypes for u in c.units}
         measured = evaluator.measure(layers, repeats=5, max_seconds=3.0)  # a slow dtype shows in 3 rounds
         if measured.failure:
@@ -328,7 +330,7 @@ def _result(model, study, graph, decisions, evaluator, space, model_name, storag
         speedup = measured.speedup if measured else baseline_ms / trial.value
         return Plan.compact(
             layers, mode=mode,
-            loss_scaling=LossScaling() if mode == "training" and "fp16" in layers.values() else None,
+            loss_scaling=LossScaling() if mode == "training" and needs_loss_scaling(layers.values()) else None,
             model=dict(model_info),
             target=_target(evaluator.device_type),
             constraint=fidelity.describe(),

@@ -15,12 +15,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from precsearch.errors import InputError
 from precsearch.graph import LayerGraph
-from precsearch.plan import DTYPES
+from precsearch.precisions import FP32, NAMES, PRECISIONS, choices_text, is_precision
 
 FORMAT = "precsearch-space/1"
 _FIELDS = {"format", "name", "dtypes", "rules", "groups"}
@@ -51,7 +50,7 @@ class Choice:
 @dataclasses.dataclass(frozen=True)
 class SearchSpace:
     name: str
-    dtypes: tuple[str, ...] = ("fp16", "bf16", "fp32")
+    dtypes: tuple[str, ...] = NAMES
     rules: tuple[Rule, ...] = ()
     groups: tuple[re.Pattern, ...] = ()
     source: str = "<inline>"
@@ -86,7 +85,7 @@ class SearchSpace:
         unknown = set(data) - _FIELDS
         if unknown:
             raise InputError(f"{source}: unknown field {sorted(unknown)[0]!r}")
-        dtypes = tuple(_as_list(data.get("dtypes", list(DTYPES)), f"{source}: dtypes"))
+        dtypes = tuple(_as_list(data.get("dtypes", list(NAMES)), f"{source}: dtypes"))
         rules = []
         for index, raw in enumerate(_as_list(data.get("rules") or [], f"{source}: rules")):
             where = f"{source}: rules[{index}]"
@@ -113,7 +112,7 @@ class SearchSpace:
                 break
         else:
             allowed = self.dtypes
-        return tuple(d for d in allowed if d in usable) or ("fp32",)
+        return tuple(d for d in allowed if d in usable) or (FP32,)
 
     def choices(self, graph: LayerGraph, device_type: str) -> list[Choice]:
         """The decisions for ``graph``'s units, in execution order of their first unit."""
@@ -126,7 +125,7 @@ class SearchSpace:
             allowed = set.intersection(*(set(self.unit_dtypes(u, graph[u]["type"], usable)) for u in units))
             if not allowed:
                 raise InputError(f"{self.source}: group {name!r} has no dtype all its units may take")
-            choices.append(Choice(name, tuple(units), tuple(d for d in DTYPES if d in allowed)))
+            choices.append(Choice(name, tuple(units), tuple(d for d in NAMES if d in allowed)))
         return choices
 
     def group_of(self, unit: str) -> str:
@@ -141,15 +140,12 @@ def usable_dtypes(dtypes: tuple[str, ...], device_type: str) -> tuple[str, ...]:
     """``dtypes`` minus those the device cannot autocast to, with a notice for each one dropped."""
     usable = []
     for dtype in dtypes:
-        ok = dtype == "fp32" or torch.amp.autocast_mode.is_autocast_available(device_type)
-        if ok and device_type == "cuda" and dtype == "bf16":
-            ok = torch.cuda.is_bf16_supported()
-        if ok:
+        if PRECISIONS[dtype].available(device_type):
             usable.append(dtype)
         else:
             warnings.warn(f"{dtype} dropped from the search: the {device_type} device cannot run it", stacklevel=2)
-    if "fp32" not in usable:
-        usable.append("fp32")
+    if FP32 not in usable:
+        usable.append(FP32)
     return tuple(usable)
 
 
@@ -176,10 +172,10 @@ def _as_list(value: Any, where: str) -> list:
 
 def _check_dtypes(dtypes: tuple, where: str) -> None:
     if not dtypes:
-        raise InputError(f"{where}: empty; give at least one of {', '.join(DTYPES)}")
+        raise InputError(f"{where}: empty; give at least one of {choices_text()}")
     for dtype in dtypes:
-        if not isinstance(dtype, str) or dtype not in DTYPES:
-            raise InputError(f"{where}: unknown dtype {dtype!r}; use {', '.join(DTYPES)}")
+        if not is_precision(dtype):
+            raise InputError(f"{where}: unknown dtype {dtype!r}; use {choices_text()}")
 
 
 def _regex(pattern: Any, where: str) -> re.Pattern:

@@ -24,6 +24,7 @@ from collections.abc import Generator
 
 from precsearch.decisions import Decisions
 from precsearch.evaluate import Evaluator, Measurement
+from precsearch.precisions import NAMES
 
 Proposer = Generator[dict[str, str], Measurement, None]
 STRATEGIES = ("optuna", "random", "global", "greedy", "bisect")
@@ -89,7 +90,7 @@ class Found:
     relative: dict[tuple, float] = dataclasses.field(default_factory=dict)  # feasible plan -> latency / FP32
 
 
-def exhaustive(evaluator: Evaluator, units: list[str], dtypes: tuple[str, ...] = ("fp16", "bf16", "fp32"),
+def exhaustive(evaluator: Evaluator, units: list[str], dtypes: tuple[str, ...] = NAMES,
                repeats: int = 3, finalists: int = 5) -> Found:
     """Error of every plan; latency of every feasible one; the fastest few re-timed longer."""
     feasible = []

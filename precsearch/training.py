@@ -20,12 +20,12 @@ import torch
 from torch import nn
 
 from precsearch import batches as _batches
-from precsearch.accuracy import Fidelity, flatten_outputs
-from precsearch.errors import InputError
+from precsearch.accuracy import Fidelity, check_limit, flatten_outputs
+from precsearch.batches import LossFn, compute_loss, split_training
+from precsearch.ops import model_device_type
 from precsearch.plan import LossScaling, Plan
-from precsearch.runtime import applied_plan, apply_plan, model_device_type
-
-LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
+from precsearch.precisions import PRECISIONS
+from precsearch.runtime import applied_plan, apply_plan
 
 
 def default_loss(output: Any, target: torch.Tensor) -> torch.Tensor:
@@ -34,34 +34,14 @@ def default_loss(output: Any, target: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1))
 
 
-def uses_fp16(plan: Plan | None) -> bool:
-    return plan is not None and (plan.default == "fp16" or "fp16" in plan.layers.values())
-
-
 def grad_scaler(plan: Plan | None, device_type: str) -> torch.amp.GradScaler | None:
     """A GradScaler configured by the plan's ``loss_scaling`` (torch's defaults if absent), or
-    None for plans without FP16 units: BF16 keeps FP32's range and needs no scaling."""
-    if not uses_fp16(plan):
+    None for plans that need none (BF16 keeps FP32's range)."""
+    if plan is None or not plan.needs_loss_scaling:
         return None
     scaling = plan.loss_scaling or LossScaling()
     return torch.amp.GradScaler(device_type, init_scale=scaling.init_scale, growth_factor=scaling.growth_factor,
                                 backoff_factor=scaling.backoff_factor, growth_interval=scaling.growth_interval)
-
-
-def split_training_batch(batch: Any, where: str = "training batch") -> tuple[Any, torch.Tensor]:
-    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-        length = f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""
-        raise InputError(f"{where}: training mode needs each batch as (inputs, target), "
-                         f"got {type(batch).__name__}{length}")
-    return batch[0], batch[1]
-
-
-def compute_loss(loss_fn: LossFn, output: Any, target: torch.Tensor, name: str = "--loss") -> torch.Tensor:
-    loss = loss_fn(output, target)
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        shape = list(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-        raise InputError(f"{name}: the loss must be a scalar tensor, got {shape}")
-    return loss.reshape(())
 
 
 class Trainer:
@@ -135,7 +115,7 @@ def _backward(model: nn.Module, batches: list[Any], loss_fn: LossFn, scale: floa
         p.grad = None
     with _same_randomness():
         for batch in batches:
-            inputs, target = split_training_batch(batch)
+            inputs, target = split_training(batch)
             (compute_loss(loss_fn, _batches.call(model, inputs), target) * scale).backward()
     return params
 
@@ -155,8 +135,8 @@ def gradients(model: nn.Module, batches: list[Any], loss_fn: LossFn, scale: floa
 
 def scaled_gradients(model: nn.Module, batches: list[Any], loss_fn: LossFn, plan: Plan | None) -> torch.Tensor:
     """Gradients as dynamic loss scaling would produce them: start at the plan's init scale and
-    back off while they overflow (unscaled for plans without FP16)."""
-    if not uses_fp16(plan):
+    back off while they overflow (unscaled for plans that need no scaling)."""
+    if plan is None or not plan.needs_loss_scaling:
         return gradients(model, batches, loss_fn)
     scaling = plan.loss_scaling or LossScaling()
     scale = scaling.init_scale
@@ -171,7 +151,7 @@ def scaled_gradients(model: nn.Module, batches: list[Any], loss_fn: LossFn, plan
 def gradient_fidelity(model: nn.Module, batches: list[Any], loss_fn: LossFn, limit: float) -> Fidelity:
     """rel_l2 of the concatenated parameter gradients against FP32, same batches and weights."""
     for index, batch in enumerate(batches):
-        split_training_batch(batch, f"--data batch {index}")
+        split_training(batch, f"--data batch {index}")
     model.train()
     reference = gradients(model, batches, loss_fn)
     norm = float(reference.norm())
@@ -182,15 +162,13 @@ def gradient_fidelity(model: nn.Module, batches: list[Any], loss_fn: LossFn, lim
             return math.inf
         return float((grads - reference).norm()) / norm if norm > 0 else float(grads.norm() > 0) * math.inf
 
-    from precsearch.accuracy import _check_limit
-
-    return Fidelity("grad_rel_l2", _check_limit(limit, "--max-error"), error)
+    return Fidelity("grad_rel_l2", check_limit(limit, "--max-error"), error)
 
 
 def training_step(model: nn.Module, batch: Any, loss_fn: LossFn, optimizer: torch.optim.Optimizer,
                   plan: Plan | None, device_type: str) -> Callable[[], None]:
     """One full training step (forward, backward, optimizer step) as the search times it."""
-    inputs, target = split_training_batch(batch)
+    inputs, target = split_training(batch)
     scaler = grad_scaler(plan, device_type)
 
     def run() -> None:
@@ -220,9 +198,9 @@ class Diagnostics:
 
 
 def diagnose(model: nn.Module, plan: Plan, batches: list[Any], loss_fn: LossFn, steps: int = 10) -> Diagnostics:
-    """Compare each FP16 unit's unscaled gradients with FP32's, then run ``steps`` scaled steps
-    with a zero learning rate (weights unchanged) to record the loss-scale history."""
-    units = [name for name, _ in model.named_modules() if plan.precision(name) == "fp16"]
+    """Compare each loss-scaled (FP16) unit's unscaled gradients with FP32's, then run ``steps``
+    scaled steps with a zero learning rate (weights unchanged) to record the loss-scale history."""
+    units = [name for name, _ in model.named_modules() if PRECISIONS[plan.precision(name)].loss_scaling]
     underflow, overflow = {}, []
     if units:
         modules = dict(model.named_modules())
@@ -241,11 +219,11 @@ def diagnose(model: nn.Module, plan: Plan, batches: list[Any], loss_fn: LossFn, 
             if lost > 0.01:
                 underflow[unit] = round(lost, 4)
     scales, skipped = [], 0
-    if uses_fp16(plan):
+    if plan.needs_loss_scaling:
         optimizer = torch.optim.SGD(_parameters(model), lr=0.0)
         with Trainer(model, plan, optimizer, loss_fn=loss_fn) as trainer:
             for index in range(steps):
-                inputs, target = split_training_batch(batches[index % len(batches)])
+                inputs, target = split_training(batches[index % len(batches)])
                 trainer.step(inputs, target)
             scales, skipped = trainer.scales, trainer.skipped
         _clear(_parameters(model))

@@ -1,0 +1,96 @@
+"""The audit: run a model under a plan and prove which dtype every eligible op computed in.
+
+>>> report = audit(model, plan, batches)     # doctest: +SKIP
+>>> report.ok, str(report)                   # doctest: +SKIP
+(True, 'audit ok: 40 eligible ops in 10 units ran in their planned dtype')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from precsearch import batches as _batches
+from precsearch.ops import model_device_type
+from precsearch.plan import Plan
+from precsearch.precisions import name_of_dtype
+from precsearch.recording import OpRecorder
+from precsearch.runtime import applied
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditEntry:
+    unit: str
+    op: str
+    expected: str
+    actual: str
+    phase: str = "forward"
+
+    @property
+    def ok(self) -> bool:
+        return self.expected == self.actual
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditReport:
+    """Every eligible op executed, the dtype it computed in, and what the plan asked for."""
+
+    entries: tuple[AuditEntry, ...]
+
+    @property
+    def mismatches(self) -> list[AuditEntry]:
+        return [entry for entry in self.entries if not entry.ok]
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.entries) and not self.mismatches
+
+    def by_unit(self) -> dict[str, Counter]:
+        """unit -> Counter of actual dtypes."""
+        summary: dict[str, Counter] = {}
+        for entry in self.entries:
+            summary.setdefault(entry.unit, Counter())[entry.actual] += 1
+        return summary
+
+    def __str__(self) -> str:
+        units = self.by_unit()
+        if self.ok:
+            return f"audit ok: {len(self.entries)} eligible ops in {len(units)} units ran in their planned dtype"
+        lines = [f"audit found {len(self.mismatches)} of {len(self.entries)} eligible ops off plan:"]
+        lines += [f"  {e.unit or '<root>'}: {e.op} ({e.phase}) ran in {e.actual}, plan says {e.expected}"
+                  for e in self.mismatches[:20]]
+        return "\n".join(lines)
+
+
+def audit(model: nn.Module, plan: Plan, batches: Iterable[Any], *, device_type: str | None = None,
+          loss_fn: Callable[[Any, Any], torch.Tensor] | None = None) -> AuditReport:
+    """Run ``model`` under ``plan`` and record the dtype each eligible op computed in.
+
+    With ``loss_fn``, batches are ``(inputs, target)`` and the backward pass is audited too:
+    the ops autograd runs for a unit must compute in the unit's dtype. Applies the plan for the
+    duration unless it is already applied.
+    """
+    batches = _batches.as_list(batches)
+    device_type = device_type or model_device_type(model)
+    training = loss_fn is not None
+    with applied(model, plan, device_type=device_type), torch.set_grad_enabled(training), \
+            OpRecorder(model, device_type, backward=training) as recorder:
+        for batch in batches:
+            recorder.phase = "forward"
+            if not training:
+                _batches.call(model, batch)
+                continue
+            inputs, target = _batches.split_training(batch)
+            loss = _batches.compute_loss(loss_fn, _batches.call(model, inputs), target, "loss_fn")
+            recorder.phase = "backward"
+            loss.backward()
+        if training:
+            model.zero_grad(set_to_none=True)
+    entries = tuple(AuditEntry(r.unit, r.op, plan.precision(r.unit), name_of_dtype(r.dtype), r.phase)
+                    for r in recorder.records)
+    return AuditReport(entries)
