@@ -18,6 +18,7 @@ import torch
 
 from precsearch import Plan, apply_plan
 from precsearch.bench import time_interleaved
+from precsearch.config import SearchConfig
 from precsearch.search import optimize
 from precsearch.training import default_loss, grad_scaler
 
@@ -47,8 +48,8 @@ def main() -> None:
     plans = {"fp32": Plan(default="fp32"), "autocast_fp16": Plan(default="fp16"), "autocast_bf16": Plan(default="bf16")}
 
     # Search (inference): the fastest plan within rel_l2 <= 0.01 of the FP32 logits.
-    result = optimize(model, [{"input_ids": x} for x in ids], space="transformer", max_error=0.01,
-                      trials=options.trials, progress=False, repeats=5, drop_slow_dtypes=True)
+    result = optimize(model, [{"input_ids": x} for x in ids], SearchConfig(space="transformer", max_error=0.01,
+                      trials=options.trials, progress=False, repeats=5, drop_slow_dtypes=True))
     plans["searched"] = result.plan
     report = {"device": torch.cuda.get_device_name() if device == "cuda" else device, "torch": torch.__version__,
               "model": "GPT-2 small (124M) from config" if not options.tiny else "GPT-2 tiny",

@@ -13,7 +13,9 @@ import optuna
 import torch
 
 from precsearch import walk
+from precsearch.config import SearchConfig
 from precsearch.evaluate import Evaluator
+from precsearch.records import TrialRecord
 from precsearch.search import optimize
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -47,8 +49,8 @@ def overhead() -> dict:
         try:
             trials = 30
             started = time.perf_counter()
-            result = optimize(model, batches, trials=trials, progress=False, repeats=3,
-                              max_categorical=max_categorical, drop_slow_dtypes=False)
+            result = optimize(model, batches, SearchConfig(trials=trials, progress=False, repeats=3,
+                              max_categorical=max_categorical, drop_slow_dtypes=False))
             total = time.perf_counter() - started
         finally:
             Evaluator.measure = real
@@ -60,7 +62,7 @@ def overhead() -> dict:
             "trials": trials, "search_s": round(total, 2),
             "per_trial_ms": round(1e3 * sum(durations) / len(durations), 1),
             "per_trial_model_evaluation_ms": round(1e3 * sum(evaluated) / len(durations), 1),
-            "distinct_plans": len({t.user_attrs["plan"] for t in finished}),
+            "distinct_plans": len({TrialRecord.of(t).plan for t in finished}),
             "per_trial_overhead_ms": round(1e3 * (sum(durations) - sum(evaluated)) / len(durations), 1),
         }
     return results

@@ -22,9 +22,11 @@ from torch import nn
 from precsearch import Plan, walk
 from precsearch.accuracy import Fidelity
 from precsearch.bench import settings, time_interleaved
+from precsearch.config import SearchConfig
 from precsearch.decisions import decode, encode
 from precsearch.evaluate import Evaluator
 from precsearch.examples import demo
+from precsearch.records import TrialRecord
 from precsearch.runtime import apply_plan
 from precsearch.search import optimize
 from precsearch.strategies import STRATEGIES, exhaustive
@@ -37,14 +39,14 @@ def run_strategies(model: nn.Module, batches: list, limit: float, trials: int) -
     found = {}
     for strategy in STRATEGIES:
         started = time.perf_counter()
-        result = optimize(model, batches, max_error=limit, trials=trials, progress=False, seed=0, strategy=strategy)
+        result = optimize(model, batches, SearchConfig(max_error=limit, trials=trials, progress=False, seed=0, strategy=strategy))
         units = result.graph.units  # the same for every strategy
         complete = [t for t in result.study.trials if t.state.name == "COMPLETE"]
         found[strategy] = {
             "plan": {u: result.plan.precision(u) for u in units} if result.plan else {u: "fp32" for u in units},
             "seconds": round(time.perf_counter() - started, 1),
-            "evaluations": len({t.user_attrs["plan"] for t in complete}),
-            "sequence": [t.user_attrs["plan"] for t in complete],
+            "evaluations": len({TrialRecord.of(t).plan for t in complete}),
+            "sequence": [TrialRecord.of(t).plan for t in complete],
             "feasible_sequence": [t.constraints["error"] <= 0 for t in complete],
         }
     batch = batches[0]

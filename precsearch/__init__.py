@@ -2,7 +2,7 @@
 
 >>> import precsearch
 >>> graph = precsearch.walk(model, example_batch)                          # doctest: +SKIP
->>> result = precsearch.optimize(model, batches, max_error=0.01)           # doctest: +SKIP
+>>> result = precsearch.optimize(model, batches, precsearch.SearchConfig(max_error=0.01))  # doctest: +SKIP
 >>> with precsearch.apply_plan(model, precsearch.load_plan("plan.yaml")):   # doctest: +SKIP
 ...     outputs = model(batch)
 """
@@ -19,10 +19,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AuditReport", "InputError", "LayerGraph", "LossScaling", "Plan", "PlanError", "PlanHandle",
-    "SearchResult", "SearchSpace", "apply_plan", "audit", "load_plan", "model_fingerprint", "optimize", "walk",
+    "SearchConfig", "SearchResult", "SearchSpace", "apply_plan", "audit", "load_plan", "model_fingerprint", "optimize", "walk",
 ]
 
-_LAZY = {"optimize": "precsearch.search", "SearchResult": "precsearch.search", "SearchSpace": "precsearch.space"}
+_LAZY = {"optimize": "precsearch.search", "SearchResult": "precsearch.search", "SearchSpace": "precsearch.space",
+         "SearchConfig": "precsearch.config"}
 
 
 def __getattr__(name: str) -> Any:

@@ -1,4 +1,4 @@
-"""Fidelity of a candidate against the FP32 model: the metrics of DESIGN.md and user metrics.
+"""Fidelity of a candidate against the FP32 model: the built-in metrics (``METRICS``) and user metrics.
 
 Every constraint is expressed as an *error* (lower is better) and a *limit*: a candidate is
 feasible when ``error <= limit``. Non-finite outputs make the error ``inf``.
@@ -19,8 +19,6 @@ from torch import nn
 
 from precsearch import batches as _batches
 from precsearch.errors import InputError
-
-METRICS = ("rel_l2", "cosine", "max_abs", "top1")
 
 
 def flatten_outputs(output: Any) -> list[torch.Tensor]:
@@ -98,7 +96,21 @@ def top1(outputs, reference) -> float:
     return 1.0 - agree / total if total else 0.0
 
 
-_BUILTIN: dict[str, Callable[..., float]] = {"rel_l2": rel_l2, "cosine": cosine, "max_abs": max_abs, "top1": top1}
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    """A built-in fidelity metric: an error of a candidate's outputs against the FP32 reference."""
+
+    name: str
+    function: Callable[[list[list[torch.Tensor]], list[list[torch.Tensor]]], float]
+    help: str
+
+
+METRICS: dict[str, Metric] = {m.name: m for m in (
+    Metric("rel_l2", rel_l2, "relative L2 error of all outputs"),
+    Metric("cosine", cosine, "1 - mean cosine similarity per sample"),
+    Metric("max_abs", max_abs, "largest absolute difference"),
+    Metric("top1", top1, "1 - argmax agreement"),
+)}
 
 
 @dataclasses.dataclass
@@ -120,13 +132,16 @@ class Fidelity:
     @classmethod
     def builtin(cls, model: nn.Module, batches: list[Any], metric: str = "rel_l2", limit: float = 0.01) -> Fidelity:
         """Compare against FP32 reference outputs computed once, now."""
-        if metric not in _BUILTIN:
+        if metric not in METRICS:
             raise InputError(f"--metric-name {metric!r}: unknown metric; use one of {', '.join(METRICS)}")
         check_limit(limit, "--max-error")
         reference = run_outputs(model, batches)
         if not any(reference):
             raise InputError("the model returned no floating-point tensor to compare")
-        function = _BUILTIN[metric]
+        if not all(torch.isfinite(t).all() for batch in reference for t in batch):
+            raise InputError("the FP32 model's own outputs are not finite (NaN or inf) on the given data: "
+                             "no plan can be compared with them; check the model and --data")
+        function = METRICS[metric].function
         return cls(metric, limit, lambda candidate: function(run_outputs(candidate, batches), reference))
 
     @classmethod

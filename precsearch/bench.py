@@ -19,7 +19,6 @@ import torch
 @dataclasses.dataclass(frozen=True)
 class Timing:
     median_ms: float
-    samples_ms: tuple[float, ...]
     peak_memory_mb: float | None  # measured on CUDA only; None elsewhere
 
 
@@ -60,7 +59,7 @@ def time_interleaved(candidates: dict[str, Candidate], *, device_type: str = "cp
                 peaks[name] = torch.cuda.max_memory_allocated() / 2**20
         if max_seconds is not None and index >= 2 and time.perf_counter() - started > max_seconds:
             break
-    return {name: Timing(statistics.median(values), tuple(values), peaks.get(name))
+    return {name: Timing(statistics.median(values), peaks.get(name))
             for name, values in samples.items()}
 
 

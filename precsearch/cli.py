@@ -43,7 +43,7 @@ def _model_and_data(args: argparse.Namespace) -> tuple[Any, list[Any], str, str]
     if (args.model is None) != (args.data is None):
         raise InputError("--model and --data go together: give both, or neither for the built-in demo")
     model_spec = args.model or factories.DEMO_MODEL
-    training = getattr(args, "mode", "infer") == "train"
+    training = getattr(args, "mode", "infer") in ("train", "training")
     data_spec = args.data or (factories.DEMO_TRAINING_DATA if training else factories.DEMO_DATA)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -53,7 +53,24 @@ def _model_and_data(args: argparse.Namespace) -> tuple[Any, list[Any], str, str]
         raise InputError(f"--device {device!r}: {str(error).splitlines()[0]}") from None
     model = factories.load_model(model_spec).to(device)
     data = [to_device(batch, device) for batch in factories.load_data(data_spec)]
+    _check_runs(model, data[0], training, model_spec, data_spec)
     return model, data, device, model_spec
+
+
+def _check_runs(model: Any, batch: Any, training: bool, model_spec: str, data_spec: str) -> None:
+    """The FP32 model must run on the data before anything else is measured against it."""
+    import torch
+
+    from precsearch.batches import call, split_training
+
+    inputs = split_training(batch, f"--data {data_spec!r}")[0] if training else batch
+    try:
+        with torch.no_grad():
+            call(model, inputs)
+    except Exception as error:
+        detail = str(error).splitlines()[0] if str(error) else ""
+        raise InputError(f"--model {model_spec!r} failed on the FP32 reference run with --data {data_spec!r}: "
+                         f"{type(error).__name__}: {detail}") from None
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
@@ -109,7 +126,8 @@ def _study_name(model_spec: str) -> str:
     return stem if function == "model" else f"{stem}-{function}"
 
 
-def _fidelity(args: argparse.Namespace, model: Any, data: list[Any]) -> Any:
+def _user_fidelity(args: argparse.Namespace, model: Any, data: list[Any]) -> Any:
+    """The ``--metric M:F`` constraint, or None for a built-in metric."""
     from precsearch import factories
     from precsearch.accuracy import Fidelity
 
@@ -119,41 +137,48 @@ def _fidelity(args: argparse.Namespace, model: Any, data: list[Any]) -> Any:
                              max_rel_drop=args.max_rel_drop)
     if args.max_drop is not None or args.max_rel_drop is not None:
         raise InputError("--max-drop/--max-rel-drop bound a --metric M:F; use --max-error with --metric-name")
-    return Fidelity.builtin(model, data, args.metric_name, args.max_error)
+    return None
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:
+    import dataclasses
     from pathlib import Path
 
     import optuna
 
     from precsearch import factories
+    from precsearch.config import SearchConfig
+    from precsearch.outputs import check_writable, output_directory, write_results
     from precsearch.plan import mask_password
-    from precsearch.report import format_table, write_report
+    from precsearch.precisions import FP32
+    from precsearch.report import format_table
     from precsearch.search import optimize
-    from precsearch.space import SearchSpace
+    from precsearch.storage import open_storage
 
-    space = SearchSpace.load(args.space)  # bad spaces fail before the model is built
-    model, data, device, model_spec = _model_and_data(args)
+    # Everything but the model-dependent fidelity is checked before the model is built.
+    config = SearchConfig(space=args.space, metric=args.metric_name, max_error=args.max_error, mode=args.mode,
+                          loss_fn=factories.resolve(args.loss, "loss") if args.loss else None,
+                          trials=args.trials, timeout=args.timeout, seed=args.seed, heartbeat=args.heartbeat,
+                          strategy=args.strategy, progress=sys.stderr.isatty())
+    model_spec = args.model or factories.DEMO_MODEL
     study_name = args.study or _study_name(model_spec)
     out = Path(args.out or Path("reports") / study_name)
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out)
     storage = args.storage or f"sqlite:///{out / 'study.db'}"
-    training = args.mode == "train"
-    loss_fn = factories.resolve(args.loss, "loss") if args.loss else None
-    if loss_fn is not None and not training:
-        raise InputError("--loss applies to --mode train")
-    fidelity = None if training and not args.metric else _fidelity(args, model, data)
+    open_storage(args.storage)  # a bad URL fails before the model is built
+    model, data, device, model_spec = _model_and_data(args)
+    fidelity = _user_fidelity(args, model, data)
+    config = dataclasses.replace(config, fidelity=fidelity, storage=storage, study_name=study_name,
+                                 model_name=model_spec)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    limit = f"{fidelity.name} <= {fidelity.limit:g}" if fidelity else f"grad_rel_l2 <= {args.max_error:g}"
-    print(f"precsearch: searching {model_spec} on {device} ({'training' if training else 'inference'}): {limit}, "
+    metric = "grad_rel_l2" if config.training else config.metric
+    limit = f"{fidelity.name} <= {fidelity.limit:g}" if fidelity else f"{metric} <= {config.max_error:g}"
+    print(f"precsearch: searching {model_spec} on {device} ({config.mode}): {limit}, "
           f"{args.trials} trials, study {study_name!r} in {mask_password(storage)}", file=sys.stderr)
     try:
-        result = optimize(model, data, space=space, fidelity=fidelity, max_error=args.max_error,
-                          mode="training" if training else "inference", loss_fn=loss_fn, trials=args.trials,
-                          timeout=args.timeout, storage=storage, study_name=study_name, seed=args.seed,
-                          model_name=model_spec, progress=sys.stderr.isatty(), heartbeat=args.heartbeat,
-                          strategy=args.strategy)
+        with output_directory(out):
+            result = optimize(model, data, config)
+            files = write_results(out, result)
     except KeyboardInterrupt:
         print(f"precsearch: interrupted; every finished trial is kept in {mask_password(storage)}: "
               f"rerun the same command to resume", file=sys.stderr)
@@ -161,24 +186,17 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     if result.set_up_here:
         print(f"precsearch: this worker set up study {study_name!r} (sensitivity, probes, seeds)", file=sys.stderr)
     if result.plan is None:
-        (out / "plan.yaml").unlink(missing_ok=True)  # a stale plan from an earlier run must not pass for this one
-        write_report(out, result.study)
         risky = ", ".join(f"{name or '<root>'} in {dtype} (~{error:.2g})"
                           for name, dtype, error in result.decisions.most_sensitive(3))
         print(f"precsearch: no plan meets {limit} in {len(result.study.trials)} "
               f"trials; most sensitive: {risky}. Loosen the limit or add trials.", file=sys.stderr)
         return EXIT_FAILED
-    result.plan.save(out / "plan.yaml")
-    pareto = out / "pareto"
-    pareto.mkdir(exist_ok=True)
-    for stale in pareto.glob("plan-*.yaml"):
-        stale.unlink()
-    for index, plan in enumerate(result.pareto, start=1):
-        plan.save(pareto / f"plan-{index:03d}.yaml")
-    files = write_report(out, result.study)
+    if result.plan.default == FP32 and not result.plan.layers:
+        print("precsearch: no plan ran faster than FP32 in the final race on this machine: plan.yaml keeps "
+              "every unit in fp32", file=sys.stderr)
     print(format_table(result.summary()))
-    print(f"\nplan: {out / 'plan.yaml'}   report: {files['html']}   trials: {files['csv']}\n"
-          f"other Pareto-optimal plans: {len(result.pareto)} in {pareto}/")
+    print(f"\nplan: {files['plan']}   report: {files['html']}   trials: {files['csv']}\n"
+          f"other Pareto-optimal plans: {len(result.pareto)} in {files['pareto']}/")
     return EXIT_OK
 
 
@@ -213,15 +231,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
     notes = compare.provenance_warnings(names, plans)
     summary = compare.summary_rows(names, plans, units)
     differences = compare.unit_differences(names, plans, units)
+    defaults = dict(zip(names, (plan.default for plan in plans)))
     if args.json:
-        print(json.dumps({"plans": summary, "differences": differences, "remeasured": remeasured,
-                          "warnings": notes}, indent=2, default=str))
+        print(json.dumps({"plans": summary, "defaults": defaults, "differences": differences,
+                          "remeasured": remeasured, "warnings": notes}, indent=2, default=str))
         return EXIT_OK
     for note in notes:
         warnings.warn(note, stacklevel=1)
     print(format_table(summary))
     if known_units is None:
         print(f"(dtype counts over the {len(units)} units the plans name; add --model/--data for all units)")
+    if len(set(defaults.values())) > 1:
+        print("\ndefaults differ (units a plan does not name run in its default): "
+              + ", ".join(f"{name} {default}" for name, default in defaults.items()))
     print(f"\n{len(differences)} of {len(units)} units differ" + (":" if differences else ""))
     if differences:
         print(format_table(differences, max_rows=40))
@@ -242,6 +264,9 @@ def _short_names(paths: list[Any]) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from precsearch.accuracy import METRICS
+    from precsearch.strategies import STRATEGIES
+
     parser = _Parser(prog="precsearch", description=(
         "Find, per layer of a PyTorch model, the fastest precision (fp16, bf16, fp32) that keeps "
         "accuracy inside your limit, and enforce it at run time."))
@@ -277,8 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(search)
     search.add_argument("--space", default="default", metavar="NAME|PATH",
                         help="search space: a named one (default, transformer, cnn, bf16_only) or a YAML file")
-    search.add_argument("--metric-name", default="rel_l2", choices=["rel_l2", "cosine", "max_abs", "top1"],
-                        help="fidelity metric against the FP32 outputs (default: rel_l2)")
+    search.add_argument("--metric-name", default="rel_l2", choices=list(METRICS), metavar="NAME",
+                        help="fidelity metric against the FP32 outputs: " + "; ".join(
+                            f"{m.name}: {m.help}" for m in METRICS.values()) + " (default: rel_l2)")
     search.add_argument("--max-error", type=_number, default=0.01, metavar="X",
                         help="largest allowed --metric-name value (default: 0.01)")
     search.add_argument("--metric", metavar="MODULE:FUNC",
@@ -289,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--trials", type=_positive_int, default=60, metavar="N",
                         help="total trials in the study (default: 60)")
     search.add_argument("--timeout", type=_number, metavar="SECONDS", help="stop after this long")
-    search.add_argument("--mode", choices=["infer", "train"], default="infer",
+    search.add_argument("--mode", choices=["infer", "train", "inference", "training"], default="infer",
+                        metavar="infer|train",
                         help="time inference, or full training steps on (inputs, target) batches with the "
                              "gradients' rel_l2 against FP32 as the constraint (default: infer)")
     search.add_argument("--loss", metavar="MODULE:FUNC",
@@ -299,9 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--study", metavar="NAME", help="study name (default: from the model factory)")
     search.add_argument("--out", metavar="DIR", help="output directory (default: reports/STUDY/)")
     search.add_argument("--seed", type=int, default=0, help="sampler seed (default: 0)")
-    search.add_argument("--strategy", default="optuna", choices=["optuna", "random", "global", "greedy", "bisect"],
-                        help="optuna (default): seeded TPE; or a baseline to compare with: random plans, one global "
-                             "dtype, greedy back-off by sensitivity, bisection in graph order")
+    search.add_argument("--strategy", default="optuna", choices=list(STRATEGIES), metavar="NAME",
+                        help="; ".join(f"{s.name}: {s.help}" for s in STRATEGIES.values()))
     search.add_argument("--heartbeat", type=_number, default=60, metavar="SECONDS",
                         help="how often a worker tells the storage it is alive; a trial silent for twice this "
                              "is failed and re-queued (default: 60)")

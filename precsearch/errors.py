@@ -4,8 +4,12 @@
 class InputError(ValueError):
     """Bad input: a file, field, factory or argument the user must fix (CLI exit code 2).
 
-    The message is one line and names the culprit.
+    The message is one line and names the culprit: a line break inside it (a unit name, a
+    quoted file line) is shown escaped, as ``\\n``.
     """
+
+    def __init__(self, message: str = "bad input") -> None:
+        super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"))
 
 
 class PlanError(InputError):

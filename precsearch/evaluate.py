@@ -76,7 +76,8 @@ class Evaluator:
             reason = f"{type(failure).__name__}: {str(failure).splitlines()[0][:200] if str(failure) else ''}"
             return Measurement(math.inf, math.nan, math.nan, None, reason)
         return Measurement(error, timings["candidate"].median_ms, timings["baseline"].median_ms,
-                           timings["candidate"].peak_memory_mb)
+                           timings["candidate"].peak_memory_mb,
+                           None if math.isfinite(error) else "non-finite outputs (NaN or inf)")
 
     def race(self, plans: dict[str, dict[str, str]], repeats: int) -> dict[str, tuple[float, float, float | None]]:
         """Several plans and the FP32 model timed in one interleaved run:

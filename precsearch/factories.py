@@ -28,7 +28,7 @@ def resolve(spec: str, what: str) -> Callable[..., Any]:
         module = importlib.import_module(module_name)
     except ImportError as error:
         raise InputError(f"--{what} {spec!r}: cannot import {module_name!r} ({error})") from None
-    except Exception as error:
+    except (Exception, SystemExit) as error:
         raise InputError(f"--{what} {spec!r}: importing {module_name!r} raised "
                          f"{type(error).__name__}: {error}") from None
     target: Any = module
@@ -45,7 +45,7 @@ def _call(spec: str, what: str) -> Any:
     factory = resolve(spec, what)
     try:
         return factory()
-    except Exception as error:
+    except (Exception, SystemExit) as error:  # a factory that calls sys.exit() is still bad input
         message = str(error).splitlines()[0] if str(error) else ""
         raise InputError(f"--{what} {spec!r}: the factory raised {type(error).__name__}: {message}") from None
 

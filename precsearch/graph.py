@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from precsearch import batches as _batches
+from precsearch.errors import InputError
 from precsearch.ops import device_type_of, estimate_flops, is_eligible, model_device_type, module_op, op_name
 from precsearch.precisions import FP32
 from precsearch.recording import ModuleStack, OpRecorder
@@ -95,8 +96,13 @@ def walk(model: nn.Module, example_inputs: Any, *, device: str | torch.device | 
             ops = discover(model, modules, args, kwargs, device_type)
         except Exception as error:  # each tracer fails in its own ways; the next one takes over
             log.info("graph walker: %s failed (%s: %s)", method, type(error).__name__, str(error)[:200])
+            failure = error
             continue
         break
+    else:
+        # The hooks run the model as it is: their failure is the model's own.
+        detail = str(failure).splitlines()[0] if str(failure) else ""
+        raise InputError(f"the model cannot be walked on the example inputs: {type(failure).__name__}: {detail}")
     shapes = _unit_shapes(model, {op.unit for op in ops}, args, kwargs)
     return LayerGraph(_build(ops, modules, shapes), method, device_type)
 

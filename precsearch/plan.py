@@ -10,19 +10,22 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import hashlib
+import math
 import os
-import re
 import tempfile
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 from torch import nn
 
+from precsearch.credentials import mask_credentials as mask_password  # the old name, kept for callers
 from precsearch.errors import PlanError
 from precsearch.precisions import FP32, NAMES, choices_text, is_precision, needs_loss_scaling
+from precsearch.yamlio import load_yaml_file
 
 FORMAT = "precsearch-plan/1"
 MODES = ("inference", "training")
@@ -36,11 +39,6 @@ def check_precision(value: object, where: str) -> str:
     return value  # type: ignore[return-value]
 
 
-def mask_password(url: str) -> str:
-    """``postgresql://u:secret@h/db`` -> ``postgresql://u:***@h/db``."""
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
-
-
 @dataclasses.dataclass(frozen=True)
 class LossScaling:
     """Dynamic loss scaling, with the meaning and defaults of ``torch.amp.GradScaler``."""
@@ -52,13 +50,14 @@ class LossScaling:
 
     def __post_init__(self) -> None:
         checks = {
-            "init_scale": _is_number(self.init_scale) and self.init_scale > 0,
-            "growth_factor": _is_number(self.growth_factor) and self.growth_factor > 1,
+            "init_scale": _is_finite(self.init_scale) and self.init_scale > 0,
+            "growth_factor": _is_finite(self.growth_factor) and self.growth_factor > 1,
             "backoff_factor": _is_number(self.backoff_factor) and 0 < self.backoff_factor < 1,
             "growth_interval": isinstance(self.growth_interval, int) and not isinstance(
                 self.growth_interval, bool) and self.growth_interval > 0,
         }
-        rules = {"init_scale": "> 0", "growth_factor": "> 1", "backoff_factor": "in (0, 1)",
+        rules = {"init_scale": "a finite number > 0", "growth_factor": "a finite number > 1",
+                 "backoff_factor": "a number in (0, 1)",
                  "growth_interval": "a positive integer"}
         for field, ok in checks.items():
             if not ok:
@@ -67,6 +66,94 @@ class LossScaling:
 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_finite(value: object) -> bool:
+    return _is_number(value) and math.isfinite(value)  # type: ignore[arg-type]
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_limit(value: object) -> bool:
+    return _is_finite(value) and value >= 0  # type: ignore[operator]
+
+
+def _is_fingerprint(value: object) -> bool:
+    return isinstance(value, str) and value.startswith("sha256:")
+
+
+def _is_metric(value: object) -> bool:
+    return value is None or _is_number(value)
+
+
+def _is_scalar(value: object) -> bool:
+    return value is None or isinstance(value, (str, int, float))  # bool is an int
+
+
+def _is_str_or_null(value: object) -> bool:
+    return value is None or isinstance(value, str)
+
+
+# What each provenance section may hold: (rule per known field, rule for any other field, or None
+# to refuse other fields). A rule is (test, what it wants). Checked at construction, so a wrong
+# type is named here instead of crashing whatever reads the plan later.
+_Rule = tuple[Callable[[object], bool], str]
+_STRING: _Rule = (lambda value: isinstance(value, str), "a string")
+_SCALAR: _Rule = (_is_scalar, "a string, number, boolean or null")
+_COUNT: _Rule = (_is_count, "an integer >= 0")
+_SECTION_RULES: dict[str, tuple[dict[str, _Rule], _Rule | None]] = {
+    "model": ({"name": _STRING, "fingerprint": (_is_fingerprint, "a string 'sha256:...'"), "units": _COUNT},
+              _SCALAR),
+    "target": ({}, _STRING),
+    "constraint": ({"metric": _STRING, "limit": (_is_limit, "a finite number >= 0")}, None),
+    "metrics": ({}, (_is_metric, "a number or null")),
+    "search": ({"space": _STRING, "trials": _COUNT, "sampler": _STRING, "study": _STRING,
+                "storage": (_is_str_or_null, "a storage URL string or null")}, _SCALAR),
+}
+_REQUIRED = {"constraint": ("metric", "limit")}
+_KINDS = {str: "string", dict: "mapping", list: "list", bool: "boolean", int: "int", float: "float"}
+
+
+def _found(value: object) -> str:
+    """``int 12345``: a value's YAML kind and a short rendering of it, for messages."""
+    if value is None:
+        return "null"
+    text = repr(value)
+    text = text if len(text) <= 40 else text[:37] + "..."
+    return f"{_KINDS.get(type(value), type(value).__name__)} {text}"
+
+
+def _check_section(section: str, mapping: dict) -> None:
+    """Check one provenance section against ``_SECTION_RULES``; raise PlanError naming the field."""
+    known, other = _SECTION_RULES[section]
+    for key, value in mapping.items():
+        if not isinstance(key, str):
+            raise PlanError(f"{section}: field name {_found(key)} must be a string")
+        rule = known.get(key, other)
+        if rule is None:
+            raise PlanError(f"{section}: unknown field {key!r}; expected {', '.join(known)}")
+        test, wanted = rule
+        if not test(value):
+            raise PlanError(f"{section}.{key}: expected {wanted}, found {_found(value)}")
+    for key in _REQUIRED.get(section, ()):
+        if key not in mapping:
+            raise PlanError(f"{section}.{key}: missing; {section} needs {', '.join(_REQUIRED[section])}")
+
+
+def _created(value: object) -> object:
+    """``created`` as a plan stores it: a YAML timestamp becomes ``YYYY-MM-DDTHH:MM:SSZ`` (UTC),
+    null becomes ""; anything else is left for ``Plan`` to check."""
+    if value is None:
+        return ""
+    if isinstance(value, _dt.datetime):  # before date: a datetime is a date too
+        if value.tzinfo is not None:
+            value = value.astimezone(_dt.timezone.utc)
+        return value.strftime("%Y-%m-%dT%H:%M:%SZ")  # a naive timestamp is taken as UTC
+    if isinstance(value, _dt.date):
+        return value.strftime("%Y-%m-%dT00:00:00Z")
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +188,15 @@ class Plan:
         for section in ("constraint", "metrics", "search"):
             if getattr(self, section) is not None and not isinstance(getattr(self, section), dict):
                 raise PlanError(f"{section}: must be a mapping or null")
+        for section in _SECTION_RULES:
+            if getattr(self, section) is not None:
+                _check_section(section, getattr(self, section))
+        if self.loss_scaling is not None and not isinstance(self.loss_scaling, LossScaling):
+            raise PlanError(f"loss_scaling: expected a LossScaling or null, "
+                            f"found {_found(self.loss_scaling)}")
+        if not isinstance(self.created, str):
+            raise PlanError(f"created: expected a time string such as '2026-11-28T12:00:00Z', "
+                            f"found {_found(self.created)}")
 
     @classmethod
     def compact(cls, layers: dict[str, str], **fields: Any) -> Plan:
@@ -154,7 +250,7 @@ class Plan:
 
     # -- YAML -----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        search = dict(self.search) if self.search else None
+        search = dict(self.search) if self.search is not None else None
         if search and isinstance(search.get("storage"), str):
             search["storage"] = mask_password(search["storage"])
         return {
@@ -190,48 +286,47 @@ class Plan:
             raise PlanError(f"{source}: format must be {FORMAT!r}, found {version!r}")
         unknown = set(data) - set(_SECTIONS)
         if unknown:
-            raise PlanError(f"{source}: unknown field {sorted(unknown)[0]!r}")
-        scaling = data.get("loss_scaling")
-        if scaling is not None:
-            if not isinstance(scaling, dict):
-                raise PlanError(f"{source}: loss_scaling must be a mapping or null")
-            allowed = {f.name for f in dataclasses.fields(LossScaling)}
-            if set(scaling) - allowed:
-                raise PlanError(f"{source}: loss_scaling has unknown field {sorted(set(scaling) - allowed)[0]!r}")
-            scaling = LossScaling(**scaling)
+            raise PlanError(f"{source}: unknown field {sorted(unknown, key=str)[0]!r}")
         try:
             return cls(
-                layers=data.get("layers") or {},
+                layers=_given(data, "layers", {}),
                 default=data.get("default", FP32),
                 mode=data.get("mode", "inference"),
-                model=data.get("model") or {},
-                target=data.get("target") or {},
-                loss_scaling=scaling,
+                model=_given(data, "model", {}),
+                target=_given(data, "target", {}),
+                loss_scaling=_loss_scaling(data.get("loss_scaling")),
                 constraint=data.get("constraint"),
                 metrics=data.get("metrics"),
                 search=data.get("search"),
-                created=str(data.get("created", "")),
+                created=_created(data.get("created")),  # type: ignore[arg-type]
             )
         except PlanError as error:
             raise PlanError(f"{source}: {error}") from None
 
 
+def _given(data: dict, key: str, default: object) -> Any:
+    """``data[key]``, or ``default`` when absent or null (but not when merely falsy: ``layers: []``
+    is a mistake to report, not an empty plan)."""
+    value = data.get(key)
+    return default if value is None else value
+
+
+def _loss_scaling(raw: object) -> LossScaling | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise PlanError(f"loss_scaling: expected a mapping or null, found {_found(raw)}")
+    allowed = [f.name for f in dataclasses.fields(LossScaling)]
+    extra = sorted(set(raw) - set(allowed), key=str)
+    if extra:
+        raise PlanError(f"loss_scaling: unknown field {extra[0]!r}; expected {', '.join(allowed)}")
+    return LossScaling(**raw)
+
+
 def load_plan(path: str | os.PathLike) -> Plan:
-    """Read and validate a plan file (``yaml.safe_load`` only: tags such as ``!!python/object``
-    are refused, never executed)."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise PlanError(f"{path}: cannot read plan ({getattr(error, 'strerror', None) or error})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        problem = getattr(error, "problem", None) or "invalid YAML"
-        raise PlanError(f"{path}: not valid YAML{where}: {problem}".replace("\n", " ")) from None
-    return Plan.from_dict(data, source=str(path))
+    """Read and validate a plan file with the safe loader of ``precsearch.yamlio``: Python tags,
+    duplicate keys, anchors and aliases are refused, never executed or expanded."""
+    return Plan.from_dict(load_yaml_file(path, PlanError, what="plan"), source=str(path))
 
 
 def write_atomic(path: str | os.PathLike, text: str) -> Path:
@@ -240,6 +335,7 @@ def write_atomic(path: str | os.PathLike, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a plan is meant to be shared
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
@@ -249,6 +345,12 @@ def write_atomic(path: str | os.PathLike, text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def model_fingerprint(model: nn.Module) -> str:

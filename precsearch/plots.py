@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from precsearch.precisions import FP32, PRECISIONS
+from precsearch.records import pareto_front
 
 COLORS = {name: p.color for name, p in PRECISIONS.items()}
 
@@ -40,7 +41,8 @@ def tradeoff(trials: Any, limit: float, baseline_ms: float, chosen_trial: int | 
     if len(broken):
         ax.scatter(broken["latency_ms"], [top] * len(broken), marker="x", color="#c0392b",
                    label="non-finite output (inf/NaN)")
-    front = pareto(feasible)
+    front = feasible.loc[[i for i, _ in pareto_front(list(feasible.iterrows()),
+                                                     key=lambda item: (item[1]["latency_ms"], item[1]["error"]))]]
     if len(front):
         ax.step(front["latency_ms"], front["error"].clip(lower=floor), where="post", color="#27ae60", lw=1.5,
                 label="Pareto front (feasible)")
@@ -61,17 +63,6 @@ def tradeoff(trials: Any, limit: float, baseline_ms: float, chosen_trial: int | 
     fig.savefig(path)
     plt.close(fig)
     return path
-
-
-def pareto(frame: Any) -> Any:
-    """Rows of ``frame`` not dominated in (latency_ms, error), sorted by latency."""
-    ordered = frame.sort_values(["latency_ms", "error"])
-    keep, best_error = [], math.inf
-    for index, row in ordered.iterrows():
-        if row["error"] < best_error:
-            keep.append(index)
-            best_error = row["error"]
-    return ordered.loc[keep]
 
 
 def progress(trials: Any, baseline_ms: float, path: Path) -> Path:

@@ -13,6 +13,7 @@ from typing import Any
 
 from precsearch.errors import InputError
 from precsearch.precisions import NAMES, PRECISIONS, low_precisions
+from precsearch.records import StudySetup, TrialRecord, is_surplus, load_diagnostics
 
 LOW = [p.name for p in low_precisions()]
 
@@ -71,23 +72,24 @@ def trials_frame(study: Any) -> Any:
 
     rows = []
     for trial in study.get_trials(deepcopy=False):
-        if (not trial.state.is_finished() and trial.state.name != "RUNNING") or trial.user_attrs.get("surplus"):
+        if (not trial.state.is_finished() and trial.state.name != "RUNNING") or is_surplus(trial):
             continue  # enqueued seeds not reached within the budget; trials past the budget
-        attrs = trial.user_attrs
-        code = attrs.get("plan", "")
+        record = TrialRecord.of(trial)
+        code = record.plan if record else ""
         constraint = trial.constraints.get("error")
         duration = (trial.datetime_complete - trial.datetime_start).total_seconds() \
             if trial.datetime_complete and trial.datetime_start else None
         rows.append({
             "trial": trial.number, "state": trial.state.name,
             **{name: code.count(p.code) for name, p in PRECISIONS.items()}, "plan": code,
-            "latency_ms": trial.value, "measured_ms": attrs.get("latency_ms"),
-            "baseline_ms": attrs.get("baseline_ms"),
-            "speedup": attrs["baseline_ms"] / attrs["latency_ms"] if attrs.get("latency_ms") else None,
-            "error": attrs.get("error", float("inf") if code else None), "constraint": constraint,
+            "latency_ms": trial.value, "measured_ms": record.latency_ms if record else None,
+            "baseline_ms": record.baseline_ms if record else None,
+            "speedup": record.speedup if record else None,
+            "error": (float("inf") if record.error is None else record.error) if record else None,
+            "constraint": constraint,
             "feasible": constraint is not None and constraint <= 0 and trial.state.name == "COMPLETE",
-            "peak_memory_mb": attrs.get("peak_memory_mb"), "duration_s": duration,
-            "failure": attrs.get("failure"),
+            "peak_memory_mb": record.peak_memory_mb if record else None, "duration_s": duration,
+            "failure": record.failure if record else None,
         })
     return pd.DataFrame(rows)
 
@@ -115,7 +117,7 @@ def open_study(directory: str | Path, storage: str | None = None, study_name: st
     if study_name not in names:
         raise InputError(f"--study {study_name!r}: not in the storage (it has: {', '.join(names) or 'none'})")
     study = optuna.load_study(study_name=study_name, storage=backend)
-    if "settings" not in study.user_attrs:
+    if StudySetup.load(study) is None:
         raise InputError(f"study {study_name!r} was not made by precsearch optimize")
     return study
 
@@ -126,38 +128,37 @@ def write_report(directory: str | Path, study: Any) -> dict[str, Path]:
     from precsearch.plan import load_plan, write_atomic
 
     directory = Path(directory)
-    attrs = study.user_attrs
-    settings, units_info = attrs["settings"], attrs["units"]
+    setup = StudySetup.load(study)
+    settings, units_info = setup.settings, setup.units
     units = [row["name"] for row in units_info]
     trials = trials_frame(study)
     write_atomic(directory / "trials.csv", trials.to_csv(index=False))
     plan = load_plan(directory / "plan.yaml") if (directory / "plan.yaml").is_file() else None
     others = [(path, load_plan(path)) for path in sorted((directory / "pareto").glob("plan-*.yaml"))]
-    constraint = settings["constraint"]
-    baseline = (plan.metrics or {}).get("baseline_latency_ms") if plan else None
-    baseline = baseline or attrs["baseline_ms"]
+    constraint = settings.constraint
+    baseline = setup.baseline_ms
     chosen = (plan.metrics or {}).get("trial") if plan else None
     files = {
-        "tradeoff": plots.tradeoff(trials, constraint["limit"], attrs["baseline_ms"], chosen,
+        "tradeoff": plots.tradeoff(trials, constraint["limit"], baseline, chosen,
                                    directory / "tradeoff.png", constraint["metric"]),
-        "progress": plots.progress(trials, attrs["baseline_ms"], directory / "progress.png"),
+        "progress": plots.progress(trials, baseline, directory / "progress.png"),
     }
     precision = {u: plan.precision(u) for u in units} if plan else {}
-    files["units"] = plots.unit_map(units, precision, attrs.get("edges", []), directory / "units.png",
+    files["units"] = plots.unit_map(units, precision, setup.edges, directory / "units.png",
                                     "Chosen precision of every unit" if plan else "No feasible plan: all fp32")
 
     finished = trials[trials["state"].isin(["COMPLETE", "PRUNED"])]
-    blocks: list[tuple] = [("h1", f"precsearch report: {settings['model']}")]
+    blocks: list[tuple] = [("h1", f"precsearch report: {settings.model}")]
     blocks += [("table", [
-        {"setting": "model", "value": settings["model"]},
-        {"setting": "device", "value": f"{settings['device']} ({settings['device_name']})"},
-        {"setting": "torch", "value": settings["torch"]},
-        {"setting": "search space", "value": settings["space"]},
-        {"setting": "mode", "value": settings.get("mode", "inference")},
+        {"setting": "model", "value": settings.model},
+        {"setting": "device", "value": f"{settings.device} ({settings.device_name})"},
+        {"setting": "torch", "value": settings.torch},
+        {"setting": "search space", "value": settings.space},
+        {"setting": "mode", "value": settings.mode},
         {"setting": "constraint", "value": f"{constraint['metric']} <= {constraint['limit']:g}"},
-        {"setting": "budget", "value": f"{settings['trials']} trials ({len(finished)} finished)"},
-        {"setting": "strategy", "value": f"{settings.get('strategy', 'optuna')}: {settings['sampler']} "
-                                         f"(seed {settings['seed']}), {settings['parametrisation']} parametrisation"},
+        {"setting": "budget", "value": f"{settings.trials} trials ({len(finished)} finished)"},
+        {"setting": "strategy", "value": f"{settings.strategy}: {settings.sampler} "
+                                         f"(seed {settings.seed}), {settings.parametrisation} parametrisation"},
         {"setting": "study", "value": f"{study.study_name}"},
     ])]
     blocks.append(("h2", "Result"))
@@ -173,6 +174,7 @@ def write_report(directory: str | Path, study: Any) -> dict[str, Path]:
              "speedup": f"{metrics.get('speedup', math.nan):.2f}x", "error": metrics.get("error"),
              "peak_memory_mb": "not measured on CPU" if memory is None else memory},
         ]))
+        blocks.append(("p", _race_note(plan, trials)))
         counts = plan.counts(units)
         blocks.append(("p", "Units per dtype: " + ", ".join(f"{d} {counts.get(d, 0)}" for d in NAMES)
                        + f" (of {len(units)})."))
@@ -185,12 +187,12 @@ def write_report(directory: str | Path, study: Any) -> dict[str, Path]:
                 or [{"plan": "none"}])]
     blocks += [("h2", "Search progress"), ("img", files["progress"].name, "best feasible latency over trials"),
                ("table", _milestones(trials))]
-    blocks += _training_blocks(attrs.get("training_diagnostics"), settings)
+    blocks += _training_blocks(load_diagnostics(study), settings)
     failed = trials[trials["failure"].notna()] if "failure" in trials else trials.iloc[0:0]
     if len(failed):
         blocks += [("h2", "Trials that failed"),
                    ("table", [{"trial": int(r.trial), "reason": r.failure} for r in failed.itertuples()])]
-    sensitivity = attrs.get("sensitivity", {})
+    sensitivity = setup.sensitivity
     blocks += [("h2", "Units"), ("p", "Sensitivity: error of the model (or the unit's own output, for large "
                                       "models) with only that unit lowered."),
                ("table", [{"unit": row["name"] or "<root>", "type": row["type"], "params": row["params"],
@@ -206,7 +208,7 @@ def write_report(directory: str | Path, study: Any) -> dict[str, Path]:
 
 def _training_blocks(diagnostics: dict | None, settings: dict) -> list[tuple]:
     """Loss scaling and gradient health of the chosen plan, for training searches."""
-    if settings.get("mode") != "training" or diagnostics is None:
+    if settings.mode != "training" or diagnostics is None:
         return []
     blocks: list[tuple] = [("h2", "Training: loss scaling and gradient health")]
     if not diagnostics["scales"]:
@@ -222,6 +224,24 @@ def _training_blocks(diagnostics: dict | None, settings: dict) -> list[tuple]:
                 for unit in diagnostics["overflow"]]
     blocks.append(("table", flagged) if flagged else ("p", "No FP16 unit loses its gradient without scaling."))
     return blocks
+
+
+def _race_note(plan: Any, trials: Any) -> str:
+    """How the final race's numbers relate to the trials': the race may reorder close plans."""
+    metrics = plan.metrics or {}
+    trial, speedup = metrics.get("trial"), metrics.get("speedup", math.nan)
+    note = (f"The close finalists and the FP32 model were re-timed together in a final race; the chosen plan ran "
+            f"{speedup:.2f}x there")
+    feasible = trials[trials["feasible"]]
+    own = feasible[feasible["trial"] == trial]
+    if trial is None or own.empty:
+        return note + " (it is the FP32 plan)." if plan.default == "fp32" and not plan.layers else note + "."
+    note += f" and {own.iloc[0]['speedup']:.2f}x in its trial {trial}"
+    fastest = feasible.sort_values("latency_ms").iloc[0]
+    if int(fastest["trial"]) != trial:
+        note += (f"; the fastest trial was {int(fastest['trial'])} ({fastest['speedup']:.2f}x), which the race "
+                 f"measured slower")
+    return note + "."
 
 
 def _fmt(value: float | None) -> str:

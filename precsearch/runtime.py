@@ -10,14 +10,18 @@ lexically scoped ``torch.autocast``: FP16/BF16 modules enable it with their dtyp
 disable it and cast floating inputs to float32. A low-precision module returning into an FP32
 parent casts its floating results to float32, so every op an FP32 unit owns computes in float32.
 Modules that own no eligible op are unaffected by their own precision.
+
+A wrapper holds its module's original bound ``forward``, and the handle lives on the root module,
+so ``copy.deepcopy`` of an applied model gives a copy that runs its own modules under the plan
+and has its own handle (``handle_of(copy)``).
 """
 
 from __future__ import annotations
 
-import weakref
+import copy
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,7 +32,7 @@ from precsearch.plan import Plan
 from precsearch.precisions import PRECISIONS, low_precisions
 
 _LOW = tuple(p.dtype for p in low_precisions())
-_applied: weakref.WeakKeyDictionary[nn.Module, PlanHandle] = weakref.WeakKeyDictionary()
+_HANDLE = "_precsearch_plan_handle"  # the root module's attribute holding its PlanHandle
 
 
 def cast_low_to_fp32(value: Any) -> Any:
@@ -58,45 +62,84 @@ def _parent_name(name: str) -> str:
     return name.rpartition(".")[0]
 
 
-def _wrap(original: Callable, device_type: str, precision: str, cast_output: bool) -> Callable:
-    enforce = PRECISIONS[precision].enforce
-    if not PRECISIONS[precision].low:
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            with enforce(device_type):
-                return original(*cast_low_to_fp32(args), **cast_low_to_fp32(kwargs))
-    else:
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            with enforce(device_type):
-                output = original(*args, **kwargs)
-            return cast_low_to_fp32(output) if cast_output else output
-    forward.__wrapped__ = original  # type: ignore[attr-defined]
-    return forward
+class _Forward:
+    """A unit's wrapped ``forward``: the module's original ``forward`` run in the unit's dtype.
+
+    An object rather than a closure so that ``copy.deepcopy`` of the model remaps ``original``
+    (a method bound to the module) to the copy's module: the copy runs its own weights.
+    """
+
+    __slots__ = ("original", "enforce", "device_type", "cast_output")
+
+    def __init__(self, original: Any, enforce: Any, device_type: str, cast_output: bool) -> None:
+        self.original, self.enforce = original, enforce
+        self.device_type, self.cast_output = device_type, cast_output
+
+    @property
+    def __wrapped__(self) -> Any:  # inspect.signature (used by transformers) sees the real one
+        return self.original
+
+    def __deepcopy__(self, memo: dict) -> _Forward:
+        original = copy.deepcopy(self.original, memo)
+        return type(self)(original, self.enforce, self.device_type, self.cast_output)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # Pickling would rebind ``original`` by name, i.e. to this wrapper: fail clearly instead.
+        raise TypeError("a model with a plan applied cannot be pickled: remove the plan first")
+
+
+class _Fp32Forward(_Forward):
+    __slots__ = ()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with self.enforce(self.device_type):
+            return self.original(*cast_low_to_fp32(args), **cast_low_to_fp32(kwargs))
+
+
+class _LowForward(_Forward):
+    __slots__ = ()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with self.enforce(self.device_type):
+            output = self.original(*args, **kwargs)
+        return cast_low_to_fp32(output) if self.cast_output else output
+
+
+def _wrap(original: Any, device_type: str, precision: str, cast_output: bool) -> _Forward:
+    kind = _LowForward if PRECISIONS[precision].low else _Fp32Forward
+    return kind(original, PRECISIONS[precision].enforce, device_type, cast_output)
 
 
 class PlanHandle:
-    """A plan applied to a model; ``remove()`` (or leaving the ``with`` block) undoes it."""
+    """A plan applied to a model; ``remove()`` (or leaving the ``with`` block) undoes it.
+
+    A deep copy of the model gets its own handle (``handle_of(copy)``), removable on its own.
+    """
 
     def __init__(self, model: nn.Module, plan: Plan, device_type: str,
                  modules: list[tuple[str, nn.Module]] | None = None) -> None:
         self.model, self.plan, self.device_type = model, plan, device_type
         # (module, its own ``forward`` attribute or None, the wrapper)
-        self._saved: list[tuple[nn.Module, Any, Callable]] = []
+        self._saved: list[tuple[nn.Module, Any, _Forward]] = []
         modules = modules if modules is not None else list(model.named_modules())
         precision = {name: plan.precision(name) for name, _ in modules}
         for name, module in modules:
             parent = precision[_parent_name(name)] if name else None
             if name and precision[name] == parent:
                 continue
-            cast_output = parent is not None and not PRECISIONS[parent].low and PRECISIONS[precision[name]].low
+            cast_output = (parent is not None and not PRECISIONS[parent].low
+                           and PRECISIONS[precision[name]].low)
             wrapper = _wrap(module.forward, device_type, precision[name], cast_output)
             self._saved.append((module, module.__dict__.get("forward"), wrapper))
         self._install()
         self.wrapped = len(self._saved)
-        _applied[model] = self
+        # On the model itself, not in a registry: a deep copy of the model copies its handle too.
+        model.__dict__[_HANDLE] = self
 
     def _install(self) -> None:
         for module, _, wrapper in self._saved:
             module.forward = wrapper
+        self._installed = True
 
     def _uninstall(self) -> None:
         for module, own_forward, _ in reversed(self._saved):
@@ -104,6 +147,18 @@ class PlanHandle:
                 module.__dict__.pop("forward", None)
             else:
                 module.forward = own_forward
+        self._installed = False
+
+    def __deepcopy__(self, memo: dict) -> PlanHandle | None:
+        """Reached through ``copy.deepcopy`` of the model: the same plan over the copy's modules
+        and wrappers (the memo maps both). A copy made inside ``suspended()`` is a plain model."""
+        if not self._installed:
+            return None
+        clone = copy.copy(self)
+        memo[id(self)] = clone
+        clone.model = copy.deepcopy(self.model, memo)
+        clone._saved = copy.deepcopy(self._saved, memo)
+        return clone
 
     @contextmanager
     def suspended(self) -> Iterator[None]:
@@ -118,8 +173,8 @@ class PlanHandle:
         """Restore every wrapped ``forward`` exactly; safe to call twice."""
         self._uninstall()
         self._saved.clear()
-        if _applied.get(self.model) is self:
-            del _applied[self.model]
+        if self.model.__dict__.get(_HANDLE) is self:
+            del self.model.__dict__[_HANDLE]
 
     def __enter__(self) -> PlanHandle:
         return self
@@ -132,7 +187,8 @@ class PlanHandle:
 
 
 def apply_plan(model: nn.Module, plan: Plan, *, device_type: str | None = None,
-               fingerprint_mismatch: str = "error", modules: list[tuple[str, nn.Module]] | None = None) -> PlanHandle:
+               fingerprint_mismatch: str = "error",
+               modules: list[tuple[str, nn.Module]] | None = None) -> PlanHandle:
     """Make ``model`` run each unit in the dtype ``plan`` gives it. Parameters stay FP32.
 
     Returns a handle that is also a context manager::
@@ -143,7 +199,7 @@ def apply_plan(model: nn.Module, plan: Plan, *, device_type: str | None = None,
     ``modules`` (``list(model.named_modules())``) saves the module walk for callers that apply
     many plans to one model, like the search.
     """
-    if model in _applied:
+    if handle_of(model) is not None:
         raise PlanError("a plan is already applied to this model: call handle.remove() first")
     plan.validate_for(model, fingerprint_mismatch=fingerprint_mismatch,
                       names={name for name, _ in modules} if modules is not None else None)
@@ -151,16 +207,22 @@ def apply_plan(model: nn.Module, plan: Plan, *, device_type: str | None = None,
                       modules)
 
 
+def handle_of(model: nn.Module) -> PlanHandle | None:
+    """The handle of the plan applied to ``model`` (or to the model it was deep-copied from:
+    the copy's own handle), if any."""
+    return model.__dict__.get(_HANDLE)
+
+
 def applied_plan(model: nn.Module) -> Plan | None:
     """The plan currently applied to ``model``, if any."""
-    handle = _applied.get(model)
+    handle = handle_of(model)
     return handle.plan if handle is not None else None
 
 
 @contextmanager
 def applied(model: nn.Module, plan: Plan, **options: Any) -> Iterator[PlanHandle]:
     """``plan`` applied to ``model`` for a block; reuses the handle if it is already applied."""
-    current = _applied.get(model)
+    current = handle_of(model)
     if current is not None:
         if current.plan != plan:
             raise PlanError("another plan is applied to this model: remove its handle first")

@@ -1,11 +1,13 @@
-"""Per-unit sensitivity: how much each unit's own output changes when it alone runs in a lower
-precision, given exactly the FP32 inputs it sees in the FP32 model.
+"""Per-unit sensitivity: how much the model's error grows when one unit alone runs in a lower
+precision.
 
-One FP32 pass records every unit's inputs and outputs; then each unit is re-run by itself under
-a plan that lowers only it. The cost is one model pass plus one unit call per unit and dtype —
-never a full model evaluation per unit.
+Up to ``END_TO_END_BUDGET`` (unit, dtype) pairs, it is measured end to end: the rel_l2 of the
+model's outputs with only that unit lowered, which also captures how much the rest of the model
+amplifies the unit's error. Beyond that (large models), it is the unit's *local* error: one FP32
+pass records every unit's inputs and outputs, then each unit is re-run by itself under a plan
+that lowers only it — one model pass plus one unit call per unit and dtype.
 
-The error is taken relative to the output's *variation* (each row centred over its last
+The local error is taken relative to the output's *variation* (each row centred over its last
 dimension), not its magnitude: a normalisation layer downstream removes a common offset, and the
 signal riding on that offset is what a short mantissa loses.
 """
@@ -26,6 +28,8 @@ from precsearch.plan import Plan
 from precsearch.runtime import apply_plan
 
 log = logging.getLogger(__name__)
+
+END_TO_END_BUDGET = 128   # (unit, dtype) pairs measured end to end; more are measured locally
 
 
 def _snapshot(value: Any) -> Any:
@@ -54,7 +58,7 @@ def local_error(output: Any, reference: list[torch.Tensor]) -> float:
 
 
 def unit_sensitivity(model: nn.Module, units: list[str], batch: Any, dtypes: list[str],
-                     device_type: str, end_to_end_budget: int = 128) -> dict[str, dict[str, float | None]]:
+                     device_type: str, end_to_end_budget: int = END_TO_END_BUDGET) -> dict[str, dict[str, float | None]]:
     """``{unit: {dtype: error}}`` for each low-precision dtype; None where a unit could not be
     re-run on its own (it is then ranked in the middle).
 

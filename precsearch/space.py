@@ -15,11 +15,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from precsearch.errors import InputError
 from precsearch.graph import LayerGraph
 from precsearch.precisions import FP32, NAMES, PRECISIONS, choices_text, is_precision
+from precsearch.yamlio import load_yaml_file
 
 FORMAT = "precsearch-space/1"
 _FIELDS = {"format", "name", "dtypes", "rules", "groups"}
@@ -64,17 +63,13 @@ class SearchSpace:
         """A named space shipped with precsearch (``"transformer"``) or a YAML file path."""
         path = Path(spec)
         if path.suffix in (".yaml", ".yml") or path.exists():
-            try:
-                return cls.parse(yaml.safe_load(path.read_text(encoding="utf-8")), str(path))
-            except OSError as error:
-                raise InputError(f"--space {spec}: cannot read ({error.strerror})") from None
-            except yaml.YAMLError as error:
-                raise InputError(f"--space {spec}: not valid YAML ({_yaml_problem(error)})") from None
+            data = load_yaml_file(path, InputError, what="search space", source=f"--space {spec}")
+            return cls.parse(data, str(path))
         named = available_spaces()
         if spec not in named:
             raise InputError(f"--space {spec!r}: no such named space or file; named spaces: {', '.join(named)}")
-        text = (_spaces_dir() / f"{spec}.yaml").read_text(encoding="utf-8")
-        return cls.parse(yaml.safe_load(text), spec)
+        return cls.parse(load_yaml_file(_spaces_dir() / f"{spec}.yaml", InputError, what="search space",
+                                        source=spec), spec)
 
     @classmethod
     def parse(cls, data: Any, source: str) -> SearchSpace:
@@ -84,10 +79,10 @@ class SearchSpace:
             raise InputError(f"{source}: format must be {FORMAT!r}, found {data.get('format')!r}")
         unknown = set(data) - _FIELDS
         if unknown:
-            raise InputError(f"{source}: unknown field {sorted(unknown)[0]!r}")
+            raise InputError(f"{source}: unknown field {sorted(unknown, key=str)[0]!r}")
         dtypes = tuple(_as_list(data.get("dtypes", list(NAMES)), f"{source}: dtypes"))
         rules = []
-        for index, raw in enumerate(_as_list(data.get("rules") or [], f"{source}: rules")):
+        for index, raw in enumerate(_as_list(_or_empty(data.get("rules")), f"{source}: rules")):
             where = f"{source}: rules[{index}]"
             if not isinstance(raw, dict) or "dtypes" not in raw or set(raw) - {"name", "type", "dtypes"}:
                 raise InputError(f"{where}: expected {{name: REGEX, type: [Class], dtypes: [...]}}")
@@ -97,7 +92,7 @@ class SearchSpace:
             rules.append(Rule(rule_dtypes, _regex(raw["name"], f"{where}.name") if "name" in raw else None,
                               tuple(_as_list(types, f"{where}.type")) if types is not None else None))
         groups = tuple(_regex(pattern, f"{source}: groups[{i}]")
-                       for i, pattern in enumerate(_as_list(data.get("groups") or [], f"{source}: groups")))
+                       for i, pattern in enumerate(_as_list(_or_empty(data.get("groups")), f"{source}: groups")))
         for i, pattern in enumerate(groups):
             if pattern.groups < 1:
                 raise InputError(f"{source}: groups[{i}] needs a capture group: units whose capture matches "
@@ -164,6 +159,11 @@ def available_spaces() -> list[str]:
     return sorted(path.stem for path in _spaces_dir().glob("*.yaml"))
 
 
+def _or_empty(value: Any) -> Any:
+    """An absent or empty (``rules:``) YAML field is an empty list; any other value must be one."""
+    return [] if value is None else value
+
+
 def _as_list(value: Any, where: str) -> list:
     if not isinstance(value, list):
         raise InputError(f"{where}: expected a list, found {type(value).__name__}")
@@ -185,8 +185,3 @@ def _regex(pattern: Any, where: str) -> re.Pattern:
         return re.compile(pattern)
     except re.error as error:
         raise InputError(f"{where}: invalid regular expression {pattern!r} ({error})") from None
-
-
-def _yaml_problem(error: yaml.YAMLError) -> str:
-    mark = getattr(error, "problem_mark", None)
-    return f"line {mark.line + 1}: {getattr(error, 'problem', '')}" if mark else "syntax error"

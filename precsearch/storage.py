@@ -17,18 +17,24 @@ import warnings
 import optuna
 from optuna.trial import TrialState
 
+from precsearch.credentials import credentials_in, mask_credentials
 from precsearch.errors import InputError
-from precsearch.plan import mask_password
+from precsearch.records import StudySetup, mark_surplus, retry_marks, setup_owner, worker_of
+from precsearch.records import claim_setup as _claim
 
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)  # what the budget counts
 HEARTBEAT_S = 60
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
+UNCLAIMED_GRACE_S = 10.0   # how long a study may stay unclaimed before another worker sets it up
 
 
 def open_storage(url: str | None, heartbeat: float = HEARTBEAT_S) -> optuna.storages.BaseStorage | None:
     """The Optuna storage behind ``url`` (None: in memory)."""
     if url is None:
         return None
+    if url.startswith("journal:") and not url.startswith("journal:///"):
+        raise InputError(f"--storage {mask_credentials(url)}: a journal file is journal:///relative/path "
+                         f"or journal:////absolute/path (three slashes, then the path)")
     try:
         if url.startswith("journal:///"):
             from optuna.storages.journal import JournalFileBackend
@@ -36,8 +42,10 @@ def open_storage(url: str | None, heartbeat: float = HEARTBEAT_S) -> optuna.stor
             return optuna.storages.JournalStorage(JournalFileBackend(url.removeprefix("journal:///")))
         return _rdb_storage(url, heartbeat)
     except Exception as error:
-        raise InputError(f"--storage {mask_password(url)}: cannot open ({type(error).__name__}: "
-                         f"{mask_password(str(error).splitlines()[0]) if str(error) else ''})") from None
+        detail = str(error).splitlines()[0] if str(error) else ""
+        # Mask the whole message: the driver's text may quote the URL, or parts of it, again.
+        message = f"--storage {url}: cannot open ({type(error).__name__}: {detail})"
+        raise InputError(mask_credentials(message, known=credentials_in(url))) from None
 
 
 def _rdb_storage(url: str, heartbeat: float, attempts: int = 5) -> optuna.storages.RDBStorage:
@@ -69,7 +77,7 @@ def open_study(name: str, storage: optuna.storages.BaseStorage | None,
 
 
 def claim_setup(study: optuna.Study) -> None:
-    study.set_user_attr("setup_by", WORKER)
+    _claim(study, WORKER)
 
 
 def wait_for_setup(study: optuna.Study, timeout: float = 1800.0) -> bool:
@@ -77,21 +85,22 @@ def wait_for_setup(study: optuna.Study, timeout: float = 1800.0) -> bool:
     do it instead: the creator was a process on this host that has died."""
     started = time.monotonic()
     while True:
-        attrs = study.user_attrs
-        if attrs.get("ready"):
+        if StudySetup.load(study) is not None:
             return False
-        if _dead_local_worker(attrs.get("setup_by")):
+        owner = setup_owner(study)
+        # The creator claims the setup right after creating the study; an unclaimed study is
+        # only abandoned once that moment has clearly passed.
+        unclaimed_too_long = owner is None and time.monotonic() - started > UNCLAIMED_GRACE_S
+        if unclaimed_too_long or (owner is not None and _dead_local_worker(owner)):
             claim_setup(study)
             return True
         if time.monotonic() - started > timeout:
             raise InputError(f"--study {study.study_name!r}: its setup did not finish within {timeout:.0f} s "
-                             f"(worker {attrs.get('setup_by')} may have died); start a new --study")
+                             f"(worker {owner} may have died); start a new --study")
         time.sleep(0.5)
 
 
-def _dead_local_worker(worker: str | None) -> bool:
-    if not worker:
-        return True  # created by a worker that died before claiming anything
+def _dead_local_worker(worker: str) -> bool:
     host, _, pid = worker.rpartition(":")
     if host != socket.gethostname():
         return False
@@ -109,11 +118,11 @@ def recover_dead_trials(study: optuna.Study) -> int:
     storage has no heartbeat; for RDB storages this finds them before the grace period ends)."""
     recovered = 0
     for trial in study.get_trials(deepcopy=False, states=[TrialState.RUNNING]):
-        worker = trial.user_attrs.get("worker")
+        worker = worker_of(trial)
         if worker and worker != WORKER and _dead_local_worker(worker):
             study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
             if trial.params:
-                study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+                study.enqueue_trial(trial.params, user_attrs=retry_marks(trial))
             recovered += 1
     return recovered
 
@@ -131,7 +140,7 @@ def check_budget(study: optuna.Study, trial: optuna.Trial, budget: int) -> None:
     earlier = study.get_trials(deepcopy=False, states=(*COUNTED, TrialState.RUNNING))
     taken = sum(1 for t in earlier if t.number < trial.number)
     if taken >= budget:
-        trial.set_user_attr("surplus", True)
+        mark_surplus(trial)
         study.stop()
         raise Surplus(f"trial {trial.number}: the budget of {budget} trials is already taken")
 
@@ -139,6 +148,3 @@ def check_budget(study: optuna.Study, trial: optuna.Trial, budget: int) -> None:
 def budget_left(study: optuna.Study, budget: int) -> int:
     return budget - len(study.get_trials(deepcopy=False, states=COUNTED))
 
-
-def mark_worker(trial: optuna.Trial) -> None:
-    trial.set_user_attr("worker", WORKER)

@@ -1,6 +1,7 @@
-"""Search strategies besides Optuna's TPE, for comparison (``precsearch optimize --strategy``).
+"""Search strategies (``precsearch optimize --strategy``): Optuna's seeded TPE, and the reference
+strategies it is compared with. ``STRATEGIES`` is the registry the CLI and the search read.
 
-Each is a generator: it yields per-unit plans and receives their measurements, and stops when
+The procedural ones are generators: it yields per-unit plans and receives their measurements, and stops when
 it has its answer. The study runs them like any other trials, so their plans, trials.csv and
 report come out the same way.
 
@@ -20,14 +21,15 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from collections.abc import Generator
+from collections.abc import Callable, Generator
+
+import optuna
 
 from precsearch.decisions import Decisions
 from precsearch.evaluate import Evaluator, Measurement
 from precsearch.precisions import NAMES
 
 Proposer = Generator[dict[str, str], Measurement, None]
-STRATEGIES = ("optuna", "random", "global", "greedy", "bisect")
 
 
 def global_plans(decisions: Decisions, limit: float) -> Proposer:
@@ -79,7 +81,32 @@ def bisect_plans(decisions: Decisions, limit: float) -> Proposer:
     yield from must_keep([c.name for c in decisions.choices if dtype in c.dtypes and len(c.dtypes) > 1])
 
 
-PROPOSERS = {"global": global_plans, "greedy": greedy_plans, "bisect": bisect_plans}
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+    """How a strategy picks the next plan: a sampler's trial parameters, or a proposer's plans."""
+
+    name: str
+    help: str
+    sampler: Callable[[int], optuna.samplers.BaseSampler] = lambda seed: optuna.samplers.RandomSampler(seed=seed)
+    proposer: Callable[[Decisions, float], Proposer] | None = None
+    seeded: bool = False    # the study starts from sensitivity-seeded plans (and may use the ranked parametrisation)
+
+    @property
+    def sampler_name(self) -> str:
+        return f"{self.name} (no sampler)" if self.proposer else type(self.sampler(0)).__name__
+
+
+def _tpe(seed: int) -> optuna.samplers.BaseSampler:
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True, n_startup_trials=10)
+
+
+STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
+    Strategy("optuna", "seeded TPE (default)", sampler=_tpe, seeded=True),
+    Strategy("random", "random plans"),
+    Strategy("global", "one dtype for the whole model", proposer=global_plans),
+    Strategy("greedy", "all low, then back to fp32 by sensitivity", proposer=greedy_plans),
+    Strategy("bisect", "bisection in graph order", proposer=bisect_plans),
+)}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,5 @@
 import os
+import time
 
 import pytest
 import yaml
@@ -108,3 +109,95 @@ def test_compact_lists_only_what_differs_from_the_most_common_dtype():
     assert plan.default == "bf16" and plan.layers == {"c": "fp32"} and plan.mode == "training"
     assert Plan.compact({"a": "bf16", "b": "fp32"}).default == "fp32"  # ties go to fp32
     assert Plan.compact({}).default == "fp32"
+
+
+# -- bad input that never hurts: the safe loader and typed fields ---------------------------------
+@pytest.mark.parametrize("text,message", [
+    ("format: precsearch-plan/1\ndefault: fp32\nlayers: {}\ndefault: bf16\n",
+     "duplicate key 'default' at line 4 (first at line 2)"),
+    ("format: precsearch-plan/1\nlayers: {stem: bf16, stem: fp32}\n", "duplicate key 'stem' at line 2"),
+    ("format: precsearch-plan/1\nlayers:\n  stem: bf16\n  head: fp32\n  stem: fp32\n",
+     "duplicate key 'stem' at line 5 (first at line 3)"),
+    ("format: precsearch-plan/1\nlayers: {stem: &d bf16, head: *d}\n", "YAML anchor or alias &d at line 2"),
+    ("format: precsearch-plan/1\nmodel: {name: a, name: b}\n", "duplicate key 'name' at line 2"),
+])
+def test_duplicate_keys_and_aliases_are_refused(tmp_path, text, message):
+    path = _write(tmp_path, text)
+    with pytest.raises(PlanError) as caught:
+        load_plan(path)
+    assert str(caught.value).startswith(f"{path}: ") and message in str(caught.value)
+
+
+def test_alias_bomb_in_created_fails_fast(tmp_path):
+    lines = ['  - &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"  - &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, 10)]
+    path = _write(tmp_path, "format: precsearch-plan/1\ncreated:\n" + "\n".join(lines) + "\n")
+    assert path.stat().st_size < 1024
+    started = time.perf_counter()
+    with pytest.raises(PlanError, match="YAML anchor or alias &l0 at line 3"):
+        load_plan(path)
+    assert time.perf_counter() - started < 1.0
+
+
+@pytest.mark.parametrize("field,text,message", [
+    ("model.fingerprint", "model: {fingerprint: 12345}",
+     "model.fingerprint: expected a string 'sha256:...', found int 12345"),
+    ("model.fingerprint", "model: {fingerprint: 'md5:abc'}", "model.fingerprint: expected a string 'sha256:...'"),
+    ("model.name", "model: {name: [a, b]}", "model.name: expected a string, found list ['a', 'b']"),
+    ("model.units", "model: {units: '13'}", "model.units: expected an integer >= 0, found string '13'"),
+    ("model.units", "model: {units: true}", "model.units: expected an integer >= 0, found boolean True"),
+    ("model", "model: {1: x}", "model: field name int 1 must be a string"),
+    ("model", "model: [a]", "model: must be a mapping"),
+    ("target.torch", "target: {torch: 2.1}", "target.torch: expected a string, found float 2.1"),
+    ("constraint.limit", "constraint: {metric: rel_l2, limit: .inf}", "constraint.limit: expected a finite number"),
+    ("constraint.limit", "constraint: {metric: rel_l2, limit: -1}", "constraint.limit: expected a finite number >= 0"),
+    ("constraint.limit", "constraint: {metric: rel_l2}", "constraint.limit: missing"),
+    ("constraint.metric", "constraint: {metric: 3, limit: 0.1}", "constraint.metric: expected a string, found int 3"),
+    ("constraint", "constraint: {metric: a, limit: 1, unit: x}", "constraint: unknown field 'unit'"),
+    ("metrics.speedup", "metrics: {speedup: fast}", "metrics.speedup: expected a number or null, found string"),
+    ("metrics.error", "metrics: {error: [1]}", "metrics.error: expected a number or null"),
+    ("search.trials", "search: {trials: many}", "search.trials: expected an integer >= 0"),
+    ("search.storage", "search: {storage: 5}", "search.storage: expected a storage URL string or null"),
+    ("search.space", "search: {space: {a: 1}}", "search.space: expected a string, found mapping"),
+    ("created", "created: 12345", "created: expected a time string such as '2026-11-28T12:00:00Z', found int"),
+    ("created", "created: [a]", "created: expected a time string"),
+    ("layers", "layers: []", "layers: must be a mapping"),
+    ("loss_scaling", "loss_scaling: 5", "loss_scaling: expected a mapping or null, found int 5"),
+    ("loss_scaling.init_scale", "loss_scaling: {init_scale: .inf}", "loss_scaling.init_scale"),
+    ("loss_scaling", "loss_scaling: {1: 2, scale: 3}", "loss_scaling: unknown field 1"),
+])
+def test_mistyped_fields_name_the_field(tmp_path, field, text, message):
+    path = _write(tmp_path, f"format: precsearch-plan/1\n{text}\n")
+    with pytest.raises(PlanError) as caught:
+        load_plan(path)
+    assert str(caught.value).startswith(f"{path}: {field}")
+    assert message in str(caught.value)
+
+
+def test_wrong_fingerprint_type_is_caught_before_validate_for():
+    with pytest.raises(PlanError, match="model.fingerprint: expected a string 'sha256:...', found int 12345"):
+        Plan(model={"fingerprint": 12345})
+
+
+@pytest.mark.parametrize("written,stored", [
+    ("2026-11-28T12:00:00Z", "2026-11-28T12:00:00Z"),
+    ("2026-11-28 14:30:05+02:00", "2026-11-28T12:30:05Z"),
+    ("2026-11-28", "2026-11-28T00:00:00Z"),
+    ("'made by hand'", "made by hand"),
+    ("null", ""),
+])
+def test_created_timestamps_become_iso_strings(tmp_path, written, stored):
+    plan = load_plan(_write(tmp_path, f"format: precsearch-plan/1\ncreated: {written}\n"))
+    assert plan.created == stored
+    assert load_plan(plan.save(tmp_path / "again.yaml")).created == stored
+
+
+def test_cli_check_refuses_duplicate_keys_in_one_line(tmp_path, capsys):
+    from precsearch.cli import main
+
+    path = _write(tmp_path, "format: precsearch-plan/1\ndefault: fp32\nlayers: {stem: bf16, stem: fp32}\n")
+    code = main(["check", "--plan", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1
+    assert err.startswith(f"precsearch: error: {path}: duplicate key 'stem' at line 3")

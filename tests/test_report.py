@@ -7,6 +7,8 @@ import pytest
 from precsearch import Plan, load_plan
 from precsearch.cli import main
 from precsearch.compare import unit_differences
+from precsearch.decisions import encode
+from precsearch.records import StudySetup, TrialRecord, pareto_front
 
 
 @pytest.fixture(scope="module")
@@ -28,24 +30,30 @@ def test_trials_csv_matches_the_study(run_dir):
     assert list(frame["trial"]) == [t.number for t in finished]
     for trial, row in zip(finished, frame.itertuples()):
         assert row.latency_ms == pytest.approx(trial.value)
-        assert row.plan == trial.user_attrs["plan"]
+        assert row.plan == TrialRecord.of(trial).plan
         assert row.feasible == (trial.constraints["error"] <= 0)
         assert row.bf16 + row.fp16 + row.fp32 == 6
 
 
 def test_saved_plans_are_the_pareto_front(run_dir):
-    plans = [load_plan(run_dir / "plan.yaml")] + [load_plan(p) for p in sorted((run_dir / "pareto").glob("*.yaml"))]
+    units = [row["name"] for row in StudySetup.load(_study(run_dir)).units]
+    chosen = load_plan(run_dir / "plan.yaml")
+    others = [load_plan(p) for p in sorted((run_dir / "pareto").glob("*.yaml"))]
     frame = pd.read_csv(run_dir / "trials.csv")
-    feasible = frame[frame["feasible"] & (frame["plan"] != "f" * 6)]  # the fp32 baseline is reported apart
-    points = [(p.metrics["latency_ms"], p.metrics["error"]) for p in plans[1:]]
-    # the other Pareto plans carry their trial's numbers; none dominates another
-    for i, (lat, err) in enumerate(points):
-        assert not any(l2 <= lat and e2 <= err and (l2, e2) != (lat, err) for j, (l2, e2) in enumerate(points) if i != j)
-    # every feasible trial is dominated by (or is) a saved plan's trial
-    saved = {p.metrics["trial"] for p in plans}
-    by_trial = {int(r.trial): (r.latency_ms, r.error) for r in feasible.itertuples()}
-    for trial, (lat, err) in by_trial.items():
-        assert trial in saved or any(by_trial[s][0] <= lat and by_trial[s][1] <= err for s in saved if s in by_trial)
+    fastest = frame[frame["feasible"]].sort_values("latency_ms").drop_duplicates("plan")
+    front = pareto_front(list(fastest.itertuples()), key=lambda row: (row.latency_ms, row.error))
+    # pareto/ holds the front of the trials, less the FP32 plan (nothing to deploy) and the chosen plan
+    expected = {row.plan for row in front} - {encode({}, units), _code(chosen, units)}
+    assert [_code(plan, units) for plan in others] == [row.plan for row in front if row.plan in expected]
+    # each carries its own trial's numbers, on the study's one latency basis
+    for plan in others:
+        row = frame[frame["trial"] == plan.metrics["trial"]].iloc[0]
+        assert plan.metrics["speedup"] == pytest.approx(row.speedup, rel=1e-3)
+        assert plan.metrics["latency_ms"] == pytest.approx(row.latency_ms, rel=1e-3)
+
+
+def _code(plan, units):
+    return encode({unit: plan.precision(unit) for unit in units}, units)
 
 
 def test_report_files_hold_the_numbers(run_dir):

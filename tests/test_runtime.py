@@ -1,9 +1,14 @@
+import copy
+import pickle
+
 import pytest
 import torch
-from conftest import build_bert, token_batches
+from conftest import Branchy, build_bert, token_batches
+from torch import nn
 
 from precsearch import Plan, PlanError, apply_plan, audit, walk
 from precsearch.batches import call
+from precsearch.runtime import applied_plan, handle_of
 
 
 def _first_tensor(output):
@@ -146,3 +151,129 @@ def test_a_second_plan_on_the_same_model_is_refused():
         with pytest.raises(PlanError, match="already applied"):
             apply_plan(model, Plan(default="fp32"))
     apply_plan(model, Plan(default="fp32")).remove()
+
+
+def _outputs(model, batches):
+    with torch.no_grad():
+        return [_first_tensor(call(model, batch)) for batch in batches]
+
+
+def _same(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def _zero_weights(model):
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.zero_()
+
+
+def _assert_audits_clean(model, plan, batches):
+    report = audit(model, plan, batches)
+    assert report.ok, str(report)
+    for unit, dtypes in report.by_unit().items():
+        assert set(dtypes) == {plan.precision(unit)}, unit
+
+
+def test_deep_copy_of_bert_runs_its_own_modules_under_the_plan():
+    """Issue #11: the copy's wrappers called the original's modules, all in bf16."""
+    model, batches = build_bert(), token_batches()
+    units = walk(model, batches[0]).units
+    plan = Plan(default="bf16", layers={unit: "fp32" for unit in units[::5]})  # sparse fp32 units
+    plain = copy.deepcopy(model)
+    reference = _outputs(plain, batches)
+    handle = apply_plan(model, plan)
+    planned = _outputs(model, batches)
+
+    clone = copy.deepcopy(model)
+    clone_handle = handle_of(clone)
+    assert clone_handle is not None and clone_handle is not handle and clone_handle.model is clone
+    assert applied_plan(clone) is plan
+    assert _same(_outputs(clone, batches), planned)
+    _assert_audits_clean(clone, plan, batches)
+    assert {entry.actual for entry in audit(clone, plan, batches).entries} == {"bf16", "fp32"}
+    assert handle_of(clone) is clone_handle  # the audit reused the copy's handle
+    with pytest.raises(PlanError, match="already applied"):
+        apply_plan(clone, plan)
+    assert clone.state_dict().keys() == plain.state_dict().keys()
+    assert [name for name, _ in clone.named_modules()] == [name for name, _ in plain.named_modules()]
+
+    _zero_weights(clone)
+    assert _same(_outputs(model, batches), planned)
+    assert not _same(_outputs(clone, batches), planned)
+
+    # A copy's handle removes the plan from the copy only.
+    other = copy.deepcopy(model)
+    handle_of(other).remove()
+    assert handle_of(other) is None and not any("forward" in m.__dict__ for m in other.modules())
+    assert _same(_outputs(other, batches), reference)
+    assert handle_of(model) is handle
+    _assert_audits_clean(model, plan, batches)
+
+    # Removing the original's handle leaves the copy applied; zeroing the original leaves it alone.
+    handle.remove()
+    assert _same(_outputs(model, batches), reference)
+    assert handle_of(clone) is clone_handle
+    _assert_audits_clean(clone, plan, batches)
+    _zero_weights(model)
+    assert _same(_outputs(other, batches), reference)
+
+
+def test_deep_copy_of_branchy_model_runs_its_own_modules():
+    torch.manual_seed(0)
+    model = Branchy().eval()
+    batches = [torch.randn(8, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    plain = copy.deepcopy(model)
+    plan = Plan(default="bf16", layers={"pos": "fp32", "out": "fp32"})
+    handle = apply_plan(model, plan)
+    planned = _outputs(model, batches)
+    clone = copy.deepcopy(model)
+    assert _same(_outputs(clone, batches), planned)
+    _assert_audits_clean(clone, plan, batches)
+    _zero_weights(clone)
+    assert _same(_outputs(model, batches), planned)
+    assert not _same(_outputs(clone, batches), planned)
+    handle_of(clone).remove()
+    assert applied_plan(model) is plan and applied_plan(clone) is None
+    _assert_audits_clean(model, plan, batches)
+    handle.remove()
+    assert _same(_outputs(model, batches), _outputs(plain, batches))
+
+
+def test_deep_copy_of_sequential_is_removable_on_its_own():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4)))
+    batches = [torch.randn(4, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    plain = copy.deepcopy(model)
+    plan = Plan(default="fp32", layers={"2.0": "bf16"})  # bf16 child returning into fp32 parent
+    handle = apply_plan(model, plan)
+    planned = _outputs(model, batches)
+    assert not _same(planned, _outputs(plain, batches))
+    clone = copy.deepcopy(model)
+    assert _same(_outputs(clone, batches), planned)
+    with pytest.raises(PlanError, match="already applied"):
+        apply_plan(clone, Plan(default="bf16"))
+    handle_of(clone).remove()
+    assert _same(_outputs(clone, batches), _outputs(plain, batches))
+    assert _same(_outputs(model, batches), planned)
+    apply_plan(clone, Plan(default="bf16")).remove()  # the copy takes another plan now
+    with pytest.raises(TypeError, match="remove the plan first"):
+        pickle.dumps(model)
+    handle.remove()
+    pickle.dumps(model)
+
+
+def test_deep_copy_inside_suspended_is_a_plain_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    batches = [torch.randn(4, 8)]
+    plain = copy.deepcopy(model)
+    plan = Plan(default="bf16", layers={"1": "fp32"})
+    with apply_plan(model, plan) as handle:
+        planned = _outputs(model, batches)
+        with handle.suspended():
+            clone = copy.deepcopy(model)
+        assert applied_plan(model) is plan and _same(_outputs(model, batches), planned)
+    assert handle_of(clone) is None and not any("forward" in m.__dict__ for m in clone.modules())
+    assert _same(_outputs(clone, batches), _outputs(plain, batches))
+    apply_plan(clone, plan).remove()

@@ -4,13 +4,15 @@ import optuna
 import pytest
 
 from precsearch import Plan, load_plan, walk
-from precsearch import search as search_module
+from precsearch import study_setup as study_setup
 from precsearch.accuracy import Fidelity
 from precsearch.bench import time_interleaved
 from precsearch.cli import main
+from precsearch.config import SearchConfig
 from precsearch.decisions import Decisions
 from precsearch.evaluate import Evaluator
 from precsearch.examples import demo
+from precsearch.records import TrialRecord
 from precsearch.runtime import apply_plan
 from precsearch.search import optimize
 from precsearch.sensitivity import unit_sensitivity
@@ -52,7 +54,7 @@ def test_seeds_cover_baseline_all_low_and_the_trap_free_prefix():
 @pytest.mark.slow
 def test_search_avoids_the_traps_and_matches_exhaustive_search():
     model, batches = demo.small_model(), small_data()
-    result = optimize(model, batches, max_error=0.01, trials=20, progress=False, seed=0)
+    result = optimize(model, batches, SearchConfig(max_error=0.01, trials=20, progress=False, seed=0))
     plan = result.plan
     assert plan is not None and plan.metrics["error"] <= 0.01
     assert plan.precision("amplify") != "fp16" and plan.precision("shift") != "bf16"
@@ -80,14 +82,14 @@ def test_search_avoids_the_traps_and_matches_exhaustive_search():
 
 def test_resume_keeps_finished_trials_and_computes_sensitivity_once(tmp_path, monkeypatch):
     calls = []
-    real = search_module.unit_sensitivity
-    monkeypatch.setattr(search_module, "unit_sensitivity", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = study_setup.unit_sensitivity
+    monkeypatch.setattr(study_setup, "unit_sensitivity", lambda *a, **k: calls.append(1) or real(*a, **k))
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     model, batches = demo.small_model(), small_data()
-    first = optimize(model, batches, trials=6, storage=storage, study_name="s", progress=False, repeats=3)
-    before = [(t.number, t.value, t.user_attrs["plan"]) for t in first.study.trials if t.state.is_finished()]
-    second = optimize(model, batches, trials=9, storage=storage, study_name="s", progress=False, repeats=3)
-    after = [(t.number, t.value, t.user_attrs["plan"]) for t in second.study.trials if t.state.is_finished()]
+    first = optimize(model, batches, SearchConfig(trials=6, storage=storage, study_name="s", progress=False, repeats=3))
+    before = [(t.number, t.value, TrialRecord.of(t).plan) for t in first.study.trials if t.state.is_finished()]
+    second = optimize(model, batches, SearchConfig(trials=9, storage=storage, study_name="s", progress=False, repeats=3))
+    after = [(t.number, t.value, TrialRecord.of(t).plan) for t in second.study.trials if t.state.is_finished()]
     assert len(before) == 6 and len(after) == 9
     assert after[:6] == before
     assert len(calls) == 1
@@ -95,7 +97,7 @@ def test_resume_keeps_finished_trials_and_computes_sensitivity_once(tmp_path, mo
 
 def test_ranked_parametrisation_for_many_choices():
     model, batches = demo.model(), small_data()
-    result = optimize(model, batches, trials=10, progress=False, repeats=3, max_categorical=4)
+    result = optimize(model, batches, SearchConfig(trials=10, progress=False, repeats=3, max_categorical=4))
     complete = [t for t in result.study.trials if t.state.name == "COMPLETE"]
     assert len(complete) == 10 and all(set(t.params) == {"dtype", "fraction"} for t in complete)
     assert result.plan is not None and result.plan.metrics["error"] <= 0.01
@@ -116,11 +118,11 @@ def test_interrupted_trial_is_redone_on_resume(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Evaluator, "measure", flaky)
     with pytest.raises(KeyboardInterrupt):
-        optimize(model, batches, trials=6, storage=storage, study_name="s", progress=False, repeats=3)
+        optimize(model, batches, SearchConfig(trials=6, storage=storage, study_name="s", progress=False, repeats=3))
     monkeypatch.setattr(Evaluator, "measure", real)
     study = optuna.load_study(study_name="s", storage=storage)
     assert [t.state.name for t in study.trials if t.state.is_finished()] == ["COMPLETE"] * 3 + ["FAIL"]
-    result = optimize(model, batches, trials=6, storage=storage, study_name="s", progress=False, repeats=3)
+    result = optimize(model, batches, SearchConfig(trials=6, storage=storage, study_name="s", progress=False, repeats=3))
     complete = [t for t in result.study.trials if t.state.name == "COMPLETE"]
     assert len(complete) == 6
 

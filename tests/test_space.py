@@ -59,3 +59,30 @@ def test_invalid_spaces_name_the_culprit(tmp_path, text, message):
 def test_unknown_named_space_lists_the_named_ones():
     with pytest.raises(InputError, match="named spaces: bf16_only, cnn, default, transformer"):
         SearchSpace.load("nope")
+
+
+@pytest.mark.parametrize("text,message", [
+    ("format: precsearch-space/1\nrules:\n  - {name: '^a$', dtypes: [fp32], dtypes: [bf16]}\n",
+     "duplicate key 'dtypes' at line 3 (first at line 3)"),
+    ("format: precsearch-space/1\nrules:\n  - name: '^a$'\n    dtypes: [fp32]\n    name: '^b$'\n",
+     "duplicate key 'name' at line 5 (first at line 3)"),
+    ("format: precsearch-space/1\ndtypes: [fp32]\nname: x\ndtypes: [bf16]\n",
+     "duplicate key 'dtypes' at line 4 (first at line 2)"),
+    ("format: precsearch-space/1\ndtypes: &d [fp32]\nrules: [{type: [Linear], dtypes: *d}]\n",
+     "YAML anchor or alias &d at line 2"),
+    ("format: precsearch-space/1\n1: a\nx: b\n", "unknown field 1"),
+])
+def test_unsafe_or_ambiguous_spaces_are_refused(tmp_path, text, message):
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    with pytest.raises(InputError) as caught:
+        SearchSpace.load(str(path))
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_binary_space_file_is_an_input_error(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe")
+    with pytest.raises(InputError) as caught:
+        SearchSpace.load(str(path))
+    assert str(caught.value).startswith(f"--space {path}: cannot read search space: not UTF-8 text (byte 0x89")

@@ -1,19 +1,24 @@
 import optuna
 
 from precsearch.cli import main
+from precsearch.config import SearchConfig
 from precsearch.examples import demo
+from precsearch.records import TrialRecord
 from precsearch.search import optimize
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def _run(strategy, trials=12):
+    # bf16 only, never dropped as slow: which plans a strategy proposes must not depend on the
+    # machine's load.
     model, batches = demo.small_model(), demo.data(batches=2, batch_size=128)
-    return optimize(model, batches, trials=trials, progress=False, repeats=3, strategy=strategy)
+    return optimize(model, batches, SearchConfig(space="bf16_only", trials=trials, progress=False, repeats=3,
+                                                 strategy=strategy, drop_slow_dtypes=False))
 
 
 def _sequence(result):
-    return [t.user_attrs["plan"] for t in result.study.trials if t.state.name == "COMPLETE"]
+    return [TrialRecord.of(t).plan for t in result.study.trials if t.state.name == "COMPLETE"]
 
 
 def test_global_uses_one_dtype_for_the_whole_model():
@@ -41,7 +46,7 @@ def test_random_samples_without_seeds():
     result = _run("random", trials=6)
     assert len(_sequence(result)) == 6
     assert all(t.system_attrs.get("fixed_params") is None for t in result.study.trials)
-    assert result.study.user_attrs["settings"]["sampler"] == "RandomSampler"
+    assert result.setup.settings.sampler == "RandomSampler"
 
 
 def test_cli_strategy(tmp_path, capsys):

@@ -6,7 +6,9 @@ from torch import nn
 
 from precsearch import LossScaling, Plan, audit, load_plan
 from precsearch.cli import main
+from precsearch.config import SearchConfig
 from precsearch.examples import digits, train_digits
+from precsearch.records import load_diagnostics
 from precsearch.search import optimize
 from precsearch.training import Trainer, default_loss, diagnose, grad_scaler
 
@@ -24,11 +26,11 @@ def test_search_in_training_mode_moves_no_weight_and_records_diagnostics():
     torch.manual_seed(0)
     model = digits.DigitsMLP()
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    result = optimize(model, digits.training_data()[:2], space=train_digits.SPACE, mode="training",
-                      max_error=0.05, trials=3, progress=False, repeats=3)
+    result = optimize(model, digits.training_data()[:2], SearchConfig(space=train_digits.SPACE, mode="training",
+                      max_error=0.05, trials=3, progress=False, repeats=3))
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert result.plan.mode == "training"
-    assert result.study.user_attrs["training_diagnostics"]["scales"]
+    assert load_diagnostics(result.study)["scales"]
 
 
 class Tiny(nn.Module):
@@ -156,4 +158,4 @@ def test_check_refuses_invalid_loss_scaling(tmp_path, capsys):
     path = tmp_path / "plan.yaml"
     path.write_text("format: precsearch-plan/1\nmode: training\ndefault: fp16\nloss_scaling: {growth_factor: 0.5}\n")
     assert main(["check", "--plan", str(path)]) == 2
-    assert "loss_scaling.growth_factor: 0.5 must be > 1" in capsys.readouterr().err
+    assert "loss_scaling.growth_factor: 0.5 must be a finite number > 1" in capsys.readouterr().err

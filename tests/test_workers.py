@@ -12,7 +12,9 @@ import torch
 from torch import nn
 
 from precsearch.cli import main
+from precsearch.config import SearchConfig
 from precsearch.errors import InputError
+from precsearch.records import StudySetup, TrialRecord, is_surplus, worker_of
 from precsearch.search import optimize
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -30,14 +32,14 @@ def _check_shared_study(storage, study_name, trials, workers):
     assert all(w.returncode == 0 for w in workers), [err for _, err in results]
     study = optuna.load_study(study_name=study_name, storage=storage)
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
-    states = [(t.number, t.state.name, t.user_attrs.get("worker"), t.user_attrs.get("surplus")) for t in study.trials]
+    states = [(t.number, t.state.name, worker_of(t), is_surplus(t)) for t in study.trials]
     assert len(complete) == trials, states
     # Surplus trials (claimed after the budget was taken) are failed, never evaluated.
-    assert all(t.user_attrs.get("surplus") for t in study.trials if t.state.name == "FAIL"), states
+    assert all(is_surplus(t) for t in study.trials if t.state.name == "FAIL"), states
     seeded = [tuple(sorted(t.params.items())) for t in complete if t.system_attrs.get("fixed_params")]
     assert len(seeded) == len(set(seeded))  # no enqueued seed evaluated twice
     assert sum("this worker set up study" in err for _, err in results) == 1  # one sensitivity analysis
-    assert "sensitivity" in study.user_attrs
+    assert StudySetup.load(study).sensitivity
     return study
 
 
@@ -80,7 +82,7 @@ def test_a_worker_killed_mid_trial_loses_only_that_trial(tmp_path, kind):
         time.sleep(0.05)
     worker.send_signal(signal.SIGKILL)
     worker.wait()
-    before = {t.number: (t.value, t.user_attrs["plan"]) for t in
+    before = {t.number: (t.value, TrialRecord.of(t).plan) for t in
               optuna.load_study(study_name="s", storage=backend).trials if t.state.name == "COMPLETE"}
     killed = [t.number for t in optuna.load_study(study_name="s", storage=backend).trials if t.state.name == "RUNNING"]
     assert before and killed
@@ -89,7 +91,7 @@ def test_a_worker_killed_mid_trial_loses_only_that_trial(tmp_path, kind):
     _, err = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, err
     study = optuna.load_study(study_name="s", storage=backend)
-    after = {t.number: (t.value, t.user_attrs["plan"]) for t in study.trials if t.state.name == "COMPLETE"}
+    after = {t.number: (t.value, TrialRecord.of(t).plan) for t in study.trials if t.state.name == "COMPLETE"}
     assert len(after) == 12
     assert all(after[number] == value for number, value in before.items())  # earlier trials intact
     assert all(study.trials[number].state.name == "FAIL" for number in killed)
@@ -132,12 +134,12 @@ def test_faults_inside_trials_are_recorded_and_the_search_goes_on(tmp_path):
     study = optuna.create_study(study_name="faults", storage=storage)  # the faulty plans go first
     for first, second in (("bf16", "bf16"), ("fp16", "fp16"), ("fp32", "bf16")):
         study.enqueue_trial({"first": first, "second": second})
-    result = optimize(model, batches, trials=12, progress=False, repeats=3, drop_slow_dtypes=False,
-                      storage=storage, study_name="faults")
-    trials = {t.user_attrs["plan"]: t for t in result.study.trials if t.state.name == "COMPLETE"}
-    assert "OutOfMemoryError" in trials["bb"].user_attrs["failure"]
-    assert "boom" in trials["hh"].user_attrs["failure"]
-    assert trials["fb"].user_attrs["error"] is None and trials["fb"].constraints["error"] > 0  # NaN -> infeasible
+    result = optimize(model, batches, SearchConfig(trials=12, progress=False, repeats=3, drop_slow_dtypes=False,
+                      storage=storage, study_name="faults"))
+    trials = {TrialRecord.of(t).plan: t for t in result.study.trials if t.state.name == "COMPLETE"}
+    assert "OutOfMemoryError" in TrialRecord.of(trials["bb"]).failure
+    assert "boom" in TrialRecord.of(trials["hh"]).failure
+    assert TrialRecord.of(trials["fb"]).error is None and trials["fb"].constraints["error"] > 0  # NaN -> infeasible
     assert result.plan is not None and result.plan.precision("second") != "bf16"
     from precsearch.report import write_report
 
@@ -150,11 +152,11 @@ def test_a_worker_with_another_model_is_refused(tmp_path):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     torch.manual_seed(0)
     batches = [torch.randn(8, 32)]
-    optimize(nn.Sequential(nn.Linear(32, 32)), batches, trials=2, storage=storage, study_name="s", progress=False,
-             repeats=3)
+    optimize(nn.Sequential(nn.Linear(32, 32)), batches, SearchConfig(trials=2, storage=storage, study_name="s", progress=False,
+             repeats=3))
     with pytest.raises(InputError, match="was made for another model, space, constraint or mode"):
-        optimize(nn.Sequential(nn.Linear(32, 16)), batches, trials=2, storage=storage, study_name="s",
-                 progress=False, repeats=3)
+        optimize(nn.Sequential(nn.Linear(32, 16)), batches, SearchConfig(trials=2, storage=storage, study_name="s",
+                 progress=False, repeats=3))
     with pytest.raises(InputError, match="was made for another"):
-        optimize(nn.Sequential(nn.Linear(32, 32)), batches, trials=2, storage=storage, study_name="s",
-                 progress=False, repeats=3, max_error=0.5)
+        optimize(nn.Sequential(nn.Linear(32, 32)), batches, SearchConfig(trials=2, storage=storage, study_name="s",
+                 progress=False, repeats=3, max_error=0.5))

@@ -13,6 +13,7 @@ import argparse
 
 import torch
 
+from precsearch.config import SearchConfig
 from precsearch.examples import digits
 from precsearch.search import optimize
 from precsearch.space import SearchSpace
@@ -26,8 +27,8 @@ def run(epochs: int = 12, trials: int = 12, seed: int = 0) -> dict:
     torch.manual_seed(seed)
     start = digits.DigitsMLP()
     state = {key: value.clone() for key, value in start.state_dict().items()}
-    plan = optimize(start, digits.training_data()[:4], space=SPACE, mode="training", max_error=0.05,
-                    trials=trials, progress=False, repeats=3).plan
+    plan = optimize(start, digits.training_data()[:4], SearchConfig(space=SPACE, mode="training", max_error=0.05,
+                    trials=trials, progress=False, repeats=3)).plan
 
     results = {"plan": plan}
     for name in ("fp32", "plan"):

@@ -1,0 +1,95 @@
+"""How to search, as one frozen, validated value: ``optimize(model, batches, SearchConfig(...))``.
+
+>>> config = SearchConfig(space="transformer", max_error=0.005, trials=40)    # doctest: +SKIP
+>>> config.space.name, config.strategy.name                                  # doctest: +SKIP
+('transformer', 'optuna')
+
+Every field is checked when the config is built, so an invalid search cannot start: bad input
+raises ``InputError`` naming the command-line flag that sets the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+from precsearch.accuracy import METRICS, Fidelity, check_limit
+from precsearch.errors import InputError
+from precsearch.plan import MODES
+from precsearch.space import SearchSpace
+from precsearch.storage import HEARTBEAT_S
+from precsearch.strategies import STRATEGIES, Strategy
+
+MAX_CATEGORICAL = 48   # above this many choices, the study searches a ranked parametrisation
+REPEATS = 9            # timed rounds per feasible candidate
+MODE_ALIASES = {"infer": "inference", "train": "training"}
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+    """A search: what to optimise under which constraint, with which budget and storage.
+
+    ``space`` and ``strategy`` may be given by name; they are resolved on construction.
+    ``fidelity`` overrides ``metric``/``max_error`` (e.g. ``Fidelity.user(...)`` for a task
+    metric). ``mode="training"`` times full training steps on ``(inputs, target)`` batches and
+    bounds the gradients' rel_l2 against FP32 (``loss_fn(output, target)``, default cross
+    entropy). ``trials`` is the study's total budget over all workers and resumes.
+    ``drop_slow_dtypes`` leaves out a low precision whose all-low plan ran clearly slower than FP32.
+    """
+
+    space: SearchSpace | str = "default"
+    metric: str = "rel_l2"
+    max_error: float = 0.01
+    fidelity: Fidelity | None = None
+    mode: str = "inference"
+    loss_fn: Callable[[Any, Any], Any] | None = None
+    trials: int = 60
+    timeout: float | None = None
+    storage: str | None = None
+    study_name: str = "precsearch"
+    seed: int = 0
+    model_name: str | None = None
+    progress: bool = True
+    repeats: int = REPEATS
+    max_categorical: int = MAX_CATEGORICAL
+    drop_slow_dtypes: bool = True
+    heartbeat: float = HEARTBEAT_S
+    strategy: Strategy | str = "optuna"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.strategy, str):
+            if self.strategy not in STRATEGIES:
+                raise InputError(f"--strategy {self.strategy!r}: use one of {', '.join(STRATEGIES)}")
+            object.__setattr__(self, "strategy", STRATEGIES[self.strategy])
+        if not isinstance(self.space, SearchSpace):
+            object.__setattr__(self, "space", SearchSpace.load(self.space))
+        mode = MODE_ALIASES.get(self.mode, self.mode)
+        if mode not in MODES:
+            raise InputError(f"--mode {self.mode!r}: use inference (infer) or training (train)")
+        object.__setattr__(self, "mode", mode)
+        if self.metric not in METRICS:
+            raise InputError(f"--metric-name {self.metric!r}: use one of {', '.join(METRICS)}")
+        check_limit(self.max_error, "--max-error")
+        if self.loss_fn is not None and mode != "training":
+            raise InputError("--loss applies to --mode train")
+        _check_int(self.trials, "--trials", 1)
+        _check_int(self.seed, "--seed", None)
+        _check_int(self.repeats, "repeats", 1)
+        _check_int(self.max_categorical, "max_categorical", 1)
+        for flag, value in (("--timeout", self.timeout), ("--heartbeat", self.heartbeat)):
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise InputError(f"{flag} {value!r}: must be a positive number of seconds")
+        if not isinstance(self.study_name, str) or not self.study_name:
+            raise InputError(f"--study {self.study_name!r}: must be a non-empty name")
+
+    @property
+    def training(self) -> bool:
+        return self.mode == "training"
+
+
+def _check_int(value: object, flag: str, minimum: int | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+        bound = f" >= {minimum}" if minimum is not None else ""
+        raise InputError(f"{flag} {value!r}: must be an integer{bound}")

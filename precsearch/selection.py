@@ -1,0 +1,134 @@
+"""Choosing the result of a search: the feasible Pareto front of the trials, a final interleaved
+race among the close finalists (the FP32 plan always runs in it), and the plans written with
+the provenance that makes them reproducible."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import optuna
+from torch import nn
+
+from precsearch.config import SearchConfig
+from precsearch.decisions import decode, encode
+from precsearch.evaluate import Evaluator, Measurement
+from precsearch.plan import LossScaling, Plan, model_fingerprint
+from precsearch.records import StudySetup, TrialRecord, pareto_front
+from precsearch.storage import COUNTED
+
+log = logging.getLogger(__name__)
+
+FINALISTS, FINALIST_MARGIN = 4, 1.10   # plans within 10% of the fastest re-timed together
+RACE_REPEATS = 15                       # at least this many rounds in the final race
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """A feasible trial's plan and measurement; ``relative`` is its latency / FP32 latency."""
+
+    trial: int
+    record: TrialRecord
+
+    @property
+    def relative(self) -> float:
+        return self.record.latency_ms / self.record.baseline_ms
+
+    @property
+    def error(self) -> float:
+        return self.record.error or 0.0
+
+
+def feasible_candidates(study: optuna.Study) -> list[Candidate]:
+    """One per distinct plan (its fastest trial) among completed trials within the constraint."""
+    found: dict[str, Candidate] = {}
+    for trial in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE]):
+        record = TrialRecord.of(trial)
+        if record is None or any(v > 0 for v in trial.constraints.values()) or record.speedup is None:
+            continue
+        candidate = Candidate(trial.number, record)
+        if record.plan not in found or candidate.relative < found[record.plan].relative:
+            found[record.plan] = candidate
+    return list(found.values())
+
+
+def front(candidates: list[Candidate]) -> list[Candidate]:
+    return pareto_front(candidates, key=lambda c: (c.relative, c.error))
+
+
+def choose(model: nn.Module, study: optuna.Study, units: list[str], evaluator: Evaluator, config: SearchConfig,
+           setup: StudySetup, fp32_allowed: bool = True) -> tuple[Plan | None, list[Plan]]:
+    """The plan to recommend and the other Pareto-optimal feasible plans (FP32 left out).
+
+    ``fp32_allowed``: the search space lets every unit run in FP32 (so the FP32 plan may win).
+    """
+    candidates = feasible_candidates(study)
+    if not candidates:
+        return None, []
+    pareto = front(candidates)
+    fp32_code = encode({}, units)
+    # The best of many noisy trials flatters itself: the close finalists race once more,
+    # interleaved and longer. The FP32 plan races whenever the space allows it: no plan slower
+    # than the model as it was is recommended.
+    fastest = pareto[0].relative
+    finalists = [c for c in sorted(candidates, key=lambda c: c.relative)
+                 if c.relative <= FINALIST_MARGIN * fastest][:FINALISTS]
+    codes = list(dict.fromkeys([c.record.plan for c in finalists] + ([fp32_code] if fp32_allowed else [])))
+    try:
+        raced = evaluator.race({code: decode(code, units) for code in codes},
+                               repeats=max(3 * evaluator.repeats, RACE_REPEATS))
+    except Exception as failure:  # keep the trials' own numbers
+        log.warning("final race failed (%s); using the trials' measurements", failure)
+        raced = {}
+    by_code = {c.record.plan: c for c in candidates}
+    write = _PlanWriter(model, study, units, evaluator, config, setup)
+    if raced:
+        code = min(raced, key=lambda c: raced[c][0] / raced[c][1])
+        latency, base, memory = raced[code]
+        chosen = by_code.get(code)
+        error = chosen.error if chosen else 0.0
+        plan = write(code, Measurement(error, latency, base, memory), chosen.trial if chosen else None)
+    else:
+        chosen = pareto[0]
+        code = chosen.record.plan
+        plan = write(code, _measurement(chosen.record), chosen.trial)
+    others = [write(c.record.plan, _measurement(c.record), c.trial)
+              for c in pareto if c.record.plan not in (code, fp32_code)]
+    return plan, others
+
+
+def _measurement(record: TrialRecord) -> Measurement:
+    return Measurement(record.error or 0.0, record.latency_ms, record.baseline_ms, record.peak_memory_mb)
+
+
+class _PlanWriter:
+    """Builds result plans; what they share (model, target, search) is computed once."""
+
+    def __init__(self, model: nn.Module, study: optuna.Study, units: list[str], evaluator: Evaluator,
+                 config: SearchConfig, setup: StudySetup) -> None:
+        from precsearch.study_setup import target
+
+        self.units, self.config, self.setup = units, config, setup
+        self.constraint = evaluator.fidelity.describe()
+        self.model = {"name": config.model_name or type(model).__name__, "fingerprint": model_fingerprint(model),
+                      "units": len(units)}
+        self.target = target(evaluator.device_type)
+        self.search = {"space": config.space.name, "trials": len(study.get_trials(deepcopy=False, states=COUNTED)),
+                       "sampler": type(study.sampler).__name__, "study": study.study_name, "storage": config.storage}
+
+    def __call__(self, code: str, measured: Measurement, trial: int | None) -> Plan:
+        layers = decode(code, self.units)
+        plan = Plan.compact(layers)
+        baseline = self.setup.baseline_ms
+        # One latency basis for every plan: the study's FP32 baseline divided by the speedup
+        # measured against the FP32 model interleaved in the same run.
+        metrics: dict[str, Any] = {
+            "latency_ms": round(baseline / measured.speedup, 4), "baseline_latency_ms": round(baseline, 4),
+            "speedup": round(measured.speedup, 3), "error": measured.error,
+            "peak_memory_mb": measured.peak_memory_mb, "trial": trial}
+        return dataclasses.replace(
+            plan, mode=self.config.mode,
+            loss_scaling=LossScaling() if self.config.training and plan.needs_loss_scaling else None,
+            model=dict(self.model), target=dict(self.target), constraint=dict(self.constraint),
+            metrics=metrics, search=dict(self.search))

@@ -1,0 +1,134 @@
+"""The one-time setup of a study, done by the worker that creates it: sensitivity, the dtype
+probe, the FP32 baseline and the seed plans. The other workers wait for it and check that they
+search the same thing (the study fingerprint)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import warnings
+from typing import Any
+
+import optuna
+import torch
+from torch import nn
+
+from precsearch.bench import time_interleaved
+from precsearch.config import SearchConfig
+from precsearch.decisions import Decisions
+from precsearch.errors import InputError
+from precsearch.evaluate import Evaluator
+from precsearch.graph import LayerGraph
+from precsearch.plan import model_fingerprint
+from precsearch.precisions import FP32
+from precsearch.records import Settings, StudySetup
+from precsearch.sensitivity import choice_error, unit_sensitivity
+from precsearch.space import Choice
+
+SLOW_DTYPE = 1.25        # an all-low plan this many times FP32's latency takes its dtype out of the search
+PROBE_SECONDS = 3.0      # a clearly slow dtype shows within a few rounds
+BASELINE_REPEATS = 5     # at least this many rounds time the FP32 baseline
+
+
+def study_fingerprint(model: nn.Module, config: SearchConfig, constraint: dict[str, Any]) -> str:
+    """What workers of one study must agree on: model, space, constraint, mode and strategy."""
+    space = config.space
+    text = repr((model_fingerprint(model), space.dtypes,
+                 [(r.dtypes, r.name and r.name.pattern, r.types) for r in space.rules],
+                 [g.pattern for g in space.groups], constraint, config.mode, config.strategy.name))
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def check_same_search(study: optuna.Study, setup: StudySetup, fingerprint: str) -> None:
+    if setup.fingerprint != fingerprint:
+        raise InputError(f"--study {study.study_name!r} was made for another model, space, constraint or mode "
+                         f"({setup.settings.describe()}); give this search its own --study")
+
+
+def set_up(study: optuna.Study, model: nn.Module, example_inputs: Any, graph: LayerGraph, choices: list[Choice],
+           evaluator: Evaluator, config: SearchConfig, fingerprint: str) -> StudySetup:
+    """Measure what every worker shares, enqueue the seed plans, and store it all (then the study
+    is ready for the other workers)."""
+    low = sorted({d for c in choices for d in c.dtypes if d != FP32})
+    sensitivity = unit_sensitivity(model, graph.units, example_inputs, low, evaluator.device_type)
+    timing = time_interleaved({FP32: evaluator.step(None)}, device_type=evaluator.device_type,
+                              repeats=max(evaluator.repeats, BASELINE_REPEATS))
+    strategy = config.strategy
+    ranked = strategy.seeded and len(choices) > config.max_categorical
+    setup = StudySetup(
+        settings=Settings(model=config.model_name or type(model).__name__, space=config.space.name,
+                          mode=config.mode, constraint=evaluator.fidelity.describe(),
+                          **target(evaluator.device_type), trials=config.trials, seed=config.seed,
+                          strategy=strategy.name, sampler=strategy.sampler_name,
+                          parametrisation="ranked" if ranked else "categorical"),
+        fingerprint=fingerprint,
+        units=[{k: row[k] for k in ("name", "type", "params", "flops")} for row in graph.rows()],
+        edges=[list(edge) for edge in graph.graph.edges],
+        sensitivity=sensitivity,
+        dtype_probe=probe_dtypes(evaluator, choices, sensitivity),
+        baseline_ms=timing[FP32].median_ms,
+    )
+    if strategy.seeded:
+        for params in decisions_for(setup, graph, choices, config, evaluator.fidelity.limit).seeds():
+            study.enqueue_trial(params, skip_if_exists=True)
+    setup.save(study)
+    return setup
+
+
+def decisions_for(setup: StudySetup, graph: LayerGraph, choices: list[Choice], config: SearchConfig,
+                  limit: float) -> Decisions:
+    """The search's decisions, calibrated by the setup's probe (slow dtypes left out if asked)."""
+    probe = setup.dtype_probe
+    if config.drop_slow_dtypes:
+        choices = without_slow_dtypes(choices, probe, graph.device_type)
+    return Decisions(choices, setup.sensitivity, {u: graph[u]["flops"] for u in graph.units},
+                     ranked=config.strategy.seeded and len(choices) > config.max_categorical, limit=limit,
+                     calibration={d: p["error_gain"] for d, p in probe.items() if p.get("error_gain")},
+                     speed={d: p["relative_latency"] for d, p in probe.items()})
+
+
+def probe_dtypes(evaluator: Evaluator, choices: list[Choice], sensitivity) -> dict[str, dict[str, float | None]]:
+    """Per low dtype, the all-low plan measured once: its latency relative to FP32, and its
+    error divided by the error sensitivity predicts (so sensitivity predicts the user's metric)."""
+    probe = {}
+    for dtype in sorted({d for c in choices for d in c.dtypes if d != FP32}):
+        layers = {u: dtype for c in choices if dtype in c.dtypes for u in c.units}
+        measured = evaluator.measure(layers, repeats=5, max_seconds=PROBE_SECONDS)
+        if measured.failure:
+            continue
+        predicted = choice_error(sensitivity, tuple(layers), dtype, 0.0)
+        probe[dtype] = {"relative_latency": measured.latency_ms / measured.baseline_ms,
+                        "error_gain": measured.error / predicted
+                        if math.isfinite(measured.error) and math.isfinite(predicted) and predicted > 0 else None}
+    return probe
+
+
+def without_slow_dtypes(choices: list[Choice], probe: dict[str, dict[str, Any]], device_type: str) -> list[Choice]:
+    """Drop a low precision that made the whole model clearly slower than FP32 on this device
+    (FP16 on most CPUs): trials spent on it cannot win. A choice keeps it if it has no other option."""
+    slow = {d for d, p in probe.items() if p["relative_latency"] >= SLOW_DTYPE}
+    for dtype in sorted(slow):
+        warnings.warn(f"{dtype} left out of the search: the all-{dtype} plan ran "
+                      f"{probe[dtype]['relative_latency']:.2f}x the FP32 latency on this {device_type}", stacklevel=3)
+    return [dataclasses.replace(c, dtypes=tuple(d for d in c.dtypes if d not in slow) or c.dtypes) for c in choices]
+
+
+def target(device_type: str) -> dict[str, Any]:
+    """Where the numbers come from: device type and name, torch version."""
+    return {"device": device_type, "device_name": device_name(device_type), "torch": torch.__version__.split("+")[0]}
+
+
+def device_name(device_type: str) -> str:
+    if device_type == "cuda":
+        return torch.cuda.get_device_name()
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

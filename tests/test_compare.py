@@ -1,0 +1,158 @@
+"""Comparing plans: distinctness, provenance, recorded summaries, per-unit differences, and a
+re-measurement of all of them in one run (structure and errors only: no timing asserts)."""
+
+import math
+
+import pytest
+import torch
+
+from precsearch import InputError, Plan, model_fingerprint
+from precsearch.compare import (
+    all_units, check_distinct, provenance_warnings, remeasure, summary_rows, unit_differences,
+)
+from precsearch.examples import demo
+
+UNITS = ["a", "b", "c"]
+
+
+def plan_one(**fields):
+    return Plan(default="fp32", layers={"a": "bf16"},
+                target={"device": "cpu", "device_name": "Xeon", "torch": "2.13.0"},
+                model={"fingerprint": "sha256:aaa"},
+                metrics={"speedup": 1.5, "latency_ms": 2.0, "error": 0.001},
+                constraint={"metric": "rel_l2", "limit": 0.01}, **fields)
+
+
+def plan_two(**fields):
+    return Plan(default="bf16", layers={"b": "fp32", "x": "fp16"},
+                target={"device": "cpu", "device_name": "Xeon", "torch": "2.13.0"},
+                model={"fingerprint": "sha256:aaa"}, **fields)
+
+
+# -- check_distinct -----------------------------------------------------------------------------
+def test_check_distinct_accepts_different_plans(tmp_path):
+    check_distinct([tmp_path / "one.yaml", tmp_path / "two.yaml"], [plan_one(), plan_two()])
+    check_distinct([tmp_path / "1", tmp_path / "2", tmp_path / "3"], [plan_one(), plan_two(), Plan()])
+
+
+def test_check_distinct_needs_two_plans(tmp_path):
+    with pytest.raises(InputError, match="at least two plans"):
+        check_distinct([tmp_path / "one.yaml"], [plan_one()])
+    with pytest.raises(InputError, match="at least two plans"):
+        check_distinct([], [])
+
+
+def test_check_distinct_rejects_the_same_file_twice(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    same = [tmp_path / "plan.yaml", tmp_path / "sub" / ".." / "plan.yaml"]
+    with pytest.raises(InputError, match="compares a plan with itself"):
+        check_distinct(same, [plan_one(), plan_two()])
+
+
+def test_check_distinct_rejects_equal_plans_made_at_different_times(tmp_path):
+    first, second = plan_one(created="2026-01-01T00:00:00Z"), plan_one(created="2026-06-01T12:00:00Z")
+    with pytest.raises(InputError, match=r"two.yaml: compares a plan with itself \(.*one.yaml\)"):
+        check_distinct([tmp_path / "one.yaml", tmp_path / "two.yaml"], [first, second])
+    different = plan_one(created="2026-06-01T12:00:00Z", mode="training")
+    check_distinct([tmp_path / "one.yaml", tmp_path / "two.yaml"], [first, different])
+
+
+# -- provenance_warnings ------------------------------------------------------------------------
+def test_no_provenance_warnings_for_comparable_plans():
+    assert provenance_warnings(["one", "two"], [plan_one(), plan_two()]) == []
+    assert provenance_warnings(["one", "two"], [Plan(), plan_two()]) == []   # unknown values are not conflicts
+
+
+def test_provenance_warnings_name_each_difference():
+    other = Plan(target={"device": "cuda", "device_name": "H200", "torch": "2.14.0"},
+                 model={"fingerprint": "sha256:bbb"})
+    messages = provenance_warnings(["one", "two"], [plan_one(), other])
+    assert len(messages) == 3
+    assert messages[0] == "plans were made on different devices: one=Xeon, two=H200"
+    assert messages[1] == "plans were made on different torch versions: one=2.13.0, two=2.14.0"
+    assert messages[2].startswith("plans were made on different model fingerprints: one=sha256:aaa")
+
+
+def test_provenance_falls_back_to_the_device_type_and_shortens_values():
+    a = Plan(target={"device": "cpu"}, model={"fingerprint": "sha256:" + "a" * 64})
+    b = Plan(target={"device": "cuda"}, model={"fingerprint": "sha256:" + "b" * 64})
+    devices, fingerprints = provenance_warnings(["a", "b"], [a, b])
+    assert devices == "plans were made on different devices: a=cpu, b=cuda"
+    assert f"a=sha256:{'a' * 17}," in fingerprints and "a" * 18 not in fingerprints
+
+
+# -- summary_rows, unit_differences, all_units --------------------------------------------------
+def test_summary_rows():
+    rows = summary_rows(["one", "two"], [plan_one(), plan_two()], UNITS)
+    assert rows[0] == {"plan": "one", "default": "fp32", "fp16": 0, "bf16": 1, "fp32": 2, "speedup": 1.5,
+                       "latency_ms": 2.0, "error": 0.001, "limit": "rel_l2<=0.01", "device": "cpu"}
+    assert rows[1] == {"plan": "two", "default": "bf16", "fp16": 0, "bf16": 2, "fp32": 1, "speedup": None,
+                       "latency_ms": None, "error": None, "limit": "-<=-", "device": "cpu"}
+    assert summary_rows(["bare"], [Plan()], UNITS)[0]["device"] == "-"
+
+
+def test_unit_differences():
+    assert unit_differences(["one", "two"], [plan_one(), plan_two()], UNITS) == [
+        {"unit": "c", "one": "fp32", "two": "bf16"}]
+    three = Plan(default="fp16")
+    assert unit_differences(["one", "two", "three"], [plan_one(), plan_two(), three], ["", "a", "b"]) == [
+        {"unit": "<root>", "one": "fp32", "two": "bf16", "three": "fp16"},
+        {"unit": "a", "one": "bf16", "two": "bf16", "three": "fp16"},
+        {"unit": "b", "one": "fp32", "two": "fp32", "three": "fp16"}]
+    assert unit_differences(["one", "again"], [plan_one(), plan_one()], UNITS) == []
+
+
+def test_all_units():
+    assert all_units([plan_one(), plan_two()]) == ["a", "b", "x"]
+    assert all_units([plan_two(), plan_one()]) == ["b", "x", "a"]
+    assert all_units([Plan(), Plan()]) == []
+    assert all_units([plan_one()], known=["z", "a"]) == ["z", "a"]
+    assert all_units([plan_one()], known=[]) == []
+
+
+# -- remeasure ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def demo_case():
+    return demo.small_model(), demo.data(batches=2, batch_size=8)
+
+
+def test_remeasure_rows(demo_case):
+    model, batches = demo_case
+    names = ["bf16", "fp16", "trap"]
+    plans = [Plan(default="bf16", layers={"shift": "fp32"}),
+             Plan(default="fp16", layers={"amplify": "fp32"}),
+             Plan(layers={"amplify": "fp16"})]                      # overflows: inf, not a crash
+    before = [p.data_ptr() for p in model.parameters()]
+    rows = remeasure(model, batches, names, plans, repeats=3)
+    assert [row["plan"] for row in rows] == ["fp32 baseline", *names]
+    assert all(set(row) == {"plan", "latency_ms", "speedup", "rel_l2", "peak_memory_mb"} for row in rows)
+    baseline = rows[0]
+    assert baseline["speedup"] == 1.0 and baseline["rel_l2"] == 0.0 and baseline["peak_memory_mb"] is None
+    assert all(row["latency_ms"] >= 0 and row["speedup"] > 0 for row in rows)
+    assert all(0 < row["rel_l2"] < 0.05 for row in rows[1:3])
+    assert rows[3]["rel_l2"] == math.inf
+    # the model is left as it was: no plan applied, the same weights
+    assert not any("forward" in module.__dict__ for module in model.modules())
+    assert [p.data_ptr() for p in model.parameters()] == before
+
+
+def test_remeasure_uses_the_plans_metric_and_warns_on_another_model(demo_case):
+    model, batches = demo_case
+    foreign = Plan(default="bf16", layers={"shift": "fp32"}, model={"fingerprint": "sha256:other"},
+                   constraint={"metric": "cosine", "limit": 0.01})
+    own = Plan(default="bf16", model={"fingerprint": model_fingerprint(model)})
+    with pytest.warns(UserWarning, match="another model") as record:
+        rows = remeasure(model, batches, ["foreign", "own"], [foreign, own], repeats=3)
+    assert len(record) == 1                                            # once, and only for the foreign plan
+    assert all("cosine" in row and "rel_l2" not in row for row in rows)
+    assert rows[0]["cosine"] == 0.0 and all(0 <= row["cosine"] < 0.01 for row in rows[1:])
+
+
+def test_remeasure_rejects_a_plan_for_missing_units(demo_case):
+    model, batches = demo_case
+    from precsearch import PlanError
+
+    with pytest.raises(PlanError, match="layers.nope"):
+        remeasure(model, batches, ["bad", "ok"], [Plan(layers={"nope": "bf16"}), Plan()], repeats=3)
+    assert torch.isfinite(model(batches[0])).all()
