@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from precsearch import batches as _batches
-from precsearch.accuracy import Fidelity
+from precsearch.accuracy import METRICS, Fidelity
 from precsearch.bench import time_interleaved
 from precsearch.errors import InputError
 from precsearch.ops import model_device_type
@@ -80,7 +80,7 @@ def remeasure(model: nn.Module, batches: list[Any], names: list[str], plans: lis
     """Every plan and the FP32 baseline timed in one interleaved run; errors on this machine."""
     device_type = model_device_type(model)
     metric = next((p.constraint["metric"] for p in plans if p.constraint and p.constraint.get("metric")
-                   in ("rel_l2", "cosine", "max_abs", "top1")), "rel_l2")
+                   in METRICS), "rel_l2")
     fidelity = Fidelity.builtin(model, batches, metric, 0.0)  # only its error is used here
     modules = list(model.named_modules())
     for plan in plans:  # once each; the many applications below skip the fingerprint

@@ -112,7 +112,8 @@ def test_compare_warns_in_one_line_per_difference(tmp_path, capsys):
     assert main(["compare", str(a), str(b)]) == 0
     captured = capsys.readouterr()
     assert "precsearch: warning: plans were made on different devices" in captured.err
-    assert "0 of 0 units differ" in captured.out
+    assert "defaults differ (units a plan does not name run in its default): a.yaml bf16, b.yaml fp32" \
+        in captured.out and "0 of 0 units differ" in captured.out
 
 
 @pytest.mark.parametrize("case,message", [
@@ -131,3 +132,24 @@ def test_compare_bad_input(tmp_path, capsys, case, message):
     assert main(["compare", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_every_plan_and_table_uses_one_latency_basis(run_dir):
+    setup = StudySetup.load(_study(run_dir))
+    plans = [load_plan(run_dir / "plan.yaml")] + [load_plan(p) for p in (run_dir / "pareto").glob("*.yaml")]
+    for plan in plans:
+        metrics = plan.metrics
+        assert metrics["baseline_latency_ms"] == pytest.approx(setup.baseline_ms, rel=1e-3)
+        assert metrics["latency_ms"] * metrics["speedup"] == pytest.approx(metrics["baseline_latency_ms"], rel=2e-3)
+    markdown = (run_dir / "report.md").read_text()
+    assert "final race" in markdown  # the chosen plan's numbers come from the race, and the report says so
+
+
+def test_written_files_honour_the_umask(run_dir):
+    import os
+    import stat
+
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("plan.yaml", "trials.csv", "report.md", "report.html", "tradeoff.png"):
+        assert stat.S_IMODE((run_dir / name).stat().st_mode) == 0o666 & ~mask, name

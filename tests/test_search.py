@@ -183,3 +183,29 @@ def test_cli_optimize_transformers_bert_then_check(tmp_path, capsys):
     capsys.readouterr()
     assert main(["check", "--plan", str(out / "plan.yaml"), *model]) == 0
     assert "audit ok: 58 eligible ops in 29 units" in capsys.readouterr().out
+
+
+def test_expected_trial_failures_print_no_traceback():
+    import io
+    import logging
+
+    from precsearch.search import _expected_failures_quiet
+    from precsearch.storage import Surplus
+
+    logger, stream = logging.getLogger("optuna.study._optimize"), io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logging.getLogger("optuna").addHandler(handler)
+    try:
+        with _expected_failures_quiet():
+            for number, error in ((1, Surplus("budget taken")), (2, KeyboardInterrupt()), (3, RuntimeError("real"))):
+                try:
+                    raise error
+                except (Exception, KeyboardInterrupt):
+                    logger.warning(f"Trial {number} failed with parameters: {{}} because of the following error",
+                                   exc_info=True)
+                logger.warning(f"Trial {number} failed with value None.")
+    finally:
+        logging.getLogger("optuna").removeHandler(handler)
+    err = stream.getvalue()
+    assert "Trial 1" not in err and "Trial 2" not in err and "KeyboardInterrupt" not in err
+    assert err.count("Trial 3 failed") == 2 and "RuntimeError: real" in err

@@ -39,6 +39,7 @@ def _check_shared_study(storage, study_name, trials, workers):
     seeded = [tuple(sorted(t.params.items())) for t in complete if t.system_attrs.get("fixed_params")]
     assert len(seeded) == len(set(seeded))  # no enqueued seed evaluated twice
     assert sum("this worker set up study" in err for _, err in results) == 1  # one sensitivity analysis
+    assert not any("Traceback" in err for _, err in results)  # surplus trials end quietly
     assert StudySetup.load(study).sensitivity
     return study
 
@@ -139,7 +140,8 @@ def test_faults_inside_trials_are_recorded_and_the_search_goes_on(tmp_path):
     trials = {TrialRecord.of(t).plan: t for t in result.study.trials if t.state.name == "COMPLETE"}
     assert "OutOfMemoryError" in TrialRecord.of(trials["bb"]).failure
     assert "boom" in TrialRecord.of(trials["hh"]).failure
-    assert TrialRecord.of(trials["fb"]).error is None and trials["fb"].constraints["error"] > 0  # NaN -> infeasible
+    nan = TrialRecord.of(trials["fb"])  # NaN outputs: infeasible, and the reason is said
+    assert nan.error is None and trials["fb"].constraints["error"] > 0 and "non-finite" in nan.failure
     assert result.plan is not None and result.plan.precision("second") != "bf16"
     from precsearch.report import write_report
 
