@@ -17,7 +17,7 @@ from torch import nn
 
 from precsearch import batches as _batches
 from precsearch.ops import model_device_type
-from precsearch.plan import Plan
+from precsearch.plan import Plan, Runtime
 from precsearch.precisions import name_of_dtype
 from precsearch.recording import OpRecorder
 from precsearch.runtime import applied
@@ -78,8 +78,20 @@ def audit(model: nn.Module, plan: Plan, batches: Iterable[Any], *, device_type: 
     batches = _batches.as_list(batches)
     device_type = device_type or model_device_type(model)
     training = loss_fn is not None
-    with applied(model, plan, device_type=device_type), torch.set_grad_enabled(training), \
-            OpRecorder(model, device_type, backward=training) as recorder:
+    if training and plan.resolved_runtime.weights == "low":  # gradients need the FP32 master weights
+        plan = dataclasses.replace(plan, runtime=Runtime(weights="fp32"))
+    example = _batches.split_training(batches[0])[0] if training else batches[0]
+    with applied(model, plan, device_type=device_type) as handle, torch.set_grad_enabled(training):
+        handle.prepare(example)  # before recording: learning which weights to hold low runs the model
+        recorder = _record(model, batches, device_type, loss_fn)
+    entries = tuple(AuditEntry(r.unit, r.op, plan.precision(r.unit), name_of_dtype(r.dtype), r.phase)
+                    for r in recorder.records)
+    return AuditReport(entries)
+
+
+def _record(model: nn.Module, batches: list[Any], device_type: str, loss_fn: Any) -> OpRecorder:
+    training = loss_fn is not None
+    with OpRecorder(model, device_type, backward=training) as recorder:
         for batch in batches:
             recorder.phase = "forward"
             if not training:
@@ -91,6 +103,4 @@ def audit(model: nn.Module, plan: Plan, batches: Iterable[Any], *, device_type: 
             loss.backward()
         if training:
             model.zero_grad(set_to_none=True)
-    entries = tuple(AuditEntry(r.unit, r.op, plan.precision(r.unit), name_of_dtype(r.dtype), r.phase)
-                    for r in recorder.records)
-    return AuditReport(entries)
+    return recorder

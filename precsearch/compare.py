@@ -17,6 +17,7 @@ from precsearch.ops import model_device_type
 from precsearch.plan import Plan
 from precsearch.precisions import NAMES
 from precsearch.runtime import apply_plan
+from precsearch.weights import find_weight_uses, weight_bytes
 
 
 def check_distinct(paths: list[Path], plans: list[Plan]) -> None:
@@ -52,7 +53,7 @@ def summary_rows(names: list[str], plans: list[Plan], units: list[str]) -> list[
         rows.append({"plan": name, "default": plan.default,
                      **{dtype: counts.get(dtype, 0) for dtype in NAMES},
                      "speedup": metrics.get("speedup"), "latency_ms": metrics.get("latency_ms"),
-                     "error": metrics.get("error"),
+                     "error": metrics.get("error"), "weight_mb": metrics.get("weight_mb"),
                      "limit": f"{constraint.get('metric', '-')}<={constraint.get('limit', '-')}",
                      "device": plan.target.get("device", "-")})
     return rows
@@ -83,11 +84,12 @@ def remeasure(model: nn.Module, batches: list[Any], names: list[str], plans: lis
                    in METRICS), "rel_l2")
     fidelity = Fidelity.builtin(model, batches, metric, 0.0)  # only its error is used here
     modules = list(model.named_modules())
+    uses = find_weight_uses(model, batches[0], device_type)  # the same for every plan
     for plan in plans:  # once each; the many applications below skip the fingerprint
         plan.validate_for(model, fingerprint_mismatch="warn")
 
     def apply(plan: Plan) -> Any:
-        return apply_plan(model, plan, fingerprint_mismatch="ignore", modules=modules)
+        return apply_plan(model, plan, fingerprint_mismatch="ignore", modules=modules, weight_uses=uses)
 
     def run() -> None:
         with torch.no_grad():
@@ -98,12 +100,14 @@ def remeasure(model: nn.Module, batches: list[Any], names: list[str], plans: lis
     timings = time_interleaved(candidates, device_type=device_type, repeats=repeats, warmup=2)
     base = timings["fp32 baseline"].median_ms
     rows = [{"plan": "fp32 baseline", "latency_ms": round(base, 3), "speedup": 1.0, f"{metric}": 0.0,
+             "weight_mb": round(sum(weight_bytes(model).values()) / 2**20, 3),
              "peak_memory_mb": timings["fp32 baseline"].peak_memory_mb}]
     for name, plan in zip(names, plans):
-        with apply(plan):
+        with apply(plan) as handle:
             error = fidelity.error(model)
+            weight_mb = sum(handle.weight_bytes().values()) / 2**20
         timing = timings[name]
         rows.append({"plan": name, "latency_ms": round(timing.median_ms, 3),
                      "speedup": round(base / timing.median_ms, 3), f"{metric}": error,
-                     "peak_memory_mb": timing.peak_memory_mb})
+                     "weight_mb": round(weight_mb, 3), "peak_memory_mb": timing.peak_memory_mb})
     return rows

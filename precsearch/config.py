@@ -16,8 +16,8 @@ from collections.abc import Callable
 from typing import Any
 
 from precsearch.accuracy import METRICS, Fidelity, check_limit
-from precsearch.errors import InputError
-from precsearch.plan import MODES
+from precsearch.errors import InputError, PlanError
+from precsearch.plan import MODES, Runtime
 from precsearch.space import SearchSpace
 from precsearch.storage import HEARTBEAT_S
 from precsearch.strategies import STRATEGIES, Strategy
@@ -57,6 +57,7 @@ class SearchConfig:
     drop_slow_dtypes: bool = True
     heartbeat: float = HEARTBEAT_S
     strategy: Strategy | str = "optuna"
+    weights: str | None = None     # "low" | "fp32"; None: low for inference, fp32 (master weights) for training
 
     def __post_init__(self) -> None:
         if isinstance(self.strategy, str):
@@ -69,6 +70,13 @@ class SearchConfig:
         if mode not in MODES:
             raise InputError(f"--mode {self.mode!r}: use inference (infer) or training (train)")
         object.__setattr__(self, "mode", mode)
+        try:
+            runtime = Runtime(weights=self.weights) if self.weights is not None else Runtime.default_for(mode)
+        except PlanError as error:
+            raise InputError(f"--weights {self.weights!r}: {error}") from None
+        if mode == "training" and runtime.weights == "low":
+            raise InputError("--weights low: training keeps FP32 master weights; use --weights fp32")
+        object.__setattr__(self, "weights", runtime.weights)
         if self.metric not in METRICS:
             raise InputError(f"--metric-name {self.metric!r}: use one of {', '.join(METRICS)}")
         check_limit(self.max_error, "--max-error")
@@ -87,6 +95,11 @@ class SearchConfig:
     @property
     def training(self) -> bool:
         return self.mode == "training"
+
+    @property
+    def runtime(self) -> Runtime:
+        """How every candidate is measured: as it will be deployed."""
+        return Runtime(weights=self.weights)
 
 
 def _check_int(value: object, flag: str, minimum: int | None) -> None:

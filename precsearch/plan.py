@@ -29,7 +29,7 @@ from precsearch.yamlio import load_yaml_file
 
 FORMAT = "precsearch-plan/1"
 MODES = ("inference", "training")
-_SECTIONS = ("format", "created", "model", "target", "mode", "default", "layers", "loss_scaling",
+_SECTIONS = ("format", "created", "model", "target", "mode", "default", "layers", "runtime", "loss_scaling",
              "constraint", "metrics", "search")
 
 
@@ -62,6 +62,33 @@ class LossScaling:
         for field, ok in checks.items():
             if not ok:
                 raise PlanError(f"loss_scaling.{field}: {getattr(self, field)!r} must be {rules[field]}")
+
+
+WEIGHTS = ("low", "fp32")
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    """How a plan runs, as it was measured and is meant to be deployed.
+
+    ``weights="low"``: each FP16/BF16 unit's own weights are held in its dtype while the plan is
+    applied (inference only: no per-call cast, less memory, the same outputs). ``"fp32"``: FP32
+    weights, cast by autocast on every call (training keeps FP32 master weights). ``compile``:
+    the plan was measured compiled with ``torch.compile`` and should be deployed so.
+    """
+
+    weights: str = "low"
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        if self.weights not in WEIGHTS:
+            raise PlanError(f"runtime.weights: {self.weights!r} must be one of {', '.join(WEIGHTS)}")
+        if not isinstance(self.compile, bool):
+            raise PlanError(f"runtime.compile: {self.compile!r} must be true or false")
+
+    @classmethod
+    def default_for(cls, mode: str) -> Runtime:
+        return cls(weights="fp32" if mode == "training" else "low")
 
 
 def _is_number(value: object) -> bool:
@@ -166,6 +193,7 @@ class Plan:
     model: dict[str, Any] = dataclasses.field(default_factory=dict)
     target: dict[str, Any] = dataclasses.field(default_factory=dict)
     loss_scaling: LossScaling | None = None
+    runtime: Runtime | None = None     # None: Runtime.default_for(mode)
     constraint: dict[str, Any] | None = None
     metrics: dict[str, Any] | None = None
     search: dict[str, Any] | None = None
@@ -194,6 +222,10 @@ class Plan:
         if self.loss_scaling is not None and not isinstance(self.loss_scaling, LossScaling):
             raise PlanError(f"loss_scaling: expected a LossScaling or null, "
                             f"found {_found(self.loss_scaling)}")
+        if self.runtime is not None and not isinstance(self.runtime, Runtime):
+            raise PlanError(f"runtime: expected a Runtime or null, found {_found(self.runtime)}")
+        if self.mode == "training" and self.resolved_runtime.weights == "low":
+            raise PlanError("runtime.weights: a training plan keeps FP32 master weights; use weights: fp32")
         if not isinstance(self.created, str):
             raise PlanError(f"created: expected a time string such as '2026-11-28T12:00:00Z', "
                             f"found {_found(self.created)}")
@@ -248,6 +280,11 @@ class Plan:
                 else:
                     raise PlanError(message + "; pass --ignore-fingerprint to apply it anyway")
 
+    @property
+    def resolved_runtime(self) -> Runtime:
+        """The runtime: as the plan says, else the default for its mode."""
+        return self.runtime if self.runtime is not None else Runtime.default_for(self.mode)
+
     # -- YAML -----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         search = dict(self.search) if self.search is not None else None
@@ -261,6 +298,7 @@ class Plan:
             "mode": self.mode,
             "default": self.default,
             "layers": dict(self.layers),
+            "runtime": dataclasses.asdict(self.runtime) if self.runtime else None,
             "loss_scaling": dataclasses.asdict(self.loss_scaling) if self.loss_scaling else None,
             "constraint": self.constraint,
             "metrics": self.metrics,
@@ -295,6 +333,7 @@ class Plan:
                 model=_given(data, "model", {}),
                 target=_given(data, "target", {}),
                 loss_scaling=_loss_scaling(data.get("loss_scaling")),
+                runtime=_runtime(data.get("runtime")),
                 constraint=data.get("constraint"),
                 metrics=data.get("metrics"),
                 search=data.get("search"),
@@ -309,6 +348,17 @@ def _given(data: dict, key: str, default: object) -> Any:
     is a mistake to report, not an empty plan)."""
     value = data.get(key)
     return default if value is None else value
+
+
+def _runtime(raw: object) -> Runtime | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise PlanError(f"runtime: expected a mapping such as {{weights: low, compile: false}}, found {_found(raw)}")
+    extra = sorted(set(raw) - {"weights", "compile"}, key=str)
+    if extra:
+        raise PlanError(f"runtime: unknown field {extra[0]!r}; it has weights and compile")
+    return Runtime(**raw)
 
 
 def _loss_scaling(raw: object) -> LossScaling | None:

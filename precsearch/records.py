@@ -52,6 +52,7 @@ class StudySetup:
     sensitivity: dict[str, dict[str, float | None]]    # unit -> dtype -> error with only it lowered
     dtype_probe: dict[str, dict[str, float | None]]    # dtype -> relative_latency, error_gain
     baseline_ms: float                                 # the FP32 model's latency at setup
+    weight_mb: float | None = None                     # the FP32 model's weights
 
     def save(self, study: optuna.Study) -> None:
         """Store every field, then mark the study ready: waiting workers never see half a setup."""
@@ -66,7 +67,8 @@ class StudySetup:
         attrs = study.user_attrs
         if not attrs.get("ready"):
             return None
-        values = {field.name: attrs[field.name] for field in dataclasses.fields(cls)}
+        values = {field.name: attrs[field.name] if field.default is dataclasses.MISSING
+                  else attrs.get(field.name, field.default) for field in dataclasses.fields(cls)}
         values["settings"] = Settings(**values["settings"])
         return cls(**values)
 
@@ -98,6 +100,7 @@ class TrialRecord:
     baseline_ms: float             # FP32 median, interleaved with it
     peak_memory_mb: float | None = None
     failure: str | None = None     # why the candidate could not run
+    weight_mb: float | None = None  # the model's weights while the candidate ran
 
     @property
     def speedup(self) -> float | None:

@@ -88,7 +88,8 @@ def trials_frame(study: Any) -> Any:
             "error": (float("inf") if record.error is None else record.error) if record else None,
             "constraint": constraint,
             "feasible": constraint is not None and constraint <= 0 and trial.state.name == "COMPLETE",
-            "peak_memory_mb": record.peak_memory_mb if record else None, "duration_s": duration,
+            "peak_memory_mb": record.peak_memory_mb if record else None,
+            "weight_mb": record.weight_mb if record else None, "duration_s": duration,
             "failure": record.failure if record else None,
         })
     return pd.DataFrame(rows)
@@ -167,13 +168,18 @@ def write_report(directory: str | Path, study: Any) -> dict[str, Path]:
     else:
         metrics = plan.metrics or {}
         memory = metrics.get("peak_memory_mb")
+        runtime = plan.resolved_runtime
         blocks.append(("table", [
             {"plan": "fp32 baseline", "latency_ms": round(baseline, 3), "speedup": "1.00x", "error": 0.0,
-             "peak_memory_mb": "-" if memory is None else "measured per plan"},
+             "weight_mb": setup.weight_mb, "peak_memory_mb": "-" if memory is None else "measured per plan"},
             {"plan": "chosen (plan.yaml)", "latency_ms": metrics.get("latency_ms"),
              "speedup": f"{metrics.get('speedup', math.nan):.2f}x", "error": metrics.get("error"),
+             "weight_mb": metrics.get("weight_mb"),
              "peak_memory_mb": "not measured on CPU" if memory is None else memory},
         ]))
+        blocks.append(("p", f"Measured as deployed: weights {runtime.weights}"
+                            f"{' (each low unit holds its own weights in its dtype)' if runtime.weights == 'low' else ''}, "
+                            f"{'compiled with torch.compile' if runtime.compile else 'eager'}."))
         blocks.append(("p", _race_note(plan, trials)))
         counts = plan.counts(units)
         blocks.append(("p", "Units per dtype: " + ", ".join(f"{d} {counts.get(d, 0)}" for d in NAMES)
@@ -255,6 +261,7 @@ def _plan_row(name: str, plan: Any, units: list[str]) -> dict[str, Any]:
     counts = plan.counts(units)
     return {"plan": name, "trial": metrics.get("trial"), "latency_ms": metrics.get("latency_ms"),
             "speedup": f"{metrics.get('speedup', math.nan):.2f}x", "error": metrics.get("error"),
+            "weight_mb": metrics.get("weight_mb"),
             **{d: counts.get(d, 0) for d in NAMES}}
 
 

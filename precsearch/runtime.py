@@ -26,10 +26,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from precsearch.batches import split
 from precsearch.errors import PlanError
 from precsearch.ops import model_device_type
 from precsearch.plan import Plan
 from precsearch.precisions import PRECISIONS, low_precisions
+from precsearch.weights import LowWeights, WeightUses, find_weight_uses, weight_bytes, weight_uses_of_call
 
 _LOW = tuple(p.dtype for p in low_precisions())
 _HANDLE = "_precsearch_plan_handle"  # the root module's attribute holding its PlanHandle
@@ -117,8 +119,10 @@ class PlanHandle:
     """
 
     def __init__(self, model: nn.Module, plan: Plan, device_type: str,
-                 modules: list[tuple[str, nn.Module]] | None = None) -> None:
+                 modules: list[tuple[str, nn.Module]] | None = None, weight_uses: WeightUses | None = None) -> None:
         self.model, self.plan, self.device_type = model, plan, device_type
+        self.weights: LowWeights | None = None
+        self.materialized = False
         # (module, its own ``forward`` attribute or None, the wrapper)
         self._saved: list[tuple[nn.Module, Any, _Forward]] = []
         modules = modules if modules is not None else list(model.named_modules())
@@ -133,8 +137,33 @@ class PlanHandle:
             self._saved.append((module, module.__dict__.get("forward"), wrapper))
         self._install()
         self.wrapped = len(self._saved)
+        self._dtype_of = {name: PRECISIONS[p].dtype if PRECISIONS[p].low else None for name, p in precision.items()}
+        self._learning = None
+        if plan.mode == "inference" and plan.resolved_runtime.weights == "low" and any(self._dtype_of.values()):
+            if weight_uses is not None:
+                self.weights = LowWeights(model, self._dtype_of, weight_uses)
+            else:  # which weights only their unit reads is learnt on the first call
+                self._learning = model.register_forward_pre_hook(self._learn_weights, with_kwargs=True)
         # On the model itself, not in a registry: a deep copy of the model copies its handle too.
         model.__dict__[_HANDLE] = self
+
+    def _learn_weights(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._learning is not None:
+            self._hold_low(args, kwargs)
+
+    def prepare(self, example_inputs: Any) -> PlanHandle:
+        """Hold the low weights now, learning from ``example_inputs`` (a batch) which weights
+        only their unit reads (otherwise done on the model's first call). A no-op once done."""
+        if self._learning is not None:
+            self._hold_low(*split(example_inputs))
+        return self
+
+    def _hold_low(self, args: tuple, kwargs: dict) -> None:
+        self._learning.remove()
+        self._learning = None
+        with self.suspended():
+            uses = weight_uses_of_call(self.model, args, kwargs, self.device_type)
+        self.weights = LowWeights(self.model, self._dtype_of, uses)
 
     def _install(self) -> None:
         for module, _, wrapper in self._saved:
@@ -158,23 +187,50 @@ class PlanHandle:
         memo[id(self)] = clone
         clone.model = copy.deepcopy(self.model, memo)
         clone._saved = copy.deepcopy(self._saved, memo)
+        clone.weights = copy.deepcopy(self.weights, memo)
+        clone._learning = copy.deepcopy(self._learning, memo)
         return clone
 
     @contextmanager
     def suspended(self) -> Iterator[None]:
-        """The model exactly as without the plan for a block (cheap: no module walk)."""
+        """The model exactly as without the plan for a block: the FP32 weights swapped back by
+        reference (cheap: no module walk, no cast)."""
         self._uninstall()
+        if self.weights is not None:
+            self.weights.restore()
         try:
             yield
         finally:
+            if self.weights is not None:
+                self.weights.hold()
             self._install()
 
+    def materialize(self) -> PlanHandle:
+        """Drop the FP32 copies of the weights held low, so that their memory is really freed
+        (the deployed form). The plan can no longer be removed."""
+        if self.weights is not None:
+            self.weights.drop_fp32()
+        self.materialized = True
+        return self
+
     def remove(self) -> None:
-        """Restore every wrapped ``forward`` exactly; safe to call twice."""
+        """Restore every wrapped ``forward`` and FP32 weight exactly; safe to call twice."""
+        if self.materialized:
+            raise PlanError("this plan was materialized (its FP32 weights dropped): it cannot be removed")
         self._uninstall()
+        if self.weights is not None:
+            self.weights.restore()
+            self.weights = None
+        if self._learning is not None:
+            self._learning.remove()
+            self._learning = None
         self._saved.clear()
         if self.model.__dict__.get(_HANDLE) is self:
             del self.model.__dict__[_HANDLE]
+
+    def weight_bytes(self) -> dict[str, int]:
+        """Bytes of the model's weights by dtype, as it is now (low weights held, ties shared)."""
+        return weight_bytes(self.model)
 
     def __enter__(self) -> PlanHandle:
         return self
@@ -187,24 +243,32 @@ class PlanHandle:
 
 
 def apply_plan(model: nn.Module, plan: Plan, *, device_type: str | None = None,
-               fingerprint_mismatch: str = "error",
-               modules: list[tuple[str, nn.Module]] | None = None) -> PlanHandle:
-    """Make ``model`` run each unit in the dtype ``plan`` gives it. Parameters stay FP32.
+               fingerprint_mismatch: str = "error", example_inputs: Any = None,
+               modules: list[tuple[str, nn.Module]] | None = None,
+               weight_uses: WeightUses | None = None) -> PlanHandle:
+    """Make ``model`` run each unit in the dtype ``plan`` gives it.
 
     Returns a handle that is also a context manager::
 
         with apply_plan(model, load_plan("plan.yaml")):
             logits = model(batch)
 
-    ``modules`` (``list(model.named_modules())``) saves the module walk for callers that apply
-    many plans to one model, like the search.
+    Inference plans (``runtime.weights: low``) hold each low unit's own weights in its dtype:
+    the same outputs as FP32 weights, without the per-call cast. Which weights only their own
+    unit reads is learnt by running the model once in FP32: on ``example_inputs`` now if given,
+    else on the first call. ``handle.materialize()`` then frees the FP32 copies.
+
+    ``modules`` (``list(model.named_modules())``) and ``weight_uses`` save that work for
+    callers that apply many plans to one model, like the search.
     """
     if handle_of(model) is not None:
         raise PlanError("a plan is already applied to this model: call handle.remove() first")
     plan.validate_for(model, fingerprint_mismatch=fingerprint_mismatch,
                       names={name for name, _ in modules} if modules is not None else None)
-    return PlanHandle(model, plan, device_type or model_device_type(model, plan.target.get("device", "cpu")),
-                      modules)
+    device_type = device_type or model_device_type(model, plan.target.get("device", "cpu"))
+    if weight_uses is None and example_inputs is not None and plan.resolved_runtime.weights == "low":
+        weight_uses = find_weight_uses(model, example_inputs, device_type)
+    return PlanHandle(model, plan, device_type, modules, weight_uses)
 
 
 def handle_of(model: nn.Module) -> PlanHandle | None:

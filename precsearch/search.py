@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -129,7 +130,7 @@ def _evaluator(model: nn.Module, batches: list[Any], device_type: str, config: S
         fidelity = config.fidelity or gradient_fidelity(model, batches, loss_fn, config.max_error)
         return TrainingEvaluator(model, batches, fidelity, device_type, config.repeats, loss_fn)
     fidelity = config.fidelity or Fidelity.builtin(model, batches, config.metric, config.max_error)
-    return Evaluator(model, batches, fidelity, device_type, config.repeats)
+    return Evaluator(model, batches, fidelity, device_type, config.repeats, config.runtime)
 
 
 @contextmanager
@@ -169,7 +170,7 @@ def _run_trials(study: optuna.Study, decisions: Decisions, evaluator: Evaluator,
             except StopIteration:
                 study.stop()
         TrialRecord(code, measured.error if math.isfinite(measured.error) else None, measured.latency_ms,
-                    measured.baseline_ms, measured.peak_memory_mb, measured.failure).save(trial)
+                    measured.baseline_ms, measured.peak_memory_mb, measured.failure, measured.weight_mb).save(trial)
         trial.set_constraint("error", min(measured.error - limit, _CAP))
         if not math.isfinite(measured.latency_ms):
             return baseline_ms * FAILED_OBJECTIVE
@@ -179,6 +180,11 @@ def _run_trials(study: optuna.Study, decisions: Decisions, evaluator: Evaluator,
     # The budget counts finished trials across all workers; one that failed (an interrupt, a
     # crash) is redone.
     remaining = budget_left(study, config.trials)
+    if not decisions.low:
+        # Every low precision was left out as slower than FP32 (or the space allows none): one
+        # trial of the FP32 plan is the whole answer; the rest of the budget would repeat it.
+        warnings.warn("no low precision is left to search on this device: one trial, the FP32 plan", stacklevel=3)
+        remaining = min(remaining, 1 - len(study.get_trials(deepcopy=False, states=COUNTED)))
     if remaining > 0:
         with _expected_failures_quiet():
             study.optimize(objective, n_trials=remaining, timeout=config.timeout, show_progress_bar=config.progress,

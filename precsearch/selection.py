@@ -88,7 +88,9 @@ def choose(model: nn.Module, study: optuna.Study, units: list[str], evaluator: E
         latency, base, memory = raced[code]
         chosen = by_code.get(code)
         error = chosen.error if chosen else 0.0
-        plan = write(code, Measurement(error, latency, base, memory), chosen.trial if chosen else None)
+        weight_mb = chosen.record.weight_mb if chosen else setup.weight_mb
+        plan = write(code, Measurement(error, latency, base, memory, weight_mb=weight_mb),
+                     chosen.trial if chosen else None)
     else:
         chosen = pareto[0]
         code = chosen.record.plan
@@ -99,7 +101,12 @@ def choose(model: nn.Module, study: optuna.Study, units: list[str], evaluator: E
 
 
 def _measurement(record: TrialRecord) -> Measurement:
-    return Measurement(record.error or 0.0, record.latency_ms, record.baseline_ms, record.peak_memory_mb)
+    return Measurement(record.error or 0.0, record.latency_ms, record.baseline_ms, record.peak_memory_mb,
+                       weight_mb=record.weight_mb)
+
+
+def _mb(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
 
 
 class _PlanWriter:
@@ -114,6 +121,7 @@ class _PlanWriter:
         self.model = {"name": config.model_name or type(model).__name__, "fingerprint": model_fingerprint(model),
                       "units": len(units)}
         self.target = target(evaluator.device_type)
+        self.runtime = evaluator.runtime
         self.search = {"space": config.space.name, "trials": len(study.get_trials(deepcopy=False, states=COUNTED)),
                        "sampler": type(study.sampler).__name__, "study": study.study_name, "storage": config.storage}
 
@@ -126,9 +134,10 @@ class _PlanWriter:
         metrics: dict[str, Any] = {
             "latency_ms": round(baseline / measured.speedup, 4), "baseline_latency_ms": round(baseline, 4),
             "speedup": round(measured.speedup, 3), "error": measured.error,
-            "peak_memory_mb": measured.peak_memory_mb, "trial": trial}
+            "peak_memory_mb": measured.peak_memory_mb, "weight_mb": _mb(measured.weight_mb),
+            "baseline_weight_mb": _mb(self.setup.weight_mb), "trial": trial}
         return dataclasses.replace(
-            plan, mode=self.config.mode,
+            plan, mode=self.config.mode, runtime=self.runtime,
             loss_scaling=LossScaling() if self.config.training and plan.needs_loss_scaling else None,
             model=dict(self.model), target=dict(self.target), constraint=dict(self.constraint),
             metrics=metrics, search=dict(self.search))

@@ -24,7 +24,8 @@ from torch import nn
 
 from precsearch import batches as _batches
 from precsearch.accuracy import flatten_outputs
-from precsearch.plan import Plan
+from precsearch.plan import Plan, Runtime
+from precsearch.precisions import FP32
 from precsearch.runtime import apply_plan
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ def unit_sensitivity(model: nn.Module, units: list[str], batch: Any, dtypes: lis
             args, kwargs, reference = captured[unit]
             args, kwargs = _snapshot((args, kwargs))
             try:
-                with apply_plan(model, Plan(default="fp32", layers={unit: dtype}), device_type=device_type,
+                with apply_plan(model, _alone(unit, dtype), device_type=device_type,
                                 modules=named), torch.no_grad():
                     error = local_error(modules[unit](*args, **kwargs), reference)
             except Exception as failure:  # a unit that cannot run detached from its model
@@ -126,13 +127,19 @@ def _end_to_end(model, units, batch, dtypes, device_type) -> dict[str, dict[str,
         result[unit] = {}
         for dtype in dtypes:
             try:
-                with apply_plan(model, Plan(default="fp32", layers={unit: dtype}), device_type=device_type,
+                with apply_plan(model, _alone(unit, dtype), device_type=device_type,
                                 modules=named):
                     result[unit][dtype] = rel_l2(run_outputs(model, [batch]), reference)
             except Exception as failure:  # the model cannot run with this unit in this dtype
                 log.info("%s in %s breaks the model: %s", unit, dtype, failure)
                 result[unit][dtype] = math.inf
     return result
+
+
+def _alone(unit: str, dtype: str) -> Plan:
+    """Only ``unit`` lowered; FP32 weights, since only the numbers matter here (and low weights
+    give the same ones)."""
+    return Plan(default=FP32, layers={unit: dtype}, runtime=Runtime(weights="fp32"))
 
 
 def choice_error(sensitivity: dict[str, dict[str, float | None]], units: tuple[str, ...], dtype: str,

@@ -25,6 +25,7 @@ from precsearch.precisions import FP32
 from precsearch.records import Settings, StudySetup
 from precsearch.sensitivity import choice_error, unit_sensitivity
 from precsearch.space import Choice
+from precsearch.weights import weight_bytes
 
 SLOW_DTYPE = 1.25        # an all-low plan this many times FP32's latency takes its dtype out of the search
 PROBE_SECONDS = 3.0      # a clearly slow dtype shows within a few rounds
@@ -68,6 +69,7 @@ def set_up(study: optuna.Study, model: nn.Module, example_inputs: Any, graph: La
         sensitivity=sensitivity,
         dtype_probe=probe_dtypes(evaluator, choices, sensitivity),
         baseline_ms=timing[FP32].median_ms,
+        weight_mb=sum(weight_bytes(model).values()) / 2**20,
     )
     if strategy.seeded:
         for params in decisions_for(setup, graph, choices, config, evaluator.fidelity.limit).seeds():

@@ -23,7 +23,7 @@ from precsearch import batches as _batches
 from precsearch.accuracy import Fidelity, check_limit, flatten_outputs
 from precsearch.batches import LossFn, compute_loss, split_training
 from precsearch.ops import model_device_type
-from precsearch.plan import LossScaling, Plan
+from precsearch.plan import LossScaling, Plan, Runtime
 from precsearch.precisions import PRECISIONS
 from precsearch.runtime import applied_plan, apply_plan
 
@@ -57,7 +57,9 @@ class Trainer:
         self.model, self.plan, self.optimizer = model, plan, optimizer
         self.loss_fn, self.max_grad_norm = loss_fn, max_grad_norm
         self.device_type = model_device_type(model)
-        self.handle = apply_plan(model, plan, device_type=self.device_type)
+        # Training keeps FP32 master weights, whatever runtime an inference plan asks for.
+        self.handle = apply_plan(model, dataclasses.replace(plan, runtime=Runtime(weights="fp32")),
+                                 device_type=self.device_type)
         self.scaler = grad_scaler(plan, self.device_type)
         self.scales: list[float] = []    # loss scale after each step (empty without FP16)
         self.skipped = 0                 # steps skipped for non-finite gradients

@@ -20,7 +20,7 @@ def test_round_trip_keeps_every_field(tmp_path):
     text = path.read_text()
     assert text.startswith("format: precsearch-plan/1\n")
     assert list(yaml.safe_load(text)) == ["format", "created", "model", "target", "mode", "default", "layers",
-                                          "loss_scaling", "constraint", "metrics", "search"]
+                                          "runtime", "loss_scaling", "constraint", "metrics", "search"]
 
 
 def test_save_is_atomic_and_leaves_no_temporary_files(tmp_path, monkeypatch):

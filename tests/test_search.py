@@ -209,3 +209,15 @@ def test_expected_trial_failures_print_no_traceback():
     err = stream.getvalue()
     assert "Trial 1" not in err and "Trial 2" not in err and "KeyboardInterrupt" not in err
     assert err.count("Trial 3 failed") == 2 and "RuntimeError: real" in err
+
+
+def test_a_search_with_no_low_precision_left_runs_one_trial():
+    from precsearch.records import TrialRecord
+
+    space = SearchSpace.parse({"format": "precsearch-space/1", "name": "fp32", "dtypes": ["fp32"]}, "inline")
+    model, batches = demo.small_model(), small_data()
+    with pytest.warns(UserWarning, match="no low precision is left"):
+        result = optimize(model, batches, SearchConfig(space=space, trials=10, progress=False, repeats=3))
+    complete = [t for t in result.study.trials if t.state.name == "COMPLETE"]
+    assert [TrialRecord.of(t).plan for t in complete] == ["ffffff"]
+    assert result.plan.default == "fp32" and not result.plan.layers
