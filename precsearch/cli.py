@@ -159,7 +159,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     config = SearchConfig(space=args.space, metric=args.metric_name, max_error=args.max_error, mode=args.mode,
                           loss_fn=factories.resolve(args.loss, "loss") if args.loss else None,
                           trials=args.trials, timeout=args.timeout, seed=args.seed, heartbeat=args.heartbeat,
-                          strategy=args.strategy, weights=args.weights, progress=sys.stderr.isatty())
+                          strategy=args.strategy, weights=args.weights, compile=args.compile,
+                          progress=sys.stderr.isatty())
     model_spec = args.model or factories.DEMO_MODEL
     study_name = args.study or _study_name(model_spec)
     out = Path(args.out or Path("reports") / study_name)
@@ -322,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--weights", choices=["low", "fp32"], default=None,
                         help="inference: hold each low unit's weights in its dtype, as deployed (low, the "
                              "default), or keep FP32 weights cast on every call (fp32); training is always fp32")
+    search.add_argument("--compile", action="store_true",
+                        help="inference: race the finalists compiled with torch.compile, as deployed (trials "
+                             "run eager); the plan records runtime.compile: true")
     search.add_argument("--loss", metavar="MODULE:FUNC",
                         help="training loss FUNC(output, target) -> scalar (default: cross entropy)")
     search.add_argument("--storage", metavar="URL",

@@ -58,6 +58,7 @@ class SearchConfig:
     heartbeat: float = HEARTBEAT_S
     strategy: Strategy | str = "optuna"
     weights: str | None = None     # "low" | "fp32"; None: low for inference, fp32 (master weights) for training
+    compile: bool = False          # race the finalists compiled with torch.compile (inference)
 
     def __post_init__(self) -> None:
         if isinstance(self.strategy, str):
@@ -77,6 +78,8 @@ class SearchConfig:
         if mode == "training" and runtime.weights == "low":
             raise InputError("--weights low: training keeps FP32 master weights; use --weights fp32")
         object.__setattr__(self, "weights", runtime.weights)
+        if self.compile and mode == "training":
+            raise InputError("--compile: compiled measurement is for inference searches; drop it with --mode train")
         if self.metric not in METRICS:
             raise InputError(f"--metric-name {self.metric!r}: use one of {', '.join(METRICS)}")
         check_limit(self.max_error, "--max-error")
@@ -99,7 +102,7 @@ class SearchConfig:
     @property
     def runtime(self) -> Runtime:
         """How every candidate is measured: as it will be deployed."""
-        return Runtime(weights=self.weights)
+        return Runtime(weights=self.weights, compile=self.compile)
 
 
 def _check_int(value: object, flag: str, minimum: int | None) -> None:

@@ -30,7 +30,7 @@ from precsearch import batches as _batches
 from precsearch.errors import InputError
 from precsearch.ops import device_type_of, estimate_flops, is_eligible, model_device_type, module_op, op_name
 from precsearch.precisions import FP32
-from precsearch.recording import ModuleStack, OpRecorder
+from precsearch.recording import OpRecorder
 
 log = logging.getLogger(__name__)
 
@@ -241,22 +241,25 @@ def _via_hooks(model, modules, args, kwargs, device_type) -> list[_Op]:
 def _unit_shapes(model: nn.Module, units: set[str], args: tuple, kwargs: dict) -> dict[str, tuple[list, list]]:
     """Input and output tensor shapes of each unit's first call."""
     shapes: dict[str, tuple[list, list]] = {}
-    stack = ModuleStack(model)
 
     def tensors(value: Any) -> list[list[int]]:
         return [list(t.shape) for t in torch.utils._pytree.tree_leaves(value) if isinstance(t, torch.Tensor)]
 
-    def record(module: nn.Module, inputs: Any, kw: Any, output: Any) -> None:
-        name = stack.names.get(id(module))
-        if name in units and name not in shapes:
-            shapes[name] = (tensors((inputs, kw)), tensors(output))
+    def recorder(name: str) -> Any:
+        def record(module: nn.Module, inputs: Any, kw: Any, output: Any) -> None:
+            shapes.setdefault(name, (tensors((inputs, kw)), tensors(output)))
+        return record
 
-    hook = nn.modules.module.register_module_forward_hook(record, with_kwargs=True)
+    # Hooks on the units themselves: a global hook registered with kwargs outlives its removal
+    # in torch (an entry stays behind), and every later torch.compile would warn about it.
+    hooks = [module.register_forward_hook(recorder(name), with_kwargs=True)
+             for name, module in model.named_modules() if name in units]
     try:
         with torch.no_grad():
             model(*args, **kwargs)
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     return shapes
 
 

@@ -75,9 +75,13 @@ def choose(model: nn.Module, study: optuna.Study, units: list[str], evaluator: E
     finalists = [c for c in sorted(candidates, key=lambda c: c.relative)
                  if c.relative <= FINALIST_MARGIN * fastest][:FINALISTS]
     codes = list(dict.fromkeys([c.record.plan for c in finalists] + ([fp32_code] if fp32_allowed else [])))
+    repeats = max(3 * evaluator.repeats, RACE_REPEATS)
+    extra: dict[str, dict[str, Any]] = {}
     try:
-        raced = evaluator.race({code: decode(code, units) for code in codes},
-                               repeats=max(3 * evaluator.repeats, RACE_REPEATS))
+        if config.compile:
+            raced, extra = _race_compiled(evaluator, {code: decode(code, units) for code in codes}, repeats)
+        else:
+            raced = evaluator.race({code: decode(code, units) for code in codes}, repeats=repeats)
     except Exception as failure:  # keep the trials' own numbers
         log.warning("final race failed (%s); using the trials' measurements", failure)
         raced = {}
@@ -90,7 +94,7 @@ def choose(model: nn.Module, study: optuna.Study, units: list[str], evaluator: E
         error = chosen.error if chosen else 0.0
         weight_mb = chosen.record.weight_mb if chosen else setup.weight_mb
         plan = write(code, Measurement(error, latency, base, memory, weight_mb=weight_mb),
-                     chosen.trial if chosen else None)
+                     chosen.trial if chosen else None, extra.get(code))
     else:
         chosen = pareto[0]
         code = chosen.record.plan
@@ -98,6 +102,21 @@ def choose(model: nn.Module, study: optuna.Study, units: list[str], evaluator: E
     others = [write(c.record.plan, _measurement(c.record), c.trial)
               for c in pareto if c.record.plan not in (code, fp32_code)]
     return plan, others
+
+
+def _race_compiled(evaluator: Evaluator, plans: dict[str, dict[str, str]], repeats: int
+                   ) -> tuple[dict[str, tuple[float, float, float | None]], dict[str, dict[str, Any]]]:
+    """The race with every plan compiled. Speedups are against eager FP32, the basis of every
+    plan; a compiled plan also records its speedup against compiled FP32 and its compile time."""
+    from precsearch.compiled import time_compiled
+
+    times = time_compiled(evaluator.model, evaluator.batches[0],
+                          {code: evaluator.plan(layers) for code, layers in plans.items()},
+                          evaluator.device_type, repeats)
+    raced = {code: (ms, times.fp32_eager_ms, None) for code, ms in times.ms.items()}
+    extra = {code: {"speedup_vs_compiled_fp32": round(times.fp32_compiled_ms / ms, 3),
+                    "compile_s": round(times.compile_s[code], 2)} for code, ms in times.ms.items()}
+    return raced, extra
 
 
 def _measurement(record: TrialRecord) -> Measurement:
@@ -125,7 +144,8 @@ class _PlanWriter:
         self.search = {"space": config.space.name, "trials": len(study.get_trials(deepcopy=False, states=COUNTED)),
                        "sampler": type(study.sampler).__name__, "study": study.study_name, "storage": config.storage}
 
-    def __call__(self, code: str, measured: Measurement, trial: int | None) -> Plan:
+    def __call__(self, code: str, measured: Measurement, trial: int | None,
+                 extra: dict[str, Any] | None = None) -> Plan:
         layers = decode(code, self.units)
         plan = Plan.compact(layers)
         baseline = self.setup.baseline_ms
@@ -135,7 +155,7 @@ class _PlanWriter:
             "latency_ms": round(baseline / measured.speedup, 4), "baseline_latency_ms": round(baseline, 4),
             "speedup": round(measured.speedup, 3), "error": measured.error,
             "peak_memory_mb": measured.peak_memory_mb, "weight_mb": _mb(measured.weight_mb),
-            "baseline_weight_mb": _mb(self.setup.weight_mb), "trial": trial}
+            "baseline_weight_mb": _mb(self.setup.weight_mb), "trial": trial, **(extra or {})}
         return dataclasses.replace(
             plan, mode=self.config.mode, runtime=self.runtime,
             loss_scaling=LossScaling() if self.config.training and plan.needs_loss_scaling else None,

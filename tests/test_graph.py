@@ -80,3 +80,14 @@ def test_cast_boundaries_counts_edges_between_precisions():
     graph = walk(build_cnn(), image_batches(1)[0])
     assert graph.cast_boundaries({}, "bf16") == 0
     assert graph.cast_boundaries({"conv2": "fp32"}, "bf16") == 2
+
+
+def test_walking_leaves_no_global_hook_behind():
+    import torch.nn.modules.module as module_hooks
+    from conftest import build_bert, token_batches
+
+    tables = [name for name in dir(module_hooks) if name.startswith("_global_") and name.endswith("hooks")
+              or name.endswith("_with_kwargs") or name.endswith("_always_called")]
+    before = {name: len(getattr(module_hooks, name)) for name in tables}
+    walk(build_bert(), token_batches(1)[0])
+    assert {name: len(getattr(module_hooks, name)) for name in tables} == before

@@ -221,3 +221,15 @@ def test_a_search_with_no_low_precision_left_runs_one_trial():
     complete = [t for t in result.study.trials if t.state.name == "COMPLETE"]
     assert [TrialRecord.of(t).plan for t in complete] == ["ffffff"]
     assert result.plan.default == "fp32" and not result.plan.layers
+
+
+@pytest.mark.slow
+def test_compile_races_the_finalists_compiled_and_says_so(tmp_path):
+    model, batches = demo.small_model(), small_data()
+    result = optimize(model, batches, SearchConfig(trials=6, progress=False, repeats=3, compile=True,
+                                                   space="bf16_only", drop_slow_dtypes=False))
+    plan = result.plan
+    assert plan.resolved_runtime.compile and plan.resolved_runtime.weights == "low"
+    assert plan.metrics["compile_s"] > 0 and plan.metrics["speedup_vs_compiled_fp32"] > 0
+    saved = load_plan(plan.save(tmp_path / "plan.yaml"))
+    assert saved.runtime == plan.runtime

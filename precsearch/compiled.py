@@ -1,0 +1,68 @@
+"""Timing plans as compiled with ``torch.compile``: the deployed form of ``runtime.compile``.
+
+Each plan runs on its own copy of the model, with the plan applied and compiled once, so that
+interleaving plans never makes dynamo recompile. Dynamo is made to fail instead of silently
+falling back to eager (recompile limit hit, or any recompile while timing): a number from this
+module is a compiled number, or an exception.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from precsearch import batches as _batches
+from precsearch.bench import time_interleaved
+from precsearch.plan import Plan
+from precsearch.runtime import apply_plan
+
+RECOMPILE_LIMIT = 64   # each plan is one cache entry on the shared code; never the limit
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledTimes:
+    """Medians (ms) of every plan compiled, of the FP32 model compiled and eager, and compile times (s)."""
+
+    ms: dict[str, float]
+    fp32_compiled_ms: float
+    fp32_eager_ms: float
+    compile_s: dict[str, float]
+
+
+def time_compiled(model: nn.Module, batch: Any, plans: dict[str, Plan], device_type: str,
+                  repeats: int) -> CompiledTimes:
+    """``plans`` (inference) and the FP32 model compiled, and the FP32 model eager, interleaved."""
+    runners: dict[str, Any] = {}
+    compile_s: dict[str, float] = {}
+    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
+            for name, plan in [("fp32 compiled", None), *plans.items()]:
+                replica = copy.deepcopy(model)
+                if plan is not None:
+                    apply_plan(replica, plan, device_type=device_type, example_inputs=batch,
+                               fingerprint_mismatch="ignore")
+                runners[name] = _runner(torch.compile(replica), batch)
+                started = time.perf_counter()
+                runners[name]()  # compiles
+                compile_s[name] = time.perf_counter() - started
+            runners["fp32 eager"] = _runner(model, batch)
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                timings = time_interleaved(runners, device_type=device_type, repeats=repeats, warmup=1)
+    finally:
+        runners.clear()
+        torch._dynamo.reset()
+    return CompiledTimes({name: timings[name].median_ms for name in plans}, timings["fp32 compiled"].median_ms,
+                         timings["fp32 eager"].median_ms, {name: compile_s[name] for name in plans})
+
+
+def _runner(model: Any, batch: Any) -> Any:
+    def run() -> None:
+        with torch.no_grad():
+            _batches.call(model, batch)
+    return run

@@ -1,0 +1,35 @@
+"""Plans under torch.compile: the applier adds no graph break, and compiled timings are compiled."""
+
+import pytest
+import torch
+from conftest import build_bert, token_batches
+from torch import nn
+
+from precsearch import Plan, apply_plan, walk
+from precsearch.compiled import time_compiled
+
+
+@pytest.mark.slow
+def test_a_sparse_plan_adds_no_graph_break_to_bert():
+    model, batch = build_bert(), token_batches(1)[0]
+    units = walk(model, batch).units
+    plan = Plan(default="bf16", layers={unit: "fp32" for unit in units[::3]})
+    torch._dynamo.reset()
+    plain = torch._dynamo.explain(model)(**batch)
+    with apply_plan(model, plan, example_inputs=batch), torch.no_grad():
+        torch._dynamo.reset()
+        planned = torch._dynamo.explain(model)(**batch)
+    torch._dynamo.reset()
+    assert planned.graph_break_count == plain.graph_break_count
+    assert planned.graph_count == plain.graph_count
+
+
+def test_compiled_timings_cover_every_plan_and_both_fp32_forms():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    batch = torch.randn(8, 16)
+    plans = {"bf16": Plan(default="bf16"), "mixed": Plan(default="bf16", layers={"2": "fp32"})}
+    times = time_compiled(model, batch, plans, "cpu", repeats=3)
+    assert set(times.ms) == set(plans) == set(times.compile_s)
+    assert all(value > 0 for value in [*times.ms.values(), times.fp32_compiled_ms, times.fp32_eager_ms])
+    assert not hasattr(model, "_precsearch_plan_handle") or model.__dict__.get("_precsearch_plan_handle") is None
