@@ -20,7 +20,7 @@ import applier_overhead  # noqa: E402
 import search_overhead  # noqa: E402
 import strategies  # noqa: E402
 
-from precsearch.search import device_name  # noqa: E402
+from precsearch.study_setup import device_name  # noqa: E402
 
 
 def render(applier: dict, quality: dict, overhead: dict) -> str:

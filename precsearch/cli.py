@@ -160,7 +160,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
                           loss_fn=factories.resolve(args.loss, "loss") if args.loss else None,
                           trials=args.trials, timeout=args.timeout, seed=args.seed, heartbeat=args.heartbeat,
                           strategy=args.strategy, weights=args.weights, compile=args.compile,
-                          progress=sys.stderr.isatty())
+                          progress=True)
     model_spec = args.model or factories.DEMO_MODEL
     study_name = args.study or _study_name(model_spec)
     out = Path(args.out or Path("reports") / study_name)

@@ -11,7 +11,7 @@ from torch import nn
 
 from precsearch import batches as _batches
 from precsearch.accuracy import METRICS, Fidelity
-from precsearch.bench import time_interleaved
+from precsearch.bench import speedup, time_interleaved
 from precsearch.errors import InputError
 from precsearch.ops import model_device_type
 from precsearch.plan import Plan
@@ -52,11 +52,17 @@ def summary_rows(names: list[str], plans: list[Plan], units: list[str]) -> list[
         counts = plan.counts(units)
         rows.append({"plan": name, "default": plan.default,
                      **{dtype: counts.get(dtype, 0) for dtype in NAMES},
-                     "speedup": metrics.get("speedup"), "latency_ms": metrics.get("latency_ms"),
+                     "speedup": metrics.get("speedup"), "interval": _interval(metrics),
+                     "latency_ms": metrics.get("latency_ms"),
                      "error": metrics.get("error"), "weight_mb": metrics.get("weight_mb"),
                      "limit": f"{constraint.get('metric', '-')}<={constraint.get('limit', '-')}",
                      "device": plan.target.get("device", "-")})
     return rows
+
+
+def _interval(metrics: dict[str, Any]) -> str | None:
+    low, high = metrics.get("speedup_low"), metrics.get("speedup_high")
+    return f"[{low:.2f}, {high:.2f}]" if low is not None and high is not None else None
 
 
 def unit_differences(names: list[str], plans: list[Plan], units: list[str]) -> list[dict[str, str]]:
@@ -99,7 +105,7 @@ def remeasure(model: nn.Module, batches: list[Any], names: list[str], plans: lis
     candidates.update({name: ((lambda plan=plan: apply(plan)), run) for name, plan in zip(names, plans)})
     timings = time_interleaved(candidates, device_type=device_type, repeats=repeats, warmup=2)
     base = timings["fp32 baseline"].median_ms
-    rows = [{"plan": "fp32 baseline", "latency_ms": round(base, 3), "speedup": 1.0, f"{metric}": 0.0,
+    rows = [{"plan": "fp32 baseline", "latency_ms": round(base, 3), "speedup": 1.0, "interval": "-", f"{metric}": 0.0,
              "weight_mb": round(sum(weight_bytes(model).values()) / 2**20, 3),
              "peak_memory_mb": timings["fp32 baseline"].peak_memory_mb}]
     for name, plan in zip(names, plans):
@@ -107,7 +113,9 @@ def remeasure(model: nn.Module, batches: list[Any], names: list[str], plans: lis
             error = fidelity.error(model)
             weight_mb = sum(handle.weight_bytes().values()) / 2**20
         timing = timings[name]
+        estimate = speedup(timings["fp32 baseline"].samples_ms, timing.samples_ms)
         rows.append({"plan": name, "latency_ms": round(timing.median_ms, 3),
-                     "speedup": round(base / timing.median_ms, 3), f"{metric}": error,
+                     "speedup": round(estimate.median, 3), "interval": f"[{estimate.low:.2f}, {estimate.high:.2f}]",
+                     f"{metric}": error,
                      "weight_mb": round(weight_mb, 3), "peak_memory_mb": timing.peak_memory_mb})
     return rows

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from precsearch import batches as _batches
-from precsearch.bench import time_interleaved
+from precsearch.bench import Timing, time_interleaved
 from precsearch.plan import Plan
 from precsearch.runtime import apply_plan
 
@@ -26,12 +26,15 @@ RECOMPILE_LIMIT = 64   # each plan is one cache entry on the shared code; never 
 
 @dataclasses.dataclass(frozen=True)
 class CompiledTimes:
-    """Medians (ms) of every plan compiled, of the FP32 model compiled and eager, and compile times (s)."""
+    """Timings of every plan compiled and of the FP32 model (``"fp32 compiled"``, ``"fp32 eager"``),
+    and each plan's compile time (s)."""
 
-    ms: dict[str, float]
-    fp32_compiled_ms: float
-    fp32_eager_ms: float
+    timings: dict[str, Timing]
     compile_s: dict[str, float]
+
+    @property
+    def ms(self) -> dict[str, float]:
+        return {name: self.timings[name].median_ms for name in self.compile_s}
 
 
 def time_compiled(model: nn.Module, batch: Any, plans: dict[str, Plan], device_type: str,
@@ -57,8 +60,7 @@ def time_compiled(model: nn.Module, batch: Any, plans: dict[str, Plan], device_t
     finally:
         runners.clear()
         torch._dynamo.reset()
-    return CompiledTimes({name: timings[name].median_ms for name in plans}, timings["fp32 compiled"].median_ms,
-                         timings["fp32 eager"].median_ms, {name: compile_s[name] for name in plans})
+    return CompiledTimes(timings, {name: compile_s[name] for name in plans})
 
 
 def _runner(model: Any, batch: Any) -> Any:

@@ -23,7 +23,7 @@ from precsearch.storage import HEARTBEAT_S
 from precsearch.strategies import STRATEGIES, Strategy
 
 MAX_CATEGORICAL = 48   # above this many choices, the study searches a ranked parametrisation
-REPEATS = 9            # timed rounds per feasible candidate
+REPEATS = 15           # at most this many timed rounds per feasible candidate (fewer once its interval is tight)
 MODE_ALIASES = {"infer": "inference", "train": "training"}
 
 

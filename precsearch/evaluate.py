@@ -14,25 +14,48 @@ from torch import nn
 
 from precsearch import batches as _batches
 from precsearch.accuracy import Fidelity
-from precsearch.bench import time_interleaved
+from precsearch.bench import Speedup, speedup, time_interleaved
 from precsearch.errors import InputError
 from precsearch.plan import Plan, Runtime
 from precsearch.runtime import PlanHandle, apply_plan
 from precsearch.weights import find_weight_uses
 
+MIN_ROUNDS = 5               # timed rounds before the intervals may stop a measurement
+TARGET_HALF_WIDTH = 0.02     # a speedup known to +-2% needs no more rounds
+INFEASIBLE_ROUNDS = 3        # a candidate over the limit is timed only for the record
+
 
 @dataclasses.dataclass(frozen=True)
 class Measurement:
+    """One candidate's error and speedup over FP32 (timed in the same rounds).
+
+    ``latency_ms`` is on the FP32 basis: ``baseline_ms`` divided by the median speedup, which
+    ``[speedup_low, speedup_high]`` brackets (a 95% confidence interval).
+    """
+
     error: float
-    latency_ms: float          # candidate median, this trial
+    latency_ms: float
     baseline_ms: float         # FP32 median, interleaved with it
     peak_memory_mb: float | None
     failure: str | None = None
     weight_mb: float | None = None   # the model's weights as the candidate runs (low ones held)
+    speedup_low: float | None = None
+    speedup_high: float | None = None
+
+    @classmethod
+    def timed(cls, error: float, estimate: Speedup, baseline_ms: float, **fields: Any) -> Measurement:
+        return cls(error, baseline_ms / estimate.median, baseline_ms, speedup_low=estimate.low,
+                   speedup_high=estimate.high, **fields)
 
     @property
     def speedup(self) -> float:
         return self.baseline_ms / self.latency_ms if self.latency_ms > 0 else math.nan
+
+    @property
+    def interval(self) -> Speedup | None:
+        if self.speedup_low is None or self.speedup_high is None:
+            return None
+        return Speedup(self.speedup, self.speedup_low, self.speedup_high, 0)
 
 
 class Evaluator:
@@ -70,17 +93,20 @@ class Evaluator:
         with self.apply(layers):
             return self.fidelity.error(self.model)
 
-    def measure(self, layers: dict[str, str], repeats: int | None = None,
-                max_seconds: float | None = None) -> Measurement:
+    def measure(self, layers: dict[str, str], repeats: int | None = None, max_seconds: float | None = None,
+                incumbent: Speedup | None = None) -> Measurement:
+        """Error, then speedup: timed until its interval is tight (``TARGET_HALF_WIDTH``), it is
+        clearly slower than ``incumbent`` (the best so far), or the round cap is reached."""
         try:
             with self.apply(layers) as handle:
                 weight_mb = sum(handle.weight_bytes().values()) / 2**20
                 error = self.fidelity.error(self.model)
                 feasible = error <= self.fidelity.limit
+                cap = repeats or (self.repeats if feasible else INFEASIBLE_ROUNDS)
                 timings = time_interleaved(
                     {"baseline": (handle.suspended, self.step(None)), "candidate": self.step(handle.plan)},
-                    device_type=self.device_type, repeats=repeats or (self.repeats if feasible else 3), warmup=1,
-                    max_seconds=max_seconds)
+                    device_type=self.device_type, repeats=cap, warmup=1, max_seconds=max_seconds,
+                    min_repeats=min(MIN_ROUNDS, cap), until=lambda samples: settled(samples, incumbent))
         except InputError:
             raise
         except Exception as failure:  # NaN guards, dtype errors, (simulated) OOM: the candidate fails, not the search
@@ -89,19 +115,39 @@ class Evaluator:
                 torch.cuda.empty_cache()
             reason = f"{type(failure).__name__}: {str(failure).splitlines()[0][:200] if str(failure) else ''}"
             return Measurement(math.inf, math.nan, math.nan, None, reason)
-        return Measurement(error, timings["candidate"].median_ms, timings["baseline"].median_ms,
-                           timings["candidate"].peak_memory_mb,
-                           None if math.isfinite(error) else "non-finite outputs (NaN or inf)", weight_mb)
+        estimate = speedup(timings["baseline"].samples_ms, timings["candidate"].samples_ms)
+        return Measurement.timed(error, estimate, timings["baseline"].median_ms,
+                                 peak_memory_mb=timings["candidate"].peak_memory_mb, weight_mb=weight_mb,
+                                 failure=None if math.isfinite(error) else "non-finite outputs (NaN or inf)")
 
-    def race(self, plans: dict[str, dict[str, str]], repeats: int) -> dict[str, tuple[float, float, float | None]]:
-        """Several plans and the FP32 model timed in one interleaved run:
-        ``{name: (median ms, FP32 median ms, peak memory MB or None)}``."""
+    def race(self, plans: dict[str, dict[str, str]], repeats: int, min_repeats: int = MIN_ROUNDS
+             ) -> dict[str, tuple[Speedup, float, float | None]]:
+        """Several plans and the FP32 model timed in one interleaved run, until the leader is
+        clearly faster than every other plan or ``repeats`` rounds are spent:
+        ``{name: (speedup over FP32, FP32 median ms, peak memory MB or None)}``."""
         turns: dict[str, Any] = {"fp32": self.step(None)}
         for name, layers in plans.items():
             turns[name] = (lambda layers=layers: self.apply(layers), self.step(self.plan(layers)))
-        timings = time_interleaved(turns, device_type=self.device_type, repeats=repeats, warmup=1)
-        base = timings["fp32"].median_ms
-        return {name: (timings[name].median_ms, base, timings[name].peak_memory_mb) for name in plans}
+        timings = time_interleaved(turns, device_type=self.device_type, repeats=repeats, warmup=1,
+                                   min_repeats=min(min_repeats, repeats), until=decided)
+        base = timings["fp32"]
+        return {name: (speedup(base.samples_ms, timings[name].samples_ms), base.median_ms,
+                       timings[name].peak_memory_mb) for name in plans}
+
+
+def settled(samples: dict[str, list[float]], incumbent: Speedup | None) -> bool:
+    """A candidate's speedup is known well enough, or it is clearly slower than the best so far."""
+    estimate = speedup(samples["baseline"], samples["candidate"])
+    return estimate.half_width <= TARGET_HALF_WIDTH or (incumbent is not None and incumbent.clearly_faster_than(estimate))
+
+
+def decided(samples: dict[str, list[float]]) -> bool:
+    """In a race: the plan with the best median is clearly faster than each of the others."""
+    estimates = [speedup(samples["fp32"], times) for name, times in samples.items() if name != "fp32"]
+    if len(estimates) < 2:
+        return bool(estimates) and estimates[0].half_width <= TARGET_HALF_WIDTH
+    leader = max(estimates, key=lambda e: e.median)
+    return all(leader.clearly_faster_than(other) for other in estimates if other is not leader)
 
 
 class TrainingEvaluator(Evaluator):

@@ -38,6 +38,13 @@ def tradeoff(trials: Any, limit: float, baseline_ms: float, chosen_trial: int | 
                edgecolors="#c0392b", label="violates the limit")
     ax.scatter(feasible["latency_ms"], feasible["error"].clip(lower=floor), s=28, color="#27ae60",
                label="meets the limit")
+    if "speedup_low" in feasible and feasible["speedup_low"].notna().any():
+        # latency on the FP32 basis is baseline / speedup: the speedup's interval, mapped
+        scale = feasible["latency_ms"] * feasible["speedup"]
+        ax.errorbar(feasible["latency_ms"], feasible["error"].clip(lower=floor), fmt="none", ecolor="#27ae60",
+                    alpha=0.5, lw=1, xerr=[(feasible["latency_ms"] - scale / feasible["speedup_high"]).clip(lower=0),
+                                           (scale / feasible["speedup_low"] - feasible["latency_ms"]).clip(lower=0)],
+                    label="95% interval of the latency")
     if len(broken):
         ax.scatter(broken["latency_ms"], [top] * len(broken), marker="x", color="#c0392b",
                    label="non-finite output (inf/NaN)")

@@ -53,6 +53,7 @@ class StudySetup:
     dtype_probe: dict[str, dict[str, float | None]]    # dtype -> relative_latency, error_gain
     baseline_ms: float                                 # the FP32 model's latency at setup
     weight_mb: float | None = None                     # the FP32 model's weights
+    noise: float | None = None                         # FP32 against itself: relative half-width
 
     def save(self, study: optuna.Study) -> None:
         """Store every field, then mark the study ready: waiting workers never see half a setup."""
@@ -101,6 +102,8 @@ class TrialRecord:
     peak_memory_mb: float | None = None
     failure: str | None = None     # why the candidate could not run
     weight_mb: float | None = None  # the model's weights while the candidate ran
+    speedup_low: float | None = None   # the speedup's 95% confidence interval
+    speedup_high: float | None = None
 
     @property
     def speedup(self) -> float | None:

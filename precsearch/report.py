@@ -28,6 +28,14 @@ def human(number: float | int | None) -> str:
     return f"{number:.3g}" if isinstance(number, float) else str(number)
 
 
+def format_speedup(median: float | None, low: float | None = None, high: float | None = None) -> str:
+    """``1.24x [1.15, 1.33]``: a speedup with its 95% confidence interval, when there is one."""
+    if median is None or not math.isfinite(median):
+        return "-"
+    interval = f" [{low:.2f}, {high:.2f}]" if low is not None and high is not None else ""
+    return f"{median:.2f}x{interval}"
+
+
 def format_table(rows: Sequence[dict[str, Any]], max_width: int = 100, max_rows: int = 60) -> str:
     """Left-aligned text columns, right-aligned numbers; long tables keep their head and tail."""
     if not rows:
@@ -85,6 +93,8 @@ def trials_frame(study: Any) -> Any:
             "latency_ms": trial.value, "measured_ms": record.latency_ms if record else None,
             "baseline_ms": record.baseline_ms if record else None,
             "speedup": record.speedup if record else None,
+            "speedup_low": record.speedup_low if record else None,
+            "speedup_high": record.speedup_high if record else None,
             "error": (float("inf") if record.error is None else record.error) if record else None,
             "constraint": constraint,
             "feasible": constraint is not None and constraint <= 0 and trial.state.name == "COMPLETE",
@@ -173,7 +183,7 @@ def write_report(directory: str | Path, study: Any) -> dict[str, Path]:
             {"plan": "fp32 baseline", "latency_ms": round(baseline, 3), "speedup": "1.00x", "error": 0.0,
              "weight_mb": setup.weight_mb, "peak_memory_mb": "-" if memory is None else "measured per plan"},
             {"plan": "chosen (plan.yaml)", "latency_ms": metrics.get("latency_ms"),
-             "speedup": f"{metrics.get('speedup', math.nan):.2f}x", "error": metrics.get("error"),
+             "speedup": _metrics_speedup(metrics), "error": metrics.get("error"),
              "weight_mb": metrics.get("weight_mb"),
              "peak_memory_mb": "not measured on CPU" if memory is None else memory},
         ]))
@@ -232,22 +242,41 @@ def _training_blocks(diagnostics: dict | None, settings: dict) -> list[tuple]:
     return blocks
 
 
+def _metrics_speedup(metrics: dict[str, Any]) -> str:
+    return format_speedup(metrics.get("speedup"), metrics.get("speedup_low"), metrics.get("speedup_high"))
+
+
+def _value(number: Any) -> float | None:
+    """A number from a DataFrame cell, None for a missing one (NaN)."""
+    return None if number is None or (isinstance(number, float) and math.isnan(number)) else float(number)
+
+
 def _race_note(plan: Any, trials: Any) -> str:
     """How the final race's numbers relate to the trials': the race may reorder close plans."""
     metrics = plan.metrics or {}
-    trial, speedup = metrics.get("trial"), metrics.get("speedup", math.nan)
-    note = (f"The close finalists and the FP32 model were re-timed together in a final race; the chosen plan ran "
-            f"{speedup:.2f}x there")
+    trial = metrics.get("trial")
+    sentences = [f"The close finalists and the FP32 model were re-timed together in a final race: the chosen plan "
+                 f"ran {_metrics_speedup(metrics)} there (the median of per-round speedups, with its 95% "
+                 f"confidence interval from order statistics)."]
+    ties = metrics.get("race_ties")
+    if ties:
+        sentences.append(f"The race could not tell it apart from {ties} other plan{'s' if ties > 1 else ''}; "
+                         f"ties go to more accuracy headroom, then fewer cast boundaries.")
     feasible = trials[trials["feasible"]]
     own = feasible[feasible["trial"] == trial]
     if trial is None or own.empty:
-        return note + " (it is the FP32 plan)." if plan.default == "fp32" and not plan.layers else note + "."
-    note += f" and {own.iloc[0]['speedup']:.2f}x in its trial {trial}"
+        if plan.default == "fp32" and not plan.layers:
+            sentences.append("It is the FP32 plan: no plan was shown faster.")
+        return " ".join(sentences)
+    row = own.iloc[0]
+    sentences.append(f"Its trial, {trial}, measured "
+                     f"{format_speedup(row['speedup'], _value(row['speedup_low']), _value(row['speedup_high']))}.")
     fastest = feasible.sort_values("latency_ms").iloc[0]
     if int(fastest["trial"]) != trial:
-        note += (f"; the fastest trial was {int(fastest['trial'])} ({fastest['speedup']:.2f}x), which the race "
-                 f"measured slower")
-    return note + "."
+        sentences.append(f"The fastest trial, {int(fastest['trial'])} ("
+                         f"{format_speedup(fastest['speedup'], _value(fastest['speedup_low']), _value(fastest['speedup_high']))}"
+                         f"), did not win the race.")
+    return " ".join(sentences)
 
 
 def _fmt(value: float | None) -> str:
@@ -260,7 +289,7 @@ def _plan_row(name: str, plan: Any, units: list[str]) -> dict[str, Any]:
     metrics = plan.metrics or {}
     counts = plan.counts(units)
     return {"plan": name, "trial": metrics.get("trial"), "latency_ms": metrics.get("latency_ms"),
-            "speedup": f"{metrics.get('speedup', math.nan):.2f}x", "error": metrics.get("error"),
+            "speedup": _metrics_speedup(metrics), "error": metrics.get("error"),
             "weight_mb": metrics.get("weight_mb"),
             **{d: counts.get(d, 0) for d in NAMES}}
 
@@ -272,7 +301,7 @@ def _milestones(trials: Any) -> list[dict[str, Any]]:
         if row.feasible and row.latency_ms < best:
             best = row.latency_ms
             rows.append({"trial": int(row.trial), "best_latency_ms": round(best, 3),
-                         "speedup": f"{row.baseline_ms / row.measured_ms:.2f}x" if row.measured_ms else "-",
+                         "speedup": format_speedup(row.speedup, _value(row.speedup_low), _value(row.speedup_high)),
                          "error": row.error})
     return rows or [{"trial": "-", "best_latency_ms": "no feasible trial"}]
 

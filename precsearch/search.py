@@ -26,6 +26,7 @@ from torch import nn
 
 from precsearch import batches as _batches
 from precsearch.accuracy import Fidelity
+from precsearch.bench import Speedup
 from precsearch.config import SearchConfig
 from precsearch.decisions import Decisions, encode
 from precsearch.evaluate import Evaluator, Measurement, TrainingEvaluator
@@ -33,7 +34,9 @@ from precsearch.graph import LayerGraph, walk
 from precsearch.ops import model_device_type
 from precsearch.plan import Plan
 from precsearch.precisions import FP32, NAMES
+from precsearch.progress import Progress
 from precsearch.records import StudySetup, TrialRecord, load_diagnostics, mark_worker, save_diagnostics
+from precsearch.report import format_speedup
 from precsearch.selection import choose
 from precsearch.storage import (
     COUNTED,
@@ -73,7 +76,8 @@ class SearchResult:
             metrics = self.plan.metrics or {}
             counts = self.plan.counts(self.graph.units)
             rows.append({"plan": "chosen", "latency_ms": metrics.get("latency_ms"),
-                         "speedup": f"{metrics.get('speedup', math.nan):.2f}x", "error": metrics.get("error"),
+                         "speedup": format_speedup(metrics.get("speedup"), metrics.get("speedup_low"),
+                                                   metrics.get("speedup_high")), "error": metrics.get("error"),
                          **{d: counts.get(d, 0) for d in NAMES}})
         return rows
 
@@ -114,7 +118,7 @@ def optimize(model: nn.Module, batches: list[Any], config: SearchConfig | None =
         recover_dead_trials(study)
         _run_trials(study, decisions, evaluator, graph.units, config, setup.baseline_ms)
         fp32_allowed = all(FP32 in choice.dtypes for choice in choices)
-        plan, pareto = choose(model, study, graph.units, evaluator, config, setup, fp32_allowed)
+        plan, pareto = choose(model, study, graph, evaluator, config, setup, fp32_allowed)
         if config.training and plan is not None and load_diagnostics(study) is None:
             from precsearch.training import diagnose
 
@@ -154,6 +158,7 @@ def _run_trials(study: optuna.Study, decisions: Decisions, evaluator: Evaluator,
     the sampler's, until it has its answer."""
     limit = evaluator.fidelity.limit
     seen: dict[str, Measurement] = {}
+    best: list[Speedup] = []   # the fastest feasible speedup so far: slower candidates stop early
     proposer = config.strategy.proposer(decisions, limit) if config.strategy.proposer else None
     proposed = [next(proposer)] if proposer is not None else []
 
@@ -162,15 +167,18 @@ def _run_trials(study: optuna.Study, decisions: Decisions, evaluator: Evaluator,
         check_budget(study, trial, config.trials)
         layers = proposed[0] if proposer is not None else decisions.suggest(trial)
         code = encode(layers, units)
-        measured = seen.get(code) or evaluator.measure(layers)
+        measured = seen.get(code) or evaluator.measure(layers, incumbent=best[0] if best else None)
         seen[code] = measured
+        if measured.error <= limit and measured.interval and (not best or measured.speedup > best[0].median):
+            best[:] = [measured.interval]
         if proposer is not None:
             try:
                 proposed[0] = proposer.send(measured)
             except StopIteration:
                 study.stop()
         TrialRecord(code, measured.error if math.isfinite(measured.error) else None, measured.latency_ms,
-                    measured.baseline_ms, measured.peak_memory_mb, measured.failure, measured.weight_mb).save(trial)
+                    measured.baseline_ms, measured.peak_memory_mb, measured.failure, measured.weight_mb,
+                    measured.speedup_low, measured.speedup_high).save(trial)
         trial.set_constraint("error", min(measured.error - limit, _CAP))
         if not math.isfinite(measured.latency_ms):
             return baseline_ms * FAILED_OBJECTIVE
@@ -186,10 +194,16 @@ def _run_trials(study: optuna.Study, decisions: Decisions, evaluator: Evaluator,
         warnings.warn("no low precision is left to search on this device: one trial, the FP32 plan", stacklevel=3)
         remaining = min(remaining, 1 - len(study.get_trials(deepcopy=False, states=COUNTED)))
     if remaining > 0:
-        with _expected_failures_quiet():
-            study.optimize(objective, n_trials=remaining, timeout=config.timeout, show_progress_bar=config.progress,
-                           catch=(Surplus,), callbacks=[optuna.study.MaxTrialsCallback(config.trials, states=COUNTED)],
-                           gc_after_trial=False)
+        callbacks: list[Any] = [optuna.study.MaxTrialsCallback(config.trials, states=COUNTED)]
+        progress = Progress(config.trials, config.trials - remaining, limit) if config.progress else None
+        callbacks += [progress] if progress else []
+        try:
+            with _expected_failures_quiet():
+                study.optimize(objective, n_trials=remaining, timeout=config.timeout, catch=(Surplus,),
+                               callbacks=callbacks, gc_after_trial=False)
+        finally:
+            if progress:
+                progress.close()
 
 
 class _ExpectedFailures(logging.Filter):

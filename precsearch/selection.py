@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import optuna
 from torch import nn
 
+from precsearch.bench import Speedup, speedup
 from precsearch.config import SearchConfig
 from precsearch.decisions import decode, encode
 from precsearch.evaluate import Evaluator, Measurement
+from precsearch.graph import LayerGraph
 from precsearch.plan import LossScaling, Plan, model_fingerprint
 from precsearch.records import StudySetup, TrialRecord, pareto_front
 from precsearch.storage import COUNTED
@@ -57,20 +60,23 @@ def front(candidates: list[Candidate]) -> list[Candidate]:
     return pareto_front(candidates, key=lambda c: (c.relative, c.error))
 
 
-def choose(model: nn.Module, study: optuna.Study, units: list[str], evaluator: Evaluator, config: SearchConfig,
+def choose(model: nn.Module, study: optuna.Study, graph: LayerGraph, evaluator: Evaluator, config: SearchConfig,
            setup: StudySetup, fp32_allowed: bool = True) -> tuple[Plan | None, list[Plan]]:
     """The plan to recommend and the other Pareto-optimal feasible plans (FP32 left out).
 
-    ``fp32_allowed``: the search space lets every unit run in FP32 (so the FP32 plan may win).
+    The best of many noisy trials flatters itself: the close finalists race once more,
+    interleaved, until the leader is clearly faster than the rest or the race's rounds are spent.
+    Plans the race cannot tell apart are tied; the tie goes to the one with more accuracy
+    headroom (lower error), then fewer cast boundaries. The FP32 plan races whenever the space
+    allows it, and a plan whose interval says it is slower than FP32 is never recommended.
+    ``fp32_allowed``: the search space lets every unit run in FP32.
     """
+    units = graph.units
     candidates = feasible_candidates(study)
     if not candidates:
         return None, []
     pareto = front(candidates)
     fp32_code = encode({}, units)
-    # The best of many noisy trials flatters itself: the close finalists race once more,
-    # interleaved and longer. The FP32 plan races whenever the space allows it: no plan slower
-    # than the model as it was is recommended.
     fastest = pareto[0].relative
     finalists = [c for c in sorted(candidates, key=lambda c: c.relative)
                  if c.relative <= FINALIST_MARGIN * fastest][:FINALISTS]
@@ -88,13 +94,14 @@ def choose(model: nn.Module, study: optuna.Study, units: list[str], evaluator: E
     by_code = {c.record.plan: c for c in candidates}
     write = _PlanWriter(model, study, units, evaluator, config, setup)
     if raced:
-        code = min(raced, key=lambda c: raced[c][0] / raced[c][1])
-        latency, base, memory = raced[code]
+        error = {code: by_code[code].error if code in by_code else 0.0 for code in raced}
+        code, ties = race_winner({code: estimate for code, (estimate, _, _) in raced.items()}, error,
+                                 lambda code: graph.cast_boundaries(decode(code, units)), fp32_code)
+        estimate, base, memory = raced[code]
         chosen = by_code.get(code)
-        error = chosen.error if chosen else 0.0
         weight_mb = chosen.record.weight_mb if chosen else setup.weight_mb
-        plan = write(code, Measurement(error, latency, base, memory, weight_mb=weight_mb),
-                     chosen.trial if chosen else None, extra.get(code))
+        plan = write(code, Measurement.timed(error[code], estimate, base, peak_memory_mb=memory, weight_mb=weight_mb),
+                     chosen.trial if chosen else None, {**extra.get(code, {}), "race_ties": len(ties) - 1})
     else:
         chosen = pareto[0]
         code = chosen.record.plan
@@ -104,8 +111,25 @@ def choose(model: nn.Module, study: optuna.Study, units: list[str], evaluator: E
     return plan, others
 
 
+def race_winner(estimates: dict[str, Speedup], error: dict[str, float], boundaries: Callable[[str], int],
+                fp32: str) -> tuple[str, list[str]]:
+    """The race's winner and the plans tied with the leader (the winner among them).
+
+    A plan clearly slower than FP32 (its whole interval below 1) cannot win while the FP32 plan
+    races. The leader is the best median; every plan it is not clearly faster than is tied with
+    it, and ties go to the lower error, then fewer cast boundaries, then the median.
+    """
+    contenders = {code: e for code, e in estimates.items() if e.high >= 1.0 or code == fp32}
+    if fp32 not in estimates and not contenders:  # the space forbids the FP32 plan: the best there is
+        contenders = dict(estimates)
+    leader = max(contenders, key=lambda code: contenders[code].median)
+    tied = [code for code, e in contenders.items() if code == leader or not contenders[leader].clearly_faster_than(e)]
+    winner = min(tied, key=lambda code: (error[code], boundaries(code), -contenders[code].median))
+    return winner, tied
+
+
 def _race_compiled(evaluator: Evaluator, plans: dict[str, dict[str, str]], repeats: int
-                   ) -> tuple[dict[str, tuple[float, float, float | None]], dict[str, dict[str, Any]]]:
+                   ) -> tuple[dict[str, tuple[Speedup, float, float | None]], dict[str, dict[str, Any]]]:
     """The race with every plan compiled. Speedups are against eager FP32, the basis of every
     plan; a compiled plan also records its speedup against compiled FP32 and its compile time."""
     from precsearch.compiled import time_compiled
@@ -113,18 +137,25 @@ def _race_compiled(evaluator: Evaluator, plans: dict[str, dict[str, str]], repea
     times = time_compiled(evaluator.model, evaluator.batches[0],
                           {code: evaluator.plan(layers) for code, layers in plans.items()},
                           evaluator.device_type, repeats)
-    raced = {code: (ms, times.fp32_eager_ms, None) for code, ms in times.ms.items()}
-    extra = {code: {"speedup_vs_compiled_fp32": round(times.fp32_compiled_ms / ms, 3),
-                    "compile_s": round(times.compile_s[code], 2)} for code, ms in times.ms.items()}
+    eager, compiled_fp32 = times.timings["fp32 eager"], times.timings["fp32 compiled"]
+    raced = {code: (speedup(eager.samples_ms, times.timings[code].samples_ms), eager.median_ms, None)
+             for code in plans}
+    extra = {code: {"speedup_vs_compiled_fp32": round(speedup(compiled_fp32.samples_ms,
+                                                              times.timings[code].samples_ms).median, 3),
+                    "compile_s": round(times.compile_s[code], 2)} for code in plans}
     return raced, extra
 
 
 def _measurement(record: TrialRecord) -> Measurement:
     return Measurement(record.error or 0.0, record.latency_ms, record.baseline_ms, record.peak_memory_mb,
-                       weight_mb=record.weight_mb)
+                       weight_mb=record.weight_mb, speedup_low=record.speedup_low, speedup_high=record.speedup_high)
 
 
 def _mb(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
 
 
@@ -153,7 +184,8 @@ class _PlanWriter:
         # measured against the FP32 model interleaved in the same run.
         metrics: dict[str, Any] = {
             "latency_ms": round(baseline / measured.speedup, 4), "baseline_latency_ms": round(baseline, 4),
-            "speedup": round(measured.speedup, 3), "error": measured.error,
+            "speedup": round(measured.speedup, 3), "speedup_low": _round(measured.speedup_low),
+            "speedup_high": _round(measured.speedup_high), "error": measured.error,
             "peak_memory_mb": measured.peak_memory_mb, "weight_mb": _mb(measured.weight_mb),
             "baseline_weight_mb": _mb(self.setup.weight_mb), "trial": trial, **(extra or {})}
         return dataclasses.replace(

@@ -14,7 +14,7 @@ import optuna
 import torch
 from torch import nn
 
-from precsearch.bench import time_interleaved
+from precsearch.bench import speedup, time_interleaved
 from precsearch.config import SearchConfig
 from precsearch.decisions import Decisions
 from precsearch.errors import InputError
@@ -27,9 +27,10 @@ from precsearch.sensitivity import choice_error, unit_sensitivity
 from precsearch.space import Choice
 from precsearch.weights import weight_bytes
 
-SLOW_DTYPE = 1.25        # an all-low plan this many times FP32's latency takes its dtype out of the search
 PROBE_SECONDS = 3.0      # a clearly slow dtype shows within a few rounds
-BASELINE_REPEATS = 5     # at least this many rounds time the FP32 baseline
+PROBE_ROUNDS = 9
+NOISE_ROUNDS = 15        # FP32 timed against itself, to know how noisy this machine is
+NOISY = 0.10             # above this half-width (relative) at the cap, plans cannot be ranked
 
 
 def study_fingerprint(model: nn.Module, config: SearchConfig, constraint: dict[str, Any]) -> str:
@@ -53,8 +54,14 @@ def set_up(study: optuna.Study, model: nn.Module, example_inputs: Any, graph: La
     is ready for the other workers)."""
     low = sorted({d for c in choices for d in c.dtypes if d != FP32})
     sensitivity = unit_sensitivity(model, graph.units, example_inputs, low, evaluator.device_type)
-    timing = time_interleaved({FP32: evaluator.step(None)}, device_type=evaluator.device_type,
-                              repeats=max(evaluator.repeats, BASELINE_REPEATS))
+    step = evaluator.step(None)
+    timing = time_interleaved({FP32: step, "fp32 again": step}, device_type=evaluator.device_type,
+                              repeats=NOISE_ROUNDS)
+    noise = speedup(timing[FP32].samples_ms, timing["fp32 again"].samples_ms).half_width
+    if noise > NOISY:
+        warnings.warn(f"this machine is too noisy to rank plans: FP32 timed against itself is known only to "
+                      f"+-{noise:.0%} after {NOISE_ROUNDS} rounds; stop background work, give more or larger "
+                      f"batches, or expect ties", stacklevel=3)
     strategy = config.strategy
     ranked = strategy.seeded and len(choices) > config.max_categorical
     setup = StudySetup(
@@ -69,6 +76,7 @@ def set_up(study: optuna.Study, model: nn.Module, example_inputs: Any, graph: La
         sensitivity=sensitivity,
         dtype_probe=probe_dtypes(evaluator, choices, sensitivity),
         baseline_ms=timing[FP32].median_ms,
+        noise=noise,
         weight_mb=sum(weight_bytes(model).values()) / 2**20,
     )
     if strategy.seeded:
@@ -96,11 +104,12 @@ def probe_dtypes(evaluator: Evaluator, choices: list[Choice], sensitivity) -> di
     probe = {}
     for dtype in sorted({d for c in choices for d in c.dtypes if d != FP32}):
         layers = {u: dtype for c in choices if dtype in c.dtypes for u in c.units}
-        measured = evaluator.measure(layers, repeats=5, max_seconds=PROBE_SECONDS)
+        measured = evaluator.measure(layers, repeats=PROBE_ROUNDS, max_seconds=PROBE_SECONDS)
         if measured.failure:
             continue
         predicted = choice_error(sensitivity, tuple(layers), dtype, 0.0)
         probe[dtype] = {"relative_latency": measured.latency_ms / measured.baseline_ms,
+                        "speedup_low": measured.speedup_low, "speedup_high": measured.speedup_high,
                         "error_gain": measured.error / predicted
                         if math.isfinite(measured.error) and math.isfinite(predicted) and predicted > 0 else None}
     return probe
@@ -108,12 +117,20 @@ def probe_dtypes(evaluator: Evaluator, choices: list[Choice], sensitivity) -> di
 
 def without_slow_dtypes(choices: list[Choice], probe: dict[str, dict[str, Any]], device_type: str) -> list[Choice]:
     """Drop a low precision that made the whole model clearly slower than FP32 on this device
-    (FP16 on most CPUs): trials spent on it cannot win. A choice keeps it if it has no other option."""
-    slow = {d for d, p in probe.items() if p["relative_latency"] >= SLOW_DTYPE}
+    (FP16 on most CPUs): its whole speedup interval is below 1. Trials spent on it cannot win.
+    A choice keeps it if it has no other option."""
+    slow = {d for d, p in probe.items() if is_clearly_slower(p)}
     for dtype in sorted(slow):
-        warnings.warn(f"{dtype} left out of the search: the all-{dtype} plan ran "
-                      f"{probe[dtype]['relative_latency']:.2f}x the FP32 latency on this {device_type}", stacklevel=3)
+        warnings.warn(f"{dtype} left out of the search: the all-{dtype} plan ran {1 / probe[dtype]['relative_latency']:.2f}x "
+                      f"[{probe[dtype]['speedup_low']:.2f}, {probe[dtype]['speedup_high']:.2f}] FP32's speed on this "
+                      f"{device_type}", stacklevel=3)
     return [dataclasses.replace(c, dtypes=tuple(d for d in c.dtypes if d not in slow) or c.dtypes) for c in choices]
+
+
+def is_clearly_slower(probe: dict[str, Any]) -> bool:
+    """A probed precision whose speedup interval lies wholly below 1."""
+    high = probe.get("speedup_high")
+    return high < 1.0 if high is not None else probe["relative_latency"] >= 1.25
 
 
 def target(device_type: str) -> dict[str, Any]:

@@ -116,3 +116,70 @@ def test_settings_record_threads_and_torch():
     recorded = bench.settings()
     assert recorded["threads"] == torch.get_num_threads()
     assert recorded["torch"] == torch.__version__
+
+
+# -- estimates with an uncertainty ------------------------------------------------------------------
+def test_the_median_interval_covers_the_true_median_at_its_nominal_level():
+    import random
+
+    from precsearch.bench import median_interval
+
+    rng = random.Random(0)
+    for rounds in (6, 9, 15, 30):
+        draws = 2000
+        covered = sum(low <= 1.0 <= high for low, high in (
+            median_interval([rng.lognormvariate(0.0, 0.3) for _ in range(rounds)]) for _ in range(draws)))
+        assert 0.93 <= covered / draws <= 0.995, (rounds, covered / draws)
+
+
+def test_speedup_is_the_median_of_per_round_ratios():
+    from precsearch.bench import speedup
+
+    estimate = speedup([10.0, 20.0, 10.0, 10.0, 10.0, 10.0], [5.0, 10.0, 5.0, 5.0, 4.0, 6.0])
+    assert estimate.median == 2.0 and estimate.low <= 2.0 <= estimate.high and estimate.rounds == 6
+
+
+def _noisy(clock, rng, ms, spread):
+    """A candidate that takes ``ms`` times a lognormal factor, on the fake clock."""
+    return lambda: clock.advance(ms * rng.lognormvariate(0.0, spread) / 1e3)
+
+
+def test_racing_drops_a_clear_loser_after_few_rounds(clock):
+    import random
+
+    from precsearch.evaluate import decided
+
+    rng = random.Random(1)
+    candidates = {"fp32": _noisy(clock, rng, 10.0, 0.05), "fast": _noisy(clock, rng, 5.0, 0.05),
+                  "slow": _noisy(clock, rng, 9.0, 0.05)}
+    timings = time_interleaved(candidates, repeats=40, warmup=0, min_repeats=5, until=decided)
+    assert len(timings["fast"].samples_ms) <= 8
+
+
+def test_racing_keeps_two_close_candidates_to_the_end(clock):
+    import random
+
+    from precsearch.evaluate import decided
+
+    rng = random.Random(2)
+    candidates = {"fp32": _noisy(clock, rng, 10.0, 0.05), "a": _noisy(clock, rng, 5.0, 0.05),
+                  "b": _noisy(clock, rng, 5.02, 0.05)}
+    timings = time_interleaved(candidates, repeats=40, warmup=0, min_repeats=5, until=decided)
+    assert len(timings["a"].samples_ms) == 40
+
+
+def test_a_measurement_stops_once_clearly_slower_than_the_incumbent(clock):
+    import random
+
+    from precsearch.bench import Speedup
+    from precsearch.evaluate import settled
+
+    rng = random.Random(3)
+    incumbent = Speedup(2.0, 1.9, 2.1, 15)
+    candidates = {"baseline": _noisy(clock, rng, 10.0, 0.2), "candidate": _noisy(clock, rng, 9.0, 0.2)}
+    timings = time_interleaved(candidates, repeats=40, warmup=0, min_repeats=5,
+                               until=lambda samples: settled(samples, incumbent))
+    assert len(timings["candidate"].samples_ms) == 5   # clearly slower than 1.9x from the first check
+    loose = time_interleaved(candidates, repeats=40, warmup=0, min_repeats=5,
+                             until=lambda samples: settled(samples, None))
+    assert len(loose["candidate"].samples_ms) > 5       # alone, +-20% noise needs more rounds

@@ -86,9 +86,9 @@ def test_provenance_falls_back_to_the_device_type_and_shortens_values():
 def test_summary_rows():
     rows = summary_rows(["one", "two"], [plan_one(), plan_two()], UNITS)
     assert rows[0] == {"plan": "one", "default": "fp32", "fp16": 0, "bf16": 1, "fp32": 2, "speedup": 1.5,
-                       "latency_ms": 2.0, "error": 0.001, "weight_mb": None, "limit": "rel_l2<=0.01", "device": "cpu"}
+                       "interval": None, "latency_ms": 2.0, "error": 0.001, "weight_mb": None, "limit": "rel_l2<=0.01", "device": "cpu"}
     assert rows[1] == {"plan": "two", "default": "bf16", "fp16": 0, "bf16": 2, "fp32": 1, "speedup": None,
-                       "latency_ms": None, "error": None, "weight_mb": None, "limit": "-<=-", "device": "cpu"}
+                       "interval": None, "latency_ms": None, "error": None, "weight_mb": None, "limit": "-<=-", "device": "cpu"}
     assert summary_rows(["bare"], [Plan()], UNITS)[0]["device"] == "-"
 
 
@@ -126,7 +126,8 @@ def test_remeasure_rows(demo_case):
     before = [p.data_ptr() for p in model.parameters()]
     rows = remeasure(model, batches, names, plans, repeats=3)
     assert [row["plan"] for row in rows] == ["fp32 baseline", *names]
-    assert all(set(row) == {"plan", "latency_ms", "speedup", "rel_l2", "weight_mb", "peak_memory_mb"} for row in rows)
+    assert all(set(row) == {"plan", "latency_ms", "speedup", "interval", "rel_l2", "weight_mb", "peak_memory_mb"}
+               for row in rows)
     baseline = rows[0]
     assert baseline["speedup"] == 1.0 and baseline["rel_l2"] == 0.0 and baseline["peak_memory_mb"] is None
     assert all(row["latency_ms"] >= 0 and row["speedup"] > 0 for row in rows)

@@ -31,5 +31,6 @@ def test_compiled_timings_cover_every_plan_and_both_fp32_forms():
     plans = {"bf16": Plan(default="bf16"), "mixed": Plan(default="bf16", layers={"2": "fp32"})}
     times = time_compiled(model, batch, plans, "cpu", repeats=3)
     assert set(times.ms) == set(plans) == set(times.compile_s)
-    assert all(value > 0 for value in [*times.ms.values(), times.fp32_compiled_ms, times.fp32_eager_ms])
+    assert set(times.timings) == {*plans, "fp32 compiled", "fp32 eager"}
+    assert all(t.median_ms > 0 and len(t.samples_ms) == 3 for t in times.timings.values())
     assert not hasattr(model, "_precsearch_plan_handle") or model.__dict__.get("_precsearch_plan_handle") is None

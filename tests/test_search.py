@@ -110,11 +110,11 @@ def test_interrupted_trial_is_redone_on_resume(tmp_path, monkeypatch):
     real = Evaluator.measure
     count = {"n": 0}
 
-    def flaky(self, layers, repeats=None, max_seconds=None):
+    def flaky(self, layers, **options):
         count["n"] += 1
         if count["n"] == 2 + 4:  # after the fp16 and bf16 probes, during the 4th trial
             raise KeyboardInterrupt
-        return real(self, layers, repeats, max_seconds)
+        return real(self, layers, **options)
 
     monkeypatch.setattr(Evaluator, "measure", flaky)
     with pytest.raises(KeyboardInterrupt):
