@@ -32,6 +32,8 @@ from precsearch.weights import weight_bytes
 
 HIDDEN, LAYERS, BATCH, LENGTH = 256, 4, 16, 128
 
+MODEL = f"BertModel(hidden={HIDDEN}, layers={LAYERS}), {BATCH} x {LENGTH} tokens"
+
 
 def bert() -> BertModel:
     torch.manual_seed(0)
@@ -120,7 +122,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/deployed.json")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    report = {"model": f"BertModel(hidden={HIDDEN}, layers={LAYERS}), {BATCH} x {LENGTH} tokens", **settings(),
+    report = {"model": MODEL, **settings(),
               "forms": forms(args.repeats), "searches": searches(args.trials)}
     with open(args.out, "w", encoding="utf-8") as handle:
         json.dump(report, handle, indent=2)

@@ -1,6 +1,7 @@
-"""Run every CPU benchmark on this machine and rewrite benchmarks/README.md from the results.
+"""Run the CPU benchmarks on this machine and rewrite benchmarks/README.md from the results.
 
-    python benchmarks/run.py            # about 10 minutes on 2 cores
+    python benchmarks/run.py                      # all of them: about 40 minutes on 2 cores
+    python benchmarks/run.py deployed stability   # only these; the others' last results are reused
 
 Results land in benchmarks/results/*.json; the README's tables are rendered from them, never
 typed by hand. Times are medians of interleaved runs; ratios are ratios of medians.
@@ -17,26 +18,31 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import applier_overhead  # noqa: E402
+import deployed  # noqa: E402
 import search_overhead  # noqa: E402
+import stability  # noqa: E402
 import strategies  # noqa: E402
 
 from precsearch.study_setup import device_name  # noqa: E402
 
 
-def render(applier: dict, quality: dict, overhead: dict) -> str:
+def render(applier: dict, quality: dict, overhead: dict, deployed_form: dict, stable: dict) -> str:
     trap, bert, cnn = quality["trap_model"], quality["bert"], quality["cnn"]
     lines = [
         "# Benchmarks",
         "",
-        "Regenerate everything below with `python benchmarks/run.py` (about 10 minutes on 2 cores).",
+        "Regenerate everything below with `python benchmarks/run.py` (about 40 minutes on 2 cores).",
         f"Machine: {device_name('cpu')}, {quality['threads']} threads, torch {quality['torch']}, "
         f"Python {platform.python_version()}. CPU only: BF16 autocast is fast here (AVX512-BF16), "
         "FP16 several times slower than FP32, so every search leaves FP16 out after probing it. "
         "Times are medians of interleaved runs; the machine is shared, so differences of a few "
         "percent are noise.",
         "",
+        *_deployed_section(deployed_form),
+        *_stability_section(stable),
         "## Strategies (`strategies.py`)",
         "",
+        "Searched and timed as deployed (inference plans hold their low weights). "
         "Each strategy searched the same model with the same data and limit; then every distinct plan found and "
         "FP32 were timed together, interleaved. *evaluations*: distinct plans whose accuracy and latency were "
         "measured; *search s*: wall time of the search.",
@@ -115,26 +121,78 @@ def _strategy_table(result: dict, with_optimum: bool = False) -> list[str]:
 def _gpu_note() -> str:
     path = HERE / "results" / "gpu.json"
     if not path.exists():
-        return "No GPU was lent to the session that last ran this, so no GPU numbers are committed."
+        return "No GPU was available when this last ran, so no GPU numbers are committed."
     result = json.loads(path.read_text())
     rows = ", ".join(f"{name} {value['speedup']}x" for name, value in result["inference"].items())
     return f"Last run on {result['device']}: inference speedups {rows}."
+
+
+def _deployed_section(result: dict) -> list[str]:
+    forms, searches = result["forms"], result["searches"]
+    lines = ["## Plans as deployed (`deployed.py`)", "",
+             f"{result['model']}, timed interleaved in one run. *low weights*: each BF16 unit holds its own weights "
+             "in BF16 while the plan is applied; *fp32 weights*: what autocast does, a cast on every call.", "",
+             "| form | median ms | speedup vs eager fp32 | weight MiB | first call s |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {row['form']} | {row['median_ms']} | {row['speedup_vs_eager_fp32']} | {row['weight_mib']} | "
+              f"{row['first_call_s'] if row['first_call_s'] is not None else '-'} |" for row in forms["rows"]]
+    lines += ["", f"All-BF16 with weights held low vs autocast's FP32 weights: **{forms['low_vs_autocast_eager']}x** "
+              f"eager (goal 1.05x), **{forms['low_vs_autocast_compiled']}x** compiled (goal 1.25x).", "",
+              f"`optimize --space transformer` at rel_l2 <= {searches['limit']:.3g} (half of all-BF16's "
+              f"{searches['all_bf16_error']:.3g}), {searches['trials']} trials, under three runtimes:", "",
+              "| runtime | speedup vs eager fp32 | vs compiled fp32 | rel_l2 | fp32 units | weight MiB (fp32: "
+              "all) | search s |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for label, row in searches["results"].items():
+        lines.append(f"| {label} | {row['speedup_vs_eager_fp32']} | {row['speedup_vs_compiled_fp32'] or '-'} | "
+                     f"{row['error']:.3g} | {row['units_fp32']} of {row['units']} | {row['weight_mib']} "
+                     f"({row['fp32_weight_mib']}) | {row['search_s']} |")
+    return [*lines, "", "Goal: the compiled weights-low plan at least 1.5x eager FP32.", ""]
+
+
+def _stability_section(result: dict) -> list[str]:
+    lines = ["## Searches that agree with themselves (`stability.py`)", "",
+             f"{result['model']}, `--space transformer`, each case searched with seeds 0, 1, 2; every chosen plan "
+             "re-measured afterwards, interleaved with FP32 (30 rounds). Speedups are medians of per-round ratios "
+             "with 95% intervals.", "",
+             "| mode | limit | seed | reported | re-measured | inside interval | within 3% of best | trials/min |",
+             "| --- | ---: | ---: | ---: | ---: | :---: | :---: | ---: |"]
+    for case in result["cases"]:
+        for run in case["runs"]:
+            again = run["remeasured"]
+            lines.append(f"| {case['mode']} | {case['limit']:.3g} | {run['seed']} | {run['speedup']}x "
+                         f"[{run['low']}, {run['high']}] | {again['speedup']}x [{again['low']}, {again['high']}] | "
+                         f"{'yes' if run['remeasured_inside_interval'] else 'no'} | "
+                         f"{'yes' if run['within_3pct_of_best'] else 'no'} | {run['trials_per_minute']} |")
+    return [*lines, ""]
 
 
 def _short(plan: dict[str, str]) -> str:
     return " ".join(f"{unit}={dtype}" for unit, dtype in plan.items())
 
 
+BENCHMARKS = {
+    "applier_overhead": applier_overhead.measure,
+    "strategies": strategies.run_all,
+    "search_overhead": search_overhead.overhead,
+    "deployed": lambda: {"model": deployed.MODEL, **deployed.settings(), "forms": deployed.forms(20),
+                         "searches": deployed.searches(24)},
+    "stability": lambda: {"model": stability.MODEL, **stability.settings(),
+                          "cases": [stability.case(True, 12), stability.case(False, 12)]},
+}
+
+
 def main() -> None:
     results = HERE / "results"
     results.mkdir(exist_ok=True)
-    applier = applier_overhead.measure()
-    (results / "applier_overhead.json").write_text(json.dumps(applier, indent=2))
-    quality = strategies.run_all()
-    (results / "strategies.json").write_text(json.dumps(quality, indent=2, default=str))
-    overhead = search_overhead.overhead()
-    (results / "search_overhead.json").write_text(json.dumps(overhead, indent=2))
-    (HERE / "README.md").write_text(render(applier, quality, overhead))
+    chosen = sys.argv[1:] or list(BENCHMARKS)
+    unknown = set(chosen) - set(BENCHMARKS)
+    if unknown:
+        sys.exit(f"unknown benchmark {sorted(unknown)[0]!r}; choose from {', '.join(BENCHMARKS)}")
+    for name in chosen:
+        (results / f"{name}.json").write_text(json.dumps(BENCHMARKS[name](), indent=2, default=str))
+    loaded = {name: json.loads((results / f"{name}.json").read_text()) for name in BENCHMARKS}
+    (HERE / "README.md").write_text(render(loaded["applier_overhead"], loaded["strategies"],
+                                           loaded["search_overhead"], loaded["deployed"], loaded["stability"]))
     print((HERE / "README.md").read_text())
 
 

@@ -41,6 +41,7 @@ class AuditReport:
     """Every eligible op executed, the dtype it computed in, and what the plan asked for."""
 
     entries: tuple[AuditEntry, ...]
+    silent: tuple[str, ...] = ()   # units expected to run that recorded no eligible op
 
     @property
     def mismatches(self) -> list[AuditEntry]:
@@ -48,7 +49,7 @@ class AuditReport:
 
     @property
     def ok(self) -> bool:
-        return bool(self.entries) and not self.mismatches
+        return bool(self.entries) and not self.mismatches and not self.silent
 
     def by_unit(self) -> dict[str, Counter]:
         """unit -> Counter of actual dtypes."""
@@ -61,19 +62,22 @@ class AuditReport:
         units = self.by_unit()
         if self.ok:
             return f"audit ok: {len(self.entries)} eligible ops in {len(units)} units ran in their planned dtype"
-        lines = [f"audit found {len(self.mismatches)} of {len(self.entries)} eligible ops off plan:"]
+        lines = [f"audit found {len(self.mismatches)} of {len(self.entries)} eligible ops off plan"
+                 + (f" and {len(self.silent)} units that ran no eligible op" if self.silent else "") + ":"]
         lines += [f"  {e.unit or '<root>'}: {e.op} ({e.phase}) ran in {e.actual}, plan says {e.expected}"
                   for e in self.mismatches[:20]]
+        lines += [f"  {unit or '<root>'}: ran no eligible op (another kernel ran in its place?)" for unit in self.silent[:20]]
         return "\n".join(lines)
 
 
 def audit(model: nn.Module, plan: Plan, batches: Iterable[Any], *, device_type: str | None = None,
-          loss_fn: Callable[[Any, Any], torch.Tensor] | None = None) -> AuditReport:
+          loss_fn: Callable[[Any, Any], torch.Tensor] | None = None, units: Iterable[str] | None = None) -> AuditReport:
     """Run ``model`` under ``plan`` and record the dtype each eligible op computed in.
 
     With ``loss_fn``, batches are ``(inputs, target)`` and the backward pass is audited too:
-    the ops autograd runs for a unit must compute in the unit's dtype. Applies the plan for the
-    duration unless it is already applied.
+    the ops autograd runs for a unit must compute in the unit's dtype. ``units`` (from
+    ``walk``) must each run an eligible op: a unit that records none is reported. Applies the
+    plan for the duration unless it is already applied.
     """
     batches = _batches.as_list(batches)
     device_type = device_type or model_device_type(model)
@@ -86,7 +90,8 @@ def audit(model: nn.Module, plan: Plan, batches: Iterable[Any], *, device_type: 
         recorder = _record(model, batches, device_type, loss_fn)
     entries = tuple(AuditEntry(r.unit, r.op, plan.precision(r.unit), name_of_dtype(r.dtype), r.phase)
                     for r in recorder.records)
-    return AuditReport(entries)
+    ran = {entry.unit for entry in entries}
+    return AuditReport(entries, tuple(unit for unit in units or () if unit not in ran))
 
 
 def _record(model: nn.Module, batches: list[Any], device_type: str, loss_fn: Any) -> OpRecorder:

@@ -95,6 +95,8 @@ def cmd_layers(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from precsearch.audit import audit
+    from precsearch.batches import split_training
+    from precsearch.graph import walk
     from precsearch.plan import load_plan
     from precsearch.runtime import apply_plan
 
@@ -109,11 +111,21 @@ def cmd_check(args: argparse.Namespace) -> int:
 
         loss_fn = factories.resolve(args.loss, "loss") if args.loss else default_loss
         model.train()
-    with apply_plan(model, plan, fingerprint_mismatch=mismatch):
-        report = audit(model, plan, data, loss_fn=loss_fn)
+    # Every unit the walker finds must run an eligible op in its planned dtype.
+    units = walk(model, split_training(data[0])[0] if loss_fn else data[0]).units
+    try:
+        with apply_plan(model, plan, fingerprint_mismatch=mismatch):
+            report = audit(model, plan, data, loss_fn=loss_fn, units=units)
+    except InputError:
+        raise
+    except (RuntimeError, TypeError, ValueError) as error:  # the plan itself breaks the model
+        detail = str(error).splitlines()[0] if str(error) else ""
+        print(f"precsearch: the model fails under this plan: {type(error).__name__}: {detail} (does it split a "
+              f"unit's precision from the unit around it? optimize ties such units)", file=sys.stderr)
+        return EXIT_FAILED
     if args.json:
-        print(json.dumps({"ok": report.ok, "ops": len(report.entries),
-                          "mismatches": [vars(e) for e in report.mismatches]}, indent=2))
+        print(json.dumps({"ok": report.ok, "ops": len(report.entries), "mismatches": [vars(e) for e in report.mismatches],
+                          "silent_units": list(report.silent)}, indent=2))
     else:
         print(report)
     return EXIT_OK if report.ok else EXIT_FAILED

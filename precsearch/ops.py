@@ -20,6 +20,10 @@ _COMMON = {
     "conv1d", "conv2d", "conv3d", "conv_tbc", "conv_transpose1d", "conv_transpose2d",
     "conv_transpose3d", "convolution", "_convolution", "prelu", "_prelu_kernel",
     "scaled_dot_product_attention",
+    # recurrent layers as torch.export records them (they reach mkldnn_rnn_layer / _cudnn_rnn)
+    "lstm", "gru", "rnn_tanh", "rnn_relu",
+    # fused layer kernels: a whole encoder layer or attention block as one op (torch's fast paths)
+    "_transformer_encoder_layer_fwd",
 }
 _KERNELS_CPU = {
     "_scaled_dot_product_flash_attention_for_cpu", "_native_multi_head_attention",

@@ -54,6 +54,7 @@ class StudySetup:
     baseline_ms: float                                 # the FP32 model's latency at setup
     weight_mb: float | None = None                     # the FP32 model's weights
     noise: float | None = None                         # FP32 against itself: relative half-width
+    ties: dict[str, str] = dataclasses.field(default_factory=dict)  # unit -> unit it must share a precision with
 
     def save(self, study: optuna.Study) -> None:
         """Store every field, then mark the study ready: waiting workers never see half a setup."""
@@ -68,10 +69,18 @@ class StudySetup:
         attrs = study.user_attrs
         if not attrs.get("ready"):
             return None
-        values = {field.name: attrs[field.name] if field.default is dataclasses.MISSING
-                  else attrs.get(field.name, field.default) for field in dataclasses.fields(cls)}
+        values = {field.name: attrs[field.name] if field.name in attrs or _required(field)
+                  else _default(field) for field in dataclasses.fields(cls)}
         values["settings"] = Settings(**values["settings"])
         return cls(**values)
+
+
+def _required(field: dataclasses.Field) -> bool:
+    return field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+
+
+def _default(field: dataclasses.Field) -> Any:
+    return field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
 
 
 def claim_setup(study: optuna.Study, worker: str) -> None:

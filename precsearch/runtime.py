@@ -35,22 +35,29 @@ from precsearch.weights import LowWeights, WeightUses, find_weight_uses, weight_
 
 _LOW = tuple(p.dtype for p in low_precisions())
 _HANDLE = "_precsearch_plan_handle"  # the root module's attribute holding its PlanHandle
+_FUSED = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.MultiheadAttention)  # fast paths
 
 
 def cast_low_to_fp32(value: Any) -> Any:
     """Cast every FP16/BF16 tensor inside ``value`` (nested tuples, lists, dicts, HF outputs)
     to float32; everything else, float64 included, passes through untouched."""
+    return cast_tensors(value, _LOW, torch.float32)
+
+
+def cast_tensors(value: Any, sources: tuple[torch.dtype, ...], target: torch.dtype) -> Any:
+    """Cast every tensor of a dtype in ``sources`` inside ``value`` (nested tuples, lists, dicts,
+    HF outputs) to ``target``; everything else passes through untouched."""
     if isinstance(value, torch.Tensor):
-        return value.float() if value.dtype in _LOW else value
+        return value.to(target) if value.dtype in sources else value
     if isinstance(value, (tuple, list)):
-        items = [cast_low_to_fp32(item) for item in value]
+        items = [cast_tensors(item, sources, target) for item in value]
         if all(new is old for new, old in zip(items, value)):
             return value
         if isinstance(value, tuple) and hasattr(value, "_fields"):
             return type(value)(*items)
         return type(value)(items)
     if isinstance(value, Mapping):
-        mapped = {key: cast_low_to_fp32(item) for key, item in value.items()}
+        mapped = {key: cast_tensors(item, sources, target) for key, item in value.items()}
         if all(mapped[key] is item for key, item in value.items()):
             return value
         try:
@@ -71,11 +78,11 @@ class _Forward:
     (a method bound to the module) to the copy's module: the copy runs its own weights.
     """
 
-    __slots__ = ("original", "enforce", "device_type", "cast_output")
+    __slots__ = ("original", "enforce", "device_type", "output_dtype")
 
-    def __init__(self, original: Any, enforce: Any, device_type: str, cast_output: bool) -> None:
+    def __init__(self, original: Any, enforce: Any, device_type: str, output_dtype: torch.dtype | None) -> None:
         self.original, self.enforce = original, enforce
-        self.device_type, self.cast_output = device_type, cast_output
+        self.device_type, self.output_dtype = device_type, output_dtype
 
     @property
     def __wrapped__(self) -> Any:  # inspect.signature (used by transformers) sees the real one
@@ -83,7 +90,7 @@ class _Forward:
 
     def __deepcopy__(self, memo: dict) -> _Forward:
         original = copy.deepcopy(self.original, memo)
-        return type(self)(original, self.enforce, self.device_type, self.cast_output)
+        return type(self)(original, self.enforce, self.device_type, self.output_dtype)
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         # Pickling would rebind ``original`` by name, i.e. to this wrapper: fail clearly instead.
@@ -104,12 +111,17 @@ class _LowForward(_Forward):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         with self.enforce(self.device_type):
             output = self.original(*args, **kwargs)
-        return cast_low_to_fp32(output) if self.cast_output else output
+        return cast_low_to_fp32(output) if self.output_dtype else output
 
 
-def _wrap(original: Any, device_type: str, precision: str, cast_output: bool) -> _Forward:
-    kind = _LowForward if PRECISIONS[precision].low else _Fp32Forward
-    return kind(original, PRECISIONS[precision].enforce, device_type, cast_output)
+def _wrap(original: Any, device_type: str, precision: str, parent: str | None) -> _Forward:
+    """``precision``'s wrapper. A low unit inside an FP32 parent returns float32 outputs, so
+    that every op the parent owns computes in float32; an FP32 unit's outputs stay float32 (its
+    precision is what protects the rest of the model)."""
+    low = PRECISIONS[precision].low
+    output_dtype = torch.float32 if parent is not None and low and not PRECISIONS[parent].low else None
+    kind = _LowForward if low else _Fp32Forward
+    return kind(original, PRECISIONS[precision].enforce, device_type, output_dtype)
 
 
 class PlanHandle:
@@ -131,9 +143,7 @@ class PlanHandle:
             parent = precision[_parent_name(name)] if name else None
             if name and precision[name] == parent:
                 continue
-            cast_output = (parent is not None and not PRECISIONS[parent].low
-                           and PRECISIONS[precision[name]].low)
-            wrapper = _wrap(module.forward, device_type, precision[name], cast_output)
+            wrapper = _wrap(module.forward, device_type, precision[name], parent)
             self._saved.append((module, module.__dict__.get("forward"), wrapper))
         self._install()
         self.wrapped = len(self._saved)
@@ -144,8 +154,22 @@ class PlanHandle:
                 self.weights = LowWeights(model, self._dtype_of, weight_uses)
             else:  # which weights only their unit reads is learnt on the first call
                 self._learning = model.register_forward_pre_hook(self._learn_weights, with_kwargs=True)
+        # torch's fused encoder/attention kernels run a whole layer as one op, below the units:
+        # while the plan is applied, the layers run their units, each in its own dtype.
+        self._unfused = [model.register_forward_pre_hook(self._fast_path_off),
+                         model.register_forward_hook(self._fast_path_back, always_call=True)] \
+            if any(isinstance(m, _FUSED) for _, m in modules) else []
+        self._fast_path: list[bool] = []
         # On the model itself, not in a registry: a deep copy of the model copies its handle too.
         model.__dict__[_HANDLE] = self
+
+    def _fast_path_off(self, model: nn.Module, args: tuple) -> None:
+        self._fast_path.append(torch.backends.mha.get_fastpath_enabled())
+        torch.backends.mha.set_fastpath_enabled(False)
+
+    def _fast_path_back(self, model: nn.Module, args: tuple, output: Any) -> None:
+        if self._fast_path:
+            torch.backends.mha.set_fastpath_enabled(self._fast_path.pop())
 
     def _learn_weights(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._learning is not None:
@@ -189,6 +213,8 @@ class PlanHandle:
         clone._saved = copy.deepcopy(self._saved, memo)
         clone.weights = copy.deepcopy(self.weights, memo)
         clone._learning = copy.deepcopy(self._learning, memo)
+        clone._unfused = copy.deepcopy(self._unfused, memo)
+        clone._fast_path = []
         return clone
 
     @contextmanager
@@ -224,6 +250,9 @@ class PlanHandle:
         if self._learning is not None:
             self._learning.remove()
             self._learning = None
+        for hook in self._unfused:
+            hook.remove()
+        self._unfused = []
         self._saved.clear()
         if self.model.__dict__.get(_HANDLE) is self:
             del self.model.__dict__[_HANDLE]

@@ -50,7 +50,7 @@ from precsearch.storage import (
     recover_dead_trials,
     wait_for_setup,
 )
-from precsearch.study_setup import check_same_search, decisions_for, set_up, study_fingerprint
+from precsearch.study_setup import check_same_search, decisions_for, find_ties, set_up, study_fingerprint
 
 FAILED_OBJECTIVE = 10.0   # a candidate that could not run scores this many FP32 latencies
 _CAP = 1e9                # constraint value stored for non-finite errors
@@ -102,7 +102,7 @@ def optimize(model: nn.Module, batches: list[Any], config: SearchConfig | None =
         model.eval()
         try:
             graph = walk(model, inputs[0], device=device_type)
-            choices = config.space.choices(graph, device_type)
+            config.space.choices(graph, device_type)  # a space that does not fit fails here
             evaluator = _evaluator(model, batches, device_type, config)
         except BaseException:
             if created and storage is not None:  # leave no half-made study behind: a rerun starts afresh
@@ -110,10 +110,13 @@ def optimize(model: nn.Module, batches: list[Any], config: SearchConfig | None =
             raise
         fingerprint = study_fingerprint(model, config, evaluator.fidelity.describe())
         if must_set_up:
-            setup = set_up(study, model, inputs[0], graph, choices, evaluator, config, fingerprint)
+            ties = find_ties(model, inputs[0], graph, config, device_type)
+            choices = config.space.choices(graph, device_type, ties)
+            setup = set_up(study, model, inputs[0], graph, choices, evaluator, config, fingerprint, ties)
         else:
             setup = StudySetup.load(study)
             check_same_search(study, setup, fingerprint)
+            choices = config.space.choices(graph, device_type, setup.ties)
         decisions = decisions_for(setup, graph, choices, config, evaluator.fidelity.limit)
         recover_dead_trials(study)
         _run_trials(study, decisions, evaluator, graph.units, config, setup.baseline_ms)

@@ -109,12 +109,16 @@ class SearchSpace:
             allowed = self.dtypes
         return tuple(d for d in allowed if d in usable) or (FP32,)
 
-    def choices(self, graph: LayerGraph, device_type: str) -> list[Choice]:
-        """The decisions for ``graph``'s units, in execution order of their first unit."""
+    def choices(self, graph: LayerGraph, device_type: str, ties: dict[str, str] | None = None) -> list[Choice]:
+        """The decisions for ``graph``'s units, in execution order of their first unit.
+
+        ``ties`` maps a unit to the unit whose precision it must share (found by the search's
+        setup: the model fails when they differ), so they join one choice.
+        """
         usable = usable_dtypes(self.dtypes, device_type)
         members: dict[str, list[str]] = {}
         for unit in graph.units:
-            members.setdefault(self.group_of(unit), []).append(unit)
+            members.setdefault(self.group_of((ties or {}).get(unit, unit)), []).append(unit)
         choices = []
         for name, units in members.items():
             allowed = set.intersection(*(set(self.unit_dtypes(u, graph[u]["type"], usable)) for u in units))

@@ -14,17 +14,19 @@ import optuna
 import torch
 from torch import nn
 
+from precsearch import batches as _batches
 from precsearch.bench import speedup, time_interleaved
 from precsearch.config import SearchConfig
 from precsearch.decisions import Decisions
 from precsearch.errors import InputError
 from precsearch.evaluate import Evaluator
 from precsearch.graph import LayerGraph
-from precsearch.plan import model_fingerprint
-from precsearch.precisions import FP32
+from precsearch.plan import Plan, Runtime, model_fingerprint
+from precsearch.precisions import FP32, PRECISIONS
 from precsearch.records import Settings, StudySetup
-from precsearch.sensitivity import choice_error, unit_sensitivity
-from precsearch.space import Choice
+from precsearch.runtime import apply_plan
+from precsearch.sensitivity import END_TO_END_BUDGET, choice_error, unit_sensitivity
+from precsearch.space import Choice, usable_dtypes
 from precsearch.weights import weight_bytes
 
 PROBE_SECONDS = 3.0      # a clearly slow dtype shows within a few rounds
@@ -48,8 +50,42 @@ def check_same_search(study: optuna.Study, setup: StudySetup, fingerprint: str) 
                          f"({setup.settings.describe()}); give this search its own --study")
 
 
+def find_ties(model: nn.Module, example_inputs: Any, graph: LayerGraph, config: SearchConfig,
+              device_type: str) -> dict[str, str]:
+    """Units that must share the precision of the unit around them: the model fails when such a
+    unit alone runs in FP32 inside a low one (e.g. DeBERTa's attention fills a mask with
+    ``finfo(query.dtype).min``, which overflows its BF16 scores when the query is FP32).
+
+    One forward pass per unit, for models within ``END_TO_END_BUDGET`` units; larger models are
+    not probed (their failing candidates are still recorded infeasible, with the reason)."""
+    units = graph.units
+    low = sorted((PRECISIONS[d] for d in usable_dtypes(config.space.dtypes, device_type) if PRECISIONS[d].low),
+                 key=lambda p: p.preference)
+    if not low or len(units) > END_TO_END_BUDGET:
+        return {}
+    modules = list(model.named_modules())
+    ties = {}
+    for unit in units:
+        outer = next((u for u in _ancestors(unit) if u in graph), None)
+        if outer is None:
+            continue
+        plan = Plan(default=low[0].name, layers={unit: FP32}, runtime=Runtime(weights="fp32"))
+        try:
+            with apply_plan(model, plan, device_type=device_type, modules=modules), torch.no_grad():
+                _batches.call(model, example_inputs)
+        except Exception:  # the model cannot run with this unit apart from the one around it
+            ties[unit] = outer
+    return ties
+
+
+def _ancestors(unit: str) -> list[str]:
+    """``a.b.c`` -> ``["a.b", "a", ""]``."""
+    parts = unit.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts) - 1, -1, -1)] if unit else []
+
+
 def set_up(study: optuna.Study, model: nn.Module, example_inputs: Any, graph: LayerGraph, choices: list[Choice],
-           evaluator: Evaluator, config: SearchConfig, fingerprint: str) -> StudySetup:
+           evaluator: Evaluator, config: SearchConfig, fingerprint: str, ties: dict[str, str]) -> StudySetup:
     """Measure what every worker shares, enqueue the seed plans, and store it all (then the study
     is ready for the other workers)."""
     low = sorted({d for c in choices for d in c.dtypes if d != FP32})
@@ -77,6 +113,7 @@ def set_up(study: optuna.Study, model: nn.Module, example_inputs: Any, graph: La
         dtype_probe=probe_dtypes(evaluator, choices, sensitivity),
         baseline_ms=timing[FP32].median_ms,
         noise=noise,
+        ties=ties,
         weight_mb=sum(weight_bytes(model).values()) / 2**20,
     )
     if strategy.seeded:
