@@ -123,12 +123,50 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"precsearch: the model fails under this plan: {type(error).__name__}: {detail} (does it split a "
               f"unit's precision from the unit around it? optimize ties such units)", file=sys.stderr)
         return EXIT_FAILED
+    compiled = _check_compiled(model, plan, data, device) if args.compile else None
+    ok = report.ok and (compiled is None or compiled["within_limit"] is not False)
     if args.json:
-        print(json.dumps({"ok": report.ok, "ops": len(report.entries), "mismatches": [vars(e) for e in report.mismatches],
-                          "silent_units": list(report.silent)}, indent=2))
+        print(json.dumps({"ok": ok, "ops": len(report.entries), "mismatches": [vars(e) for e in report.mismatches],
+                          "silent_units": list(report.silent), "compiled": compiled}, indent=2))
     else:
         print(report)
-    return EXIT_OK if report.ok else EXIT_FAILED
+        if compiled is not None:
+            limit = f", limit {compiled['limit']:g}" if compiled["limit"] is not None else ""
+            print(f"compiled: {compiled['metric']} {compiled['compiled_error']:.4g} against FP32 (eager "
+                  f"{compiled['eager_error']:.4g}{limit}; compile {compiled['compile_s']:.1f} s)")
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+def _check_compiled(model: Any, plan: Any, data: list[Any], device: str) -> dict[str, Any]:
+    """What ``check --compile`` proves beyond the (eager) audit: the plan compiles, and the
+    compiled model's error against FP32 stays within the plan's limit."""
+    import time
+
+    import torch
+
+    from precsearch.accuracy import METRICS, Fidelity
+    from precsearch.compiled import compiled_replica
+    from precsearch.ops import device_type_of
+    from precsearch.runtime import apply_plan
+
+    if plan.mode == "training":
+        raise InputError("--compile: compiled checking is for inference plans")
+    constraint = plan.constraint or {}
+    metric = constraint.get("metric") if constraint.get("metric") in METRICS else "rel_l2"
+    fidelity = Fidelity.builtin(model, data, metric, 0.0)  # FP32 reference outputs, computed once
+    with apply_plan(model, plan, example_inputs=data[0], fingerprint_mismatch="ignore"):
+        eager = fidelity.error(model)
+    started = time.perf_counter()
+    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            compiled = fidelity.error(compiled_replica(model, plan, data[0], device_type_of(device)))
+    finally:
+        torch._dynamo.reset()
+    limit = constraint.get("limit") if constraint.get("metric") == metric else None
+    return {"metric": metric, "eager_error": eager, "compiled_error": compiled, "limit": limit,
+            "within_limit": None if limit is None else compiled <= limit,
+            "compile_s": round(time.perf_counter() - started, 2)}
 
 
 def _study_name(model_spec: str) -> str:
@@ -303,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--loss", metavar="MODULE:FUNC",
                        help="training plans: the loss FUNC(output, target) for the backward pass "
                             "(default: cross entropy)")
+    check.add_argument("--compile", action="store_true",
+                       help="also compile the plan with torch.compile and check the compiled model's error "
+                            "against FP32 stays within the plan's limit (the audit itself runs eager)")
     check.add_argument("--ignore-fingerprint", action="store_true",
                        help="warn instead of failing when the plan was made for another model")
     check.set_defaults(run=cmd_check)

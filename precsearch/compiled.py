@@ -46,11 +46,7 @@ def time_compiled(model: nn.Module, batch: Any, plans: dict[str, Plan], device_t
     try:
         with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
             for name, plan in [("fp32 compiled", None), *plans.items()]:
-                replica = copy.deepcopy(model)
-                if plan is not None:
-                    apply_plan(replica, plan, device_type=device_type, example_inputs=batch,
-                               fingerprint_mismatch="ignore")
-                runners[name] = _runner(torch.compile(replica), batch)
+                runners[name] = _runner(compiled_replica(model, plan, batch, device_type), batch)
                 started = time.perf_counter()
                 runners[name]()  # compiles
                 compile_s[name] = time.perf_counter() - started
@@ -61,6 +57,16 @@ def time_compiled(model: nn.Module, batch: Any, plans: dict[str, Plan], device_t
         runners.clear()
         torch._dynamo.reset()
     return CompiledTimes(timings, {name: compile_s[name] for name in plans})
+
+
+def compiled_replica(model: nn.Module, plan: Plan | None, example_inputs: Any, device_type: str) -> Any:
+    """A copy of ``model`` with ``plan`` applied (None: as it is), compiled: each plan on its own
+    copy, so that interleaving plans never makes dynamo recompile."""
+    replica = copy.deepcopy(model)
+    if plan is not None:
+        apply_plan(replica, plan, device_type=device_type, example_inputs=example_inputs,
+                   fingerprint_mismatch="ignore")
+    return torch.compile(replica)
 
 
 def _runner(model: Any, batch: Any) -> Any:

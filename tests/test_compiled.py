@@ -34,3 +34,18 @@ def test_compiled_timings_cover_every_plan_and_both_fp32_forms():
     assert set(times.timings) == {*plans, "fp32 compiled", "fp32 eager"}
     assert all(t.median_ms > 0 and len(t.samples_ms) == 3 for t in times.timings.values())
     assert not hasattr(model, "_precsearch_plan_handle") or model.__dict__.get("_precsearch_plan_handle") is None
+
+
+@pytest.mark.slow
+def test_check_compile_reports_the_compiled_error_within_the_plan_limit(tmp_path, capsys):
+    from precsearch.cli import main
+
+    plan = Plan(default="bf16", layers={"shift": "fp32"}, constraint={"metric": "rel_l2", "limit": 0.01})
+    plan.save(tmp_path / "plan.yaml")
+    assert main(["check", "--plan", str(tmp_path / "plan.yaml"), "--compile", "--json"]) == 0
+    import json
+
+    result = json.loads(capsys.readouterr().out)
+    compiled = result["compiled"]
+    assert result["ok"] and compiled["within_limit"] and compiled["compiled_error"] <= 0.01
+    assert compiled["compiled_error"] == pytest.approx(compiled["eager_error"], rel=0.5, abs=1e-4)
