@@ -18,6 +18,7 @@ from typing import Any
 from precsearch.accuracy import METRICS, Fidelity, check_limit
 from precsearch.errors import InputError, PlanError
 from precsearch.plan import MODES, Runtime
+from precsearch.precisions import PRECISIONS
 from precsearch.space import SearchSpace
 from precsearch.storage import HEARTBEAT_S
 from precsearch.strategies import STRATEGIES, Strategy
@@ -78,6 +79,10 @@ class SearchConfig:
         if mode == "training" and runtime.weights == "low":
             raise InputError("--weights low: training keeps FP32 master weights; use --weights fp32")
         object.__setattr__(self, "weights", runtime.weights)
+        inference_only = [d for d in self.space.dtypes if PRECISIONS[d].inference_only]
+        if mode == "training" and inference_only:
+            raise InputError(f"--space {self.space.name}: {', '.join(inference_only)} runs in inference searches "
+                             f"only; use a space without it for --mode train")
         if self.compile and mode == "training":
             raise InputError("--compile: compiled measurement is for inference searches; drop it with --mode train")
         if self.metric not in METRICS:

@@ -29,7 +29,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from precsearch import batches as _batches
 from precsearch.errors import InputError
 from precsearch.ops import device_type_of, estimate_flops, is_eligible, model_device_type, module_op, op_name
-from precsearch.precisions import FP32
+from precsearch.precisions import FP32, PRECISIONS
 from precsearch.recording import OpRecorder
 
 log = logging.getLogger(__name__)
@@ -271,7 +271,8 @@ def _build(ops: Iterable[_Op], modules: dict[str, nn.Module], shapes) -> nx.DiGr
             inputs, outputs = shapes.get(op.unit, ([], []))
             graph.add_node(op.unit, type=type(module).__name__, ops=Counter(), flops=0, order=len(graph),
                            params=sum(p.numel() for p in module.parameters(recurse=False)),
-                           input_shapes=inputs, output_shapes=outputs)
+                           input_shapes=inputs, output_shapes=outputs,
+                           unsuited=tuple(name for name, p in PRECISIONS.items() if p.unsuitable(module)))
         node = graph.nodes[op.unit]
         node["ops"][op.op] += 1
         node["flops"] += op.flops

@@ -24,6 +24,8 @@ _COMMON = {
     "lstm", "gru", "rnn_tanh", "rnn_relu",
     # fused layer kernels: a whole encoder layer or attention block as one op (torch's fast paths)
     "_transformer_encoder_layer_fwd",
+    # FP8 GEMMs (the fp8 precision's kernel; the audit reads their operands' dtype)
+    "_scaled_mm",
 }
 _KERNELS_CPU = {
     "_scaled_dot_product_flash_attention_for_cpu", "_native_multi_head_attention",

@@ -24,7 +24,7 @@ from torch import nn
 
 from precsearch.credentials import mask_credentials as mask_password  # the old name, kept for callers
 from precsearch.errors import PlanError
-from precsearch.precisions import FP32, NAMES, choices_text, is_precision, needs_loss_scaling
+from precsearch.precisions import AUTOCAST, FP32, PRECISIONS, choices_text, is_precision, needs_loss_scaling
 from precsearch.yamlio import load_yaml_file
 
 FORMAT = "precsearch-plan/1"
@@ -222,6 +222,13 @@ class Plan:
         if self.loss_scaling is not None and not isinstance(self.loss_scaling, LossScaling):
             raise PlanError(f"loss_scaling: expected a LossScaling or null, "
                             f"found {_found(self.loss_scaling)}")
+        if not PRECISIONS[self.default].autocast:
+            raise PlanError(f"default: {self.default} is given to units by name, not as the default; "
+                            f"use one of {', '.join(AUTOCAST)}")
+        if self.mode == "training":
+            for unit, precision in self.layers.items():
+                if PRECISIONS[precision].inference_only:
+                    raise PlanError(f"layers.{unit}: {precision} runs in inference plans only")
         if self.runtime is not None and not isinstance(self.runtime, Runtime):
             raise PlanError(f"runtime: expected a Runtime or null, found {_found(self.runtime)}")
         if self.mode == "training" and self.resolved_runtime.weights == "low":
@@ -238,7 +245,7 @@ class Plan:
         The search measures exactly this form, so a saved plan runs as it was measured.
         """
         counts = Counter(layers.values())
-        default = min(NAMES, key=lambda d: (-counts.get(d, 0), d != FP32)) if counts else FP32
+        default = min(AUTOCAST, key=lambda d: (-counts.get(d, 0), d != FP32)) if counts else FP32
         return cls(default=default, layers={u: d for u, d in layers.items() if d != default}, **fields)
 
     def precision(self, unit: str) -> str:
@@ -269,6 +276,10 @@ class Plan:
                 near = _closest(name, names)
                 hint = f" (did you mean {near!r}?)" if near else ""
                 raise PlanError(f"layers.{name}: the model has no module of that name{hint}")
+        for name, precision in self.layers.items():
+            reason = PRECISIONS[precision].unsuitable(model.get_submodule(name))
+            if reason:
+                raise PlanError(f"layers.{name}: {reason}")
         expected = self.model.get("fingerprint")
         if expected and fingerprint_mismatch != "ignore":
             actual = model_fingerprint(model)

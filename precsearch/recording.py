@@ -17,6 +17,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from precsearch.ops import is_eligible, op_name
+from precsearch.precisions import OPERAND_OPS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +125,9 @@ class OpRecorder(TorchDispatchMode):
             unit = self.nodes.owner.get(torch._C._current_autograd_node(), unit)
         name = op_name(func)
         if is_eligible(name, self.device_type):
-            outputs = output if isinstance(output, (tuple, list)) else (output,)
+            # Most kernels compute in their output's dtype; an FP8 GEMM outputs BF16/FP32 from
+            # float8 operands, and is known by those.
+            outputs = args if name in OPERAND_OPS else (output if isinstance(output, (tuple, list)) else (output,))
             first = next((t for t in outputs if isinstance(t, torch.Tensor) and t.is_floating_point()), None)
             if first is not None:
                 shapes = tuple(_shape(arg) for arg in args) + (_shape(first),)

@@ -143,11 +143,14 @@ class PlanHandle:
             parent = precision[_parent_name(name)] if name else None
             if name and precision[name] == parent:
                 continue
-            wrapper = _wrap(module.forward, device_type, precision[name], parent)
+            own = PRECISIONS[precision[name]].replace_forward
+            wrapper = _wrap(own(module) if own else module.forward, device_type, precision[name], parent)
             self._saved.append((module, module.__dict__.get("forward"), wrapper))
         self._install()
         self.wrapped = len(self._saved)
-        self._dtype_of = {name: PRECISIONS[p].dtype if PRECISIONS[p].low else None for name, p in precision.items()}
+        # Weights held low in autocast precisions only (an FP8 unit keeps its own FP8 copy).
+        self._dtype_of = {name: PRECISIONS[p].dtype if PRECISIONS[p].low and PRECISIONS[p].autocast else None
+                          for name, p in precision.items()}
         self._learning = None
         if plan.mode == "inference" and plan.resolved_runtime.weights == "low" and any(self._dtype_of.values()):
             if weight_uses is not None:

@@ -17,7 +17,7 @@ from typing import Any
 
 from precsearch.errors import InputError
 from precsearch.graph import LayerGraph
-from precsearch.precisions import FP32, NAMES, PRECISIONS, choices_text, is_precision
+from precsearch.precisions import AUTOCAST, FP32, NAMES, PRECISIONS, choices_text, is_precision
 from precsearch.yamlio import load_yaml_file
 
 FORMAT = "precsearch-space/1"
@@ -49,7 +49,7 @@ class Choice:
 @dataclasses.dataclass(frozen=True)
 class SearchSpace:
     name: str
-    dtypes: tuple[str, ...] = NAMES
+    dtypes: tuple[str, ...] = AUTOCAST
     rules: tuple[Rule, ...] = ()
     groups: tuple[re.Pattern, ...] = ()
     source: str = "<inline>"
@@ -80,7 +80,7 @@ class SearchSpace:
         unknown = set(data) - _FIELDS
         if unknown:
             raise InputError(f"{source}: unknown field {sorted(unknown, key=str)[0]!r}")
-        dtypes = tuple(_as_list(data.get("dtypes", list(NAMES)), f"{source}: dtypes"))
+        dtypes = tuple(_as_list(data.get("dtypes", list(AUTOCAST)), f"{source}: dtypes"))
         rules = []
         for index, raw in enumerate(_as_list(_or_empty(data.get("rules")), f"{source}: rules")):
             where = f"{source}: rules[{index}]"
@@ -121,7 +121,8 @@ class SearchSpace:
             members.setdefault(self.group_of((ties or {}).get(unit, unit)), []).append(unit)
         choices = []
         for name, units in members.items():
-            allowed = set.intersection(*(set(self.unit_dtypes(u, graph[u]["type"], usable)) for u in units))
+            allowed = set.intersection(*(set(self.unit_dtypes(u, graph[u]["type"], tuple(
+                d for d in usable if d not in graph[u].get("unsuited", ())))) for u in units))
             if not allowed:
                 raise InputError(f"{self.source}: group {name!r} has no dtype all its units may take")
             choices.append(Choice(name, tuple(units), tuple(d for d in NAMES if d in allowed)))

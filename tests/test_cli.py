@@ -101,7 +101,7 @@ def test_user_factories_work_from_the_current_directory(capsys, factories):
     "not: [valid",
     "format: precsearch-plan/1\nlayers: !!python/object/apply:os.system ['echo hacked']\n",
     "format: precsearch-plan/9\n",
-    "format: precsearch-plan/1\nlayers: {stem: fp8}\n",
+    "format: precsearch-plan/1\nlayers: {stem: fp12}\n",
 ])
 def test_bad_plans_exit_2_without_traceback(tmp_path, text):
     path = tmp_path / "plan.yaml"

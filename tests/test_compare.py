@@ -85,9 +85,9 @@ def test_provenance_falls_back_to_the_device_type_and_shortens_values():
 # -- summary_rows, unit_differences, all_units --------------------------------------------------
 def test_summary_rows():
     rows = summary_rows(["one", "two"], [plan_one(), plan_two()], UNITS)
-    assert rows[0] == {"plan": "one", "default": "fp32", "fp16": 0, "bf16": 1, "fp32": 2, "speedup": 1.5,
+    assert rows[0] == {"plan": "one", "default": "fp32", "fp8": 0, "fp16": 0, "bf16": 1, "fp32": 2, "speedup": 1.5,
                        "interval": None, "latency_ms": 2.0, "error": 0.001, "weight_mb": None, "limit": "rel_l2<=0.01", "device": "cpu"}
-    assert rows[1] == {"plan": "two", "default": "bf16", "fp16": 0, "bf16": 2, "fp32": 1, "speedup": None,
+    assert rows[1] == {"plan": "two", "default": "bf16", "fp8": 0, "fp16": 0, "bf16": 2, "fp32": 1, "speedup": None,
                        "interval": None, "latency_ms": None, "error": None, "weight_mb": None, "limit": "-<=-", "device": "cpu"}
     assert summary_rows(["bare"], [Plan()], UNITS)[0]["device"] == "-"
 

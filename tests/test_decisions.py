@@ -62,7 +62,7 @@ def test_decode_rejects_bad_codes():
     with pytest.raises(KeyError):
         decode("bx", ["a", "b"])                 # no precision has the code x
     with pytest.raises(KeyError):
-        encode({"a": "fp8"}, ["a"])
+        encode({"a": "fp12"}, ["a"])
 
 
 # -- structure ----------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from precsearch import Plan, PlanError, model_fingerprint, walk
 from precsearch.cli import build_parser, main
 from precsearch.errors import InputError
 from precsearch.examples import demo
-from precsearch.precisions import NAMES
+from precsearch.precisions import AUTOCAST, NAMES
 from precsearch.space import SearchSpace
 
 PLAN_FORMAT, SPACE_FORMAT = "precsearch-plan/1", "precsearch-space/1"
@@ -37,7 +37,7 @@ VALID_SPACE = {"format": "precsearch-space/1", "name": "x", "dtypes": ["fp16", "
 # Names with control characters (a newline) are left to test_error_messages_stay_one_line below.
 text = functools.partial(st.text, alphabet=st.characters(blacklist_categories=("Cc", "Cs")))
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=True), text(max_size=12),
-                    st.sampled_from(["fp16", "bf16", "fp32", "fp8", "precsearch-plan/1", "precsearch-plan/2",
+                    st.sampled_from(["fp16", "bf16", "fp32", "fp12", "precsearch-plan/1", "precsearch-plan/2",
                                      "precsearch-space/1", "(", "^stem$", "[", "inference", "training"]))
 values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
                                                        st.dictionaries(text(max_size=8), inner, max_size=3)),
@@ -101,7 +101,7 @@ def defect(function, *arguments):
 
 
 NOT_A_DTYPE = st.one_of(
-    st.sampled_from(["fp8", "FP16", "float16", "bfloat16", "half", "fp32 ", " bf16", "f", "h", "", "int8"]),
+    st.sampled_from(["fp12", "FP16", "float16", "bfloat16", "half", "fp32 ", " bf16", "f", "h", "", "int8"]),
     text(max_size=8).filter(lambda s: s not in NAMES),
     st.integers(), st.floats(), st.booleans(), st.lists(st.sampled_from(NAMES), max_size=2))
 NOT_A_NAME = st.one_of(st.integers(), st.booleans(), st.floats(allow_nan=False), st.none())
@@ -122,8 +122,8 @@ VALID_PLANS = st.fixed_dictionaries({"format": st.just(PLAN_FORMAT)}, optional={
                                                  "units": st.integers(0, 50)}),
     "target": st.dictionaries(st.sampled_from(["device", "device_name", "torch"]), text(max_size=8)),
     "mode": st.sampled_from(MODES),
-    "default": st.sampled_from(NAMES),
-    "layers": st.one_of(st.none(), st.dictionaries(st.sampled_from(MODULE_NAMES), st.sampled_from(NAMES),
+    "default": st.sampled_from(AUTOCAST),
+    "layers": st.one_of(st.none(), st.dictionaries(st.sampled_from(MODULE_NAMES), st.sampled_from(AUTOCAST),
                                                    max_size=4)),
     "loss_scaling": st.one_of(st.none(), st.fixed_dictionaries({}, optional={
         "init_scale": POSITIVE, "growth_factor": st.floats(1.01, 10), "backoff_factor": st.floats(0.01, 0.99),
@@ -210,7 +210,7 @@ def test_anything_but_a_mapping_is_not_a_plan(data):
 @seed(6)
 @FUZZ
 @given(base=VALID_PLANS, name=text(max_size=12).filter(lambda name: name not in MODULE_NAMES),
-       dtype=st.sampled_from(NAMES))
+       dtype=st.sampled_from(AUTOCAST))
 def test_plans_naming_a_unit_the_model_lacks_are_refused_for_it(base, name, dtype):
     plan = Plan.from_dict(with_entry("layers", name, dtype, base), "fuzz.yaml")  # well-formed ...
     with pytest.raises(PlanError, match="the model has no module of that name") as error:
@@ -312,7 +312,7 @@ def test_anything_but_a_mapping_is_not_a_space(data):
 @given(data=VALID_SPACES)
 def test_valid_spaces_are_accepted(data):
     space = SearchSpace.parse(data, "fuzz.yaml")
-    assert space.dtypes == tuple(data.get("dtypes", NAMES))
+    assert space.dtypes == tuple(data.get("dtypes", AUTOCAST))
     assert len(space.rules) == len(data.get("rules") or []) and len(space.groups) == len(data.get("groups") or [])
     try:
         choices = space.choices(GRAPH, "cpu")
@@ -328,7 +328,7 @@ def test_valid_spaces_are_accepted(data):
 
 # -- gaps found by fuzzing, kept closed ---------------------------------------------------------------
 @pytest.mark.parametrize("data", [
-    {"format": PLAN_FORMAT, "layers": {"a\nb": "fp8"}},
+    {"format": PLAN_FORMAT, "layers": {"a\nb": "fp12"}},
     {"format": PLAN_FORMAT, "metrics": {"a\nb": "x"}},
 ], ids=["layer", "metrics"])
 def test_error_messages_stay_one_line(data):

@@ -5,18 +5,19 @@ import torch
 from torch import nn
 
 from precsearch.precisions import (
+    AUTOCAST,
     FP32, NAMES, PRECISIONS, by_code, choices_text, is_precision, low_precisions, name_of_dtype,
     needs_loss_scaling,
 )
 
 
 def test_names_dtypes_and_low_flags():
-    assert NAMES == ("fp16", "bf16", "fp32")
+    assert NAMES == ("fp8", "fp16", "bf16", "fp32") and AUTOCAST == ("fp16", "bf16", "fp32")
     assert FP32 == "fp32" and FP32 in PRECISIONS
     assert {name: p.dtype for name, p in PRECISIONS.items()} == {
-        "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+        "fp8": torch.float8_e4m3fn, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
     assert all(p.name == name for name, p in PRECISIONS.items())
-    assert [p.name for p in low_precisions()] == ["fp16", "bf16"]
+    assert [p.name for p in low_precisions()] == ["fp8", "fp16", "bf16"]
     assert not PRECISIONS["fp32"].low and PRECISIONS["fp16"].low and PRECISIONS["bf16"].low
 
 
@@ -39,7 +40,7 @@ def test_low_precisions_have_distinct_preferences():
 
 def test_is_precision():
     assert all(is_precision(name) for name in NAMES)
-    for value in ("fp8", "FP16", "", None, 16, torch.float16, ["fp16"]):
+    for value in ("fp12", "FP16", "", None, 16, torch.float16, ["fp16"]):
         assert not is_precision(value)
 
 
@@ -80,7 +81,7 @@ def test_needs_loss_scaling():
     assert needs_loss_scaling({"fp32", "bf16", "fp16"})
     assert not needs_loss_scaling(["bf16", "fp32"])
     assert not needs_loss_scaling([])
-    assert not needs_loss_scaling(["fp8", "nonsense"])  # unknown names are ignored, not a crash
+    assert not needs_loss_scaling(["fp8", "fp12", "nonsense"])  # unknown names are ignored, not a crash
     assert [p.name for p in PRECISIONS.values() if p.loss_scaling] == ["fp16"]
 
 
@@ -89,4 +90,4 @@ def test_available_on_cpu():
 
 
 def test_choices_text_lists_every_name():
-    assert choices_text() == "fp16, bf16, fp32"
+    assert choices_text() == "fp8, fp16, bf16, fp32"

@@ -41,7 +41,7 @@ def test_rules_first_match_wins_and_types_match(tmp_path):
 
 
 @pytest.mark.parametrize("text,message", [
-    ("format: precsearch-space/1\ndtypes: [fp8]\n", "unknown dtype 'fp8'"),
+    ("format: precsearch-space/1\ndtypes: [fp12]\n", "unknown dtype 'fp12'"),
     ("format: precsearch-space/2\n", "format must be"),
     ("format: precsearch-space/1\nrules: [{name: '(', dtypes: [fp32]}]\n", "invalid regular expression"),
     ("format: precsearch-space/1\nrules: [{name: x}]\n", "rules[0]"),
@@ -57,7 +57,7 @@ def test_invalid_spaces_name_the_culprit(tmp_path, text, message):
 
 
 def test_unknown_named_space_lists_the_named_ones():
-    with pytest.raises(InputError, match="named spaces: bf16_only, cnn, default, transformer"):
+    with pytest.raises(InputError, match="named spaces: bf16_only, cnn, default, fp8, transformer"):
         SearchSpace.load("nope")
 
 
