@@ -2,6 +2,7 @@
 
     python benchmarks/run.py                      # all of them: about 40 minutes on 2 cores
     python benchmarks/run.py deployed stability   # only these; the others' last results are reused
+    python benchmarks/run.py --render             # only rewrite this README from the last results
 
 Results land in benchmarks/results/*.json; the README's tables are rendered from them, never
 typed by hand. Times are medians of interleaved runs; ratios are ratios of medians.
@@ -185,6 +186,7 @@ def main() -> None:
     results = HERE / "results"
     results.mkdir(exist_ok=True)
     chosen = sys.argv[1:] or list(BENCHMARKS)
+    chosen = [] if chosen == ["--render"] else chosen  # only rewrite the README from the last results
     unknown = set(chosen) - set(BENCHMARKS)
     if unknown:
         sys.exit(f"unknown benchmark {sorted(unknown)[0]!r}; choose from {', '.join(BENCHMARKS)}")

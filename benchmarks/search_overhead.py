@@ -38,10 +38,10 @@ def overhead() -> dict:
         spent: list[tuple[float, float]] = []  # (start, seconds) of each model evaluation
         real = Evaluator.measure
 
-        def timed(self, layers, repeats=None, max_seconds=None, real=real, spent=spent):
+        def timed(self, layers, real=real, spent=spent, **options):
             begin = time.time()
             try:
-                return real(self, layers, repeats, max_seconds)
+                return real(self, layers, **options)
             finally:
                 spent.append((begin, time.time() - begin))
 

@@ -277,7 +277,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
         model, data, device, _ = _model_and_data(args)
         known_units = walk(model, data[0], device=device).units
-        remeasured = compare.remeasure(model, data, names, plans)
+        remeasured = compare.remeasure(model, data, names, plans, compiled=args.compile)
     units = compare.all_units(plans, known_units)
     notes = compare.provenance_warnings(names, plans)
     summary = compare.summary_rows(names, plans, units)
@@ -299,7 +299,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if differences:
         print(format_table(differences, max_rows=40))
     if remeasured:
-        print("\nre-measured on this machine, interleaved in one run:")
+        form = "compiled (speedups against compiled FP32)" if args.compile else "eager"
+        print(f"\nre-measured on this machine, interleaved in one run, {form}:")
         print(format_table(remeasured))
     return EXIT_OK
 
@@ -410,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     comparison.add_argument("--data", metavar="MODULE:FUNC", help="batches for the re-measurement")
     comparison.add_argument("--device", help="cpu or cuda (default: cuda when available, else cpu)")
     comparison.add_argument("--json", action="store_true", help="machine-readable output")
+    comparison.add_argument("--compile", action="store_true",
+                            help="re-measure every plan and FP32 compiled with torch.compile, each on its own copy")
     comparison.set_defaults(run=cmd_compare)
     return parser
 

@@ -83,8 +83,11 @@ def all_units(plans: list[Plan], known: list[str] | None = None) -> list[str]:
 
 
 def remeasure(model: nn.Module, batches: list[Any], names: list[str], plans: list[Plan],
-              repeats: int = 20) -> list[dict[str, Any]]:
-    """Every plan and the FP32 baseline timed in one interleaved run; errors on this machine."""
+              repeats: int = 20, compiled: bool = False) -> list[dict[str, Any]]:
+    """Every plan and the FP32 baseline timed in one interleaved run; errors on this machine.
+
+    ``compiled``: every plan and the FP32 model run compiled, each on its own copy; speedups
+    are then against compiled FP32 (the eager FP32 row is timed in the same run)."""
     device_type = model_device_type(model)
     metric = next((p.constraint["metric"] for p in plans if p.constraint and p.constraint.get("metric")
                    in METRICS), "rel_l2")
@@ -101,9 +104,15 @@ def remeasure(model: nn.Module, batches: list[Any], names: list[str], plans: lis
         with torch.no_grad():
             _batches.call(model, batches[0])
 
-    candidates = {"fp32 baseline": run}
-    candidates.update({name: ((lambda plan=plan: apply(plan)), run) for name, plan in zip(names, plans)})
-    timings = time_interleaved(candidates, device_type=device_type, repeats=repeats, warmup=2)
+    if compiled:
+        from precsearch.compiled import time_compiled
+
+        times = time_compiled(model, batches[0], dict(zip(names, plans)), device_type, repeats)
+        timings = {**times.timings, "fp32 baseline": times.timings["fp32 compiled"]}
+    else:
+        candidates = {"fp32 baseline": run}
+        candidates.update({name: ((lambda plan=plan: apply(plan)), run) for name, plan in zip(names, plans)})
+        timings = time_interleaved(candidates, device_type=device_type, repeats=repeats, warmup=2)
     base = timings["fp32 baseline"].median_ms
     rows = [{"plan": "fp32 baseline", "latency_ms": round(base, 3), "speedup": 1.0, "interval": "-", f"{metric}": 0.0,
              "weight_mb": round(sum(weight_bytes(model).values()) / 2**20, 3),

@@ -41,23 +41,17 @@ _FUSED = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.MultiheadAt
 def cast_low_to_fp32(value: Any) -> Any:
     """Cast every FP16/BF16 tensor inside ``value`` (nested tuples, lists, dicts, HF outputs)
     to float32; everything else, float64 included, passes through untouched."""
-    return cast_tensors(value, _LOW, torch.float32)
-
-
-def cast_tensors(value: Any, sources: tuple[torch.dtype, ...], target: torch.dtype) -> Any:
-    """Cast every tensor of a dtype in ``sources`` inside ``value`` (nested tuples, lists, dicts,
-    HF outputs) to ``target``; everything else passes through untouched."""
     if isinstance(value, torch.Tensor):
-        return value.to(target) if value.dtype in sources else value
+        return value.float() if value.dtype in _LOW else value
     if isinstance(value, (tuple, list)):
-        items = [cast_tensors(item, sources, target) for item in value]
+        items = [cast_low_to_fp32(item) for item in value]
         if all(new is old for new, old in zip(items, value)):
             return value
         if isinstance(value, tuple) and hasattr(value, "_fields"):
             return type(value)(*items)
         return type(value)(items)
     if isinstance(value, Mapping):
-        mapped = {key: cast_tensors(item, sources, target) for key, item in value.items()}
+        mapped = {key: cast_low_to_fp32(item) for key, item in value.items()}
         if all(mapped[key] is item for key, item in value.items()):
             return value
         try:
@@ -78,11 +72,11 @@ class _Forward:
     (a method bound to the module) to the copy's module: the copy runs its own weights.
     """
 
-    __slots__ = ("original", "enforce", "device_type", "output_dtype")
+    __slots__ = ("original", "enforce", "device_type", "cast_output")
 
-    def __init__(self, original: Any, enforce: Any, device_type: str, output_dtype: torch.dtype | None) -> None:
+    def __init__(self, original: Any, enforce: Any, device_type: str, cast_output: bool) -> None:
         self.original, self.enforce = original, enforce
-        self.device_type, self.output_dtype = device_type, output_dtype
+        self.device_type, self.cast_output = device_type, cast_output
 
     @property
     def __wrapped__(self) -> Any:  # inspect.signature (used by transformers) sees the real one
@@ -90,7 +84,7 @@ class _Forward:
 
     def __deepcopy__(self, memo: dict) -> _Forward:
         original = copy.deepcopy(self.original, memo)
-        return type(self)(original, self.enforce, self.device_type, self.output_dtype)
+        return type(self)(original, self.enforce, self.device_type, self.cast_output)
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         # Pickling would rebind ``original`` by name, i.e. to this wrapper: fail clearly instead.
@@ -111,7 +105,7 @@ class _LowForward(_Forward):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         with self.enforce(self.device_type):
             output = self.original(*args, **kwargs)
-        return cast_low_to_fp32(output) if self.output_dtype else output
+        return cast_low_to_fp32(output) if self.cast_output else output
 
 
 def _wrap(original: Any, device_type: str, precision: str, parent: str | None) -> _Forward:
@@ -119,9 +113,9 @@ def _wrap(original: Any, device_type: str, precision: str, parent: str | None) -
     that every op the parent owns computes in float32; an FP32 unit's outputs stay float32 (its
     precision is what protects the rest of the model)."""
     low = PRECISIONS[precision].low
-    output_dtype = torch.float32 if parent is not None and low and not PRECISIONS[parent].low else None
+    to_fp32 = parent is not None and low and not PRECISIONS[parent].low
     kind = _LowForward if low else _Fp32Forward
-    return kind(original, PRECISIONS[precision].enforce, device_type, output_dtype)
+    return kind(original, PRECISIONS[precision].enforce, device_type, to_fp32)
 
 
 class PlanHandle:

@@ -27,7 +27,7 @@ import optuna
 
 from precsearch.decisions import Decisions
 from precsearch.evaluate import Evaluator, Measurement
-from precsearch.precisions import NAMES
+from precsearch.precisions import AUTOCAST
 
 Proposer = Generator[dict[str, str], Measurement, None]
 
@@ -117,7 +117,7 @@ class Found:
     relative: dict[tuple, float] = dataclasses.field(default_factory=dict)  # feasible plan -> latency / FP32
 
 
-def exhaustive(evaluator: Evaluator, units: list[str], dtypes: tuple[str, ...] = NAMES,
+def exhaustive(evaluator: Evaluator, units: list[str], dtypes: tuple[str, ...] = AUTOCAST,
                repeats: int = 3, finalists: int = 5) -> Found:
     """Error of every plan; latency of every feasible one; the fastest few re-timed longer."""
     feasible = []

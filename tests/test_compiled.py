@@ -49,3 +49,18 @@ def test_check_compile_reports_the_compiled_error_within_the_plan_limit(tmp_path
     compiled = result["compiled"]
     assert result["ok"] and compiled["within_limit"] and compiled["compiled_error"] <= 0.01
     assert compiled["compiled_error"] == pytest.approx(compiled["eager_error"], rel=0.5, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_compare_compile_remeasures_compiled(tmp_path, capsys):
+    import json
+
+    from precsearch.cli import main
+
+    a = Plan(default="bf16", layers={"shift": "fp32"}).save(tmp_path / "a.yaml")
+    b = Plan(default="fp32", layers={"stem": "bf16"}).save(tmp_path / "b.yaml")
+    assert main(["compare", str(a), str(b), "--compile", "--json", "--model", "precsearch.examples.demo:small_model",
+                 "--data", "precsearch.examples.demo:data"]) == 0
+    rows = json.loads(capsys.readouterr().out)["remeasured"]
+    assert [row["plan"] for row in rows] == ["fp32 baseline", "a.yaml", "b.yaml"]
+    assert all(row["speedup"] > 0 for row in rows)
