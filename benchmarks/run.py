@@ -43,7 +43,7 @@ def render(applier: dict, quality: dict, overhead: dict, deployed_form: dict, st
         *_stability_section(stable),
         "## Strategies (`strategies.py`)",
         "",
-        "Searched and timed as deployed (inference plans hold their low weights). "
+        f"{quality.get('note', '')}"
         "Each strategy searched the same model with the same data and limit; then every distinct plan found and "
         "FP32 were timed together, interleaved. *evaluations*: distinct plans whose accuracy and latency were "
         "measured; *search s*: wall time of the search.",
