@@ -123,7 +123,12 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"precsearch: the model fails under this plan: {type(error).__name__}: {detail} (does it split a "
               f"unit's precision from the unit around it? optimize ties such units)", file=sys.stderr)
         return EXIT_FAILED
-    compiled = _check_compiled(model, plan, data, device) if args.compile else None
+    compiled = None
+    if args.compile:
+        from precsearch.compiled import check_compiled
+        from precsearch.ops import device_type_of
+
+        compiled = check_compiled(model, plan, data, device_type_of(device))
     ok = report.ok and (compiled is None or compiled["within_limit"] is not False)
     if args.json:
         print(json.dumps({"ok": ok, "ops": len(report.entries), "mismatches": [vars(e) for e in report.mismatches],
@@ -135,38 +140,6 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"compiled: {compiled['metric']} {compiled['compiled_error']:.4g} against FP32 (eager "
                   f"{compiled['eager_error']:.4g}{limit}; compile {compiled['compile_s']:.1f} s)")
     return EXIT_OK if ok else EXIT_FAILED
-
-
-def _check_compiled(model: Any, plan: Any, data: list[Any], device: str) -> dict[str, Any]:
-    """What ``check --compile`` proves beyond the (eager) audit: the plan compiles, and the
-    compiled model's error against FP32 stays within the plan's limit."""
-    import time
-
-    import torch
-
-    from precsearch.accuracy import METRICS, Fidelity
-    from precsearch.compiled import compiled_replica
-    from precsearch.ops import device_type_of
-    from precsearch.runtime import apply_plan
-
-    if plan.mode == "training":
-        raise InputError("--compile: compiled checking is for inference plans")
-    constraint = plan.constraint or {}
-    metric = constraint.get("metric") if constraint.get("metric") in METRICS else "rel_l2"
-    fidelity = Fidelity.builtin(model, data, metric, 0.0)  # FP32 reference outputs, computed once
-    with apply_plan(model, plan, example_inputs=data[0], fingerprint_mismatch="ignore"):
-        eager = fidelity.error(model)
-    started = time.perf_counter()
-    torch._dynamo.reset()
-    try:
-        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-            compiled = fidelity.error(compiled_replica(model, plan, data[0], device_type_of(device)))
-    finally:
-        torch._dynamo.reset()
-    limit = constraint.get("limit") if constraint.get("metric") == metric else None
-    return {"metric": metric, "eager_error": eager, "compiled_error": compiled, "limit": limit,
-            "within_limit": None if limit is None else compiled <= limit,
-            "compile_s": round(time.perf_counter() - started, 2)}
 
 
 def _study_name(model_spec: str) -> str:

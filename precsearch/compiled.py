@@ -59,6 +59,32 @@ def time_compiled(model: nn.Module, batch: Any, plans: dict[str, Plan], device_t
     return CompiledTimes(timings, {name: compile_s[name] for name in plans})
 
 
+def check_compiled(model: nn.Module, plan: Plan, batches: list[Any], device_type: str) -> dict[str, Any]:
+    """What ``check --compile`` proves beyond the (eager) audit: the plan compiles, and the
+    compiled model's error against FP32 stays within the plan's limit."""
+    from precsearch.accuracy import METRICS, Fidelity
+    from precsearch.errors import InputError
+
+    if plan.mode == "training":
+        raise InputError("--compile: compiled checking is for inference plans")
+    constraint = plan.constraint or {}
+    metric = constraint.get("metric") if constraint.get("metric") in METRICS else "rel_l2"
+    fidelity = Fidelity.builtin(model, batches, metric, 0.0)  # FP32 reference outputs, computed once
+    with apply_plan(model, plan, example_inputs=batches[0], fingerprint_mismatch="ignore"):
+        eager = fidelity.error(model)
+    started = time.perf_counter()
+    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            compiled = fidelity.error(compiled_replica(model, plan, batches[0], device_type))
+    finally:
+        torch._dynamo.reset()
+    limit = constraint.get("limit") if constraint.get("metric") == metric else None
+    return {"metric": metric, "eager_error": eager, "compiled_error": compiled, "limit": limit,
+            "within_limit": None if limit is None else compiled <= limit,
+            "compile_s": round(time.perf_counter() - started, 2)}
+
+
 def compiled_replica(model: nn.Module, plan: Plan | None, example_inputs: Any, device_type: str) -> Any:
     """A copy of ``model`` with ``plan`` applied (None: as it is), compiled: each plan on its own
     copy, so that interleaving plans never makes dynamo recompile."""
