@@ -20,6 +20,9 @@ from torch import nn
 from precsearch import batches as _batches
 from precsearch.errors import InputError
 
+REPEATABLE = 0.1    # two FP32 runs may differ by at most this fraction of the limit
+ROUNDING = 1e-6     # ... or by this much, whatever the limit (run-to-run rounding)
+
 
 def flatten_outputs(output: Any) -> list[torch.Tensor]:
     """All floating tensors in ``output`` (tensors, tuples, lists, dicts, dataclasses,
@@ -135,13 +138,12 @@ class Fidelity:
         if metric not in METRICS:
             raise InputError(f"--metric-name {metric!r}: unknown metric; use one of {', '.join(METRICS)}")
         check_limit(limit, "--max-error")
+        inputs = _batches.fingerprint(batches)
         reference = run_outputs(model, batches)
-        if not any(reference):
-            raise InputError("the model returned no floating-point tensor to compare")
-        if not all(torch.isfinite(t).all() for batch in reference for t in batch):
-            raise InputError("the FP32 model's own outputs are not finite (NaN or inf) on the given data: "
-                             "no plan can be compared with them; check the model and --data")
+        check_reference(reference)
         function = METRICS[metric].function
+        check_repeatable(function(run_outputs(model, batches), reference), metric, limit,
+                         inputs_changed=_batches.fingerprint(batches) != inputs)
         return cls(metric, limit, lambda candidate: function(run_outputs(candidate, batches), reference))
 
     @classmethod
@@ -167,6 +169,34 @@ class Fidelity:
 
         label = f"{name} drop" if max_drop is not None else f"{name} relative drop"
         return cls(label, limit, drop, reference_value)
+
+
+def check_reference(reference: list[list[torch.Tensor]]) -> None:
+    """FP32 outputs a plan can be compared with: floating, not empty, finite."""
+    if not any(reference):
+        raise InputError("the model returned no floating-point tensor to compare")
+    if not any(t.numel() for batch in reference for t in batch):
+        raise InputError("the model's floating-point outputs on --data are empty (zero elements): "
+                         "there is nothing to compare; give batches with at least one sample")
+    if not all(torch.isfinite(t).all() for batch in reference for t in batch):
+        raise InputError("the FP32 model's own outputs are not finite (NaN or inf) on the given data: "
+                         "no plan can be compared with them; check the model and --data")
+
+
+def check_repeatable(rerun_error: float, metric: str, limit: float, inputs_changed: bool) -> None:
+    """The FP32 model run twice on the same data must agree, or every plan's error is noise.
+
+    Exact agreement is not asked: run-to-run rounding (atomic reductions on a GPU) stays far
+    below any limit. More than ``REPEATABLE`` of the limit (and more than ``ROUNDING``) between
+    two FP32 runs is refused, naming the likely cause: the inputs changed in place, or
+    randomness (dropout in train mode)."""
+    if rerun_error <= max(limit * REPEATABLE, ROUNDING):
+        return
+    cause = ("it changes its inputs in place (the batches differ after one run): clone them inside forward"
+             if inputs_changed else
+             "it is random (dropout or sampling in train mode?): call model.eval() and seed or remove the randomness")
+    raise InputError(f"the FP32 model gives different outputs on two identical runs ({metric} {rerun_error:.3g} "
+                     f"between them, limit {limit:g}): {cause}")
 
 
 def _call_user_metric(function, model, batches, name) -> float:

@@ -84,10 +84,8 @@ def audit(model: nn.Module, plan: Plan, batches: Iterable[Any], *, device_type: 
     training = loss_fn is not None
     if training and plan.resolved_runtime.weights == "low":  # gradients need the FP32 master weights
         plan = dataclasses.replace(plan, runtime=Runtime(weights="fp32"))
-    example = _batches.split_training(batches[0])[0] if training else batches[0]
-    with applied(model, plan, device_type=device_type) as handle, torch.set_grad_enabled(training):
-        handle.prepare(example)  # before recording: learning which weights to hold low runs the model
-        recorder = _record(model, batches, device_type, loss_fn)
+    with applied(model, plan, device_type=device_type), torch.set_grad_enabled(training):
+        recorder = _record(model, batches, device_type, loss_fn)  # from the first call on, as users run it
     entries = tuple(AuditEntry(r.unit, r.op, plan.precision(r.unit), name_of_dtype(r.dtype), r.phase)
                     for r in recorder.records)
     ran = {entry.unit for entry in entries}

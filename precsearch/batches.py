@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -43,9 +44,61 @@ def as_list(batches: Iterable[Batch]) -> list[Batch]:
         raise InputError(f"data must be a list (or iterable) of batches, not {type(batches).__name__}") from None
     if not materialised:
         raise InputError("data is empty: give at least one batch")
-    for batch in materialised:
+    for index, batch in enumerate(materialised):
         split(batch)
+        if is_empty(batch):
+            raise InputError(f"data: batch {index} is empty (every tensor in it has zero elements): "
+                             f"give batches with at least one sample")
     return materialised
+
+
+def is_empty(batch: Batch) -> bool:
+    """A batch with tensors that all have zero elements (a batch of no tensors is not judged)."""
+    tensors = list(_tensors(batch))
+    return bool(tensors) and all(t.numel() == 0 for t in tensors)
+
+
+def _tensors(value: Any) -> Iterable[torch.Tensor]:
+    """Every tensor inside ``value`` (tensors, tuples, lists, mappings)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _tensors(item)
+
+
+def fingerprint(batches: list[Batch]) -> str:
+    """A hash of the batches' structure, dtypes, shapes and values: searches on other data differ.
+    Other objects inside a batch count by type (and value, for plain numbers and strings)."""
+    digest = hashlib.sha256()
+    for batch in batches:
+        _digest_value(digest, batch)
+    return "sha256:" + digest.hexdigest()
+
+
+def _digest_value(digest: Any, value: Any) -> None:
+    """Feed ``value`` (a batch or a part of one) into ``digest``, structure first."""
+    if isinstance(value, torch.Tensor):
+        dense = value.detach().to_dense() if value.layout != torch.strided else value.detach()
+        digest.update(f"T{dense.dtype}{tuple(dense.shape)}".encode())
+        if dense.numel():
+            digest.update(dense.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(value, Mapping):
+        digest.update(f"M{len(value)}".encode())
+        for key, item in value.items():
+            digest.update(repr(key).encode())
+            _digest_value(digest, item)
+    elif isinstance(value, (tuple, list)):
+        digest.update(f"S{len(value)}".encode())
+        for item in value:
+            _digest_value(digest, item)
+    elif value is None or isinstance(value, (bool, int, float, str, bytes)):
+        digest.update(f"V{value!r}".encode())
+    else:  # its repr may hold a memory address: the type alone is stable
+        digest.update(f"O{type(value).__qualname__}".encode())
 
 
 def to_device(value: Any, device: torch.device | str) -> Any:

@@ -1,20 +1,23 @@
 """Latency (and, on CUDA, peak memory) measured on the real device, as estimates with an
 uncertainty.
 
-Candidates are timed interleaved (A B A B ...) so that a noisy neighbour slows all of them
-alike. A speedup is the median of the per-round ratios baseline / candidate, with a
-distribution-free confidence interval for that median from order statistics (the ranks a
-binomial(n, 1/2) gives; no assumption about the noise's shape). Timing can stop early through
-``until``, once the intervals say enough.
+Candidates are timed interleaved, in rounds (A B, B A, ...), so that a noisy neighbour slows
+all of them alike and no candidate owns the first or last place of a round. A speedup is the
+median of the per-round ratios baseline / candidate, with a distribution-free confidence
+interval for that median from order statistics (the ranks a binomial(n, 1/2) gives; no
+assumption about the noise's shape). Timing can stop early through ``until``, once the
+intervals say enough. ``time_against_itself`` is the A/A check of all this: its truth is 1.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
+import random
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -40,39 +43,81 @@ Candidate = Callable[[], Any] | tuple[Callable[[], AbstractContextManager], Call
 
 def time_interleaved(candidates: dict[str, Candidate], *, device_type: str = "cpu", repeats: int = 15,
                      warmup: int = 2, max_seconds: float | None = None, min_repeats: int = 3,
-                     until: Callable[[dict[str, list[float]]], bool] | None = None) -> dict[str, Timing]:
-    """Median latency of each candidate, measured round-robin in one run.
+                     until: Callable[[dict[str, list[float]]], bool] | None = None,
+                     seed: int = 0) -> dict[str, Timing]:
+    """Median latency of each candidate, measured in rounds: every candidate once per round.
 
     A candidate is a zero-argument callable, or ``(context_factory, run)``: the context (e.g.
     applying a plan) is entered around each turn but only ``run()`` is timed. At most
-    ``repeats`` rounds; after ``min_repeats``, stops early once ``max_seconds`` are spent or
-    ``until(samples)`` says the samples so far settle the question.
+    ``repeats`` rounds (rounded up to whole pairs); after ``min_repeats``, stops early once
+    ``max_seconds`` are spent or ``until(samples)`` says the samples so far settle the question.
+
+    No candidate owns a place in the round: the order is drawn (``seed``) for each pair of
+    rounds and reversed in the pair's second round (``round_orders``), and the rounds stop on
+    whole pairs, so every candidate runs first as often as last. The garbage collector is
+    paused while a run is timed, so that garbage one turn's context made (e.g. applying a
+    plan) is not collected on another turn's clock.
     """
     turns = {name: c if isinstance(c, tuple) else (nullcontext, c) for name, c in candidates.items()}
-    cuda = device_type == "cuda"
     samples: dict[str, list[float]] = {name: [] for name in turns}
     peaks: dict[str, float] = {}
+    orders = round_orders(list(turns), seed)
+    for _ in range(warmup):
+        for name in next(orders):
+            _timed_turn(*turns[name], device_type)
+    orders = round_orders(list(turns), seed + 1)  # the timed rounds start with a whole pair
+    pair = 2 if len(turns) > 1 else 1
     started = time.perf_counter()
-    for index in range(-warmup, repeats):
-        for name, (context, run) in turns.items():
-            with context():
-                if cuda and index == 0:
-                    torch.cuda.reset_peak_memory_stats()
-                _synchronize(device_type)
-                begin = time.perf_counter()
-                run()
-                _synchronize(device_type)
-                elapsed = (time.perf_counter() - begin) * 1e3
-            if index >= 0:
-                samples[name].append(elapsed)
-            if cuda and index == 0:
-                peaks[name] = torch.cuda.max_memory_allocated() / 2**20
-        if index + 1 >= min_repeats and (
+    for done in range(1, -(-repeats // pair) * pair + 1):
+        for name in next(orders):
+            elapsed, peak = _timed_turn(*turns[name], device_type, peak=done == 1 and device_type == "cuda")
+            samples[name].append(elapsed)
+            if peak is not None:
+                peaks[name] = peak
+        if done >= min_repeats and done % pair == 0 and (
                 (max_seconds is not None and time.perf_counter() - started > max_seconds)
                 or (until is not None and until(samples))):
             break
     return {name: Timing(statistics.median(values), tuple(values), peaks.get(name))
             for name, values in samples.items()}
+
+
+def round_orders(names: list[str], seed: int = 0) -> Iterator[list[str]]:
+    """The order of each round: a permutation drawn with ``seed``, then its reverse, in pairs.
+
+    Over a pair every candidate's mean place is the middle, so a place that is faster or slower
+    (the first turn after the bookkeeping between rounds) moves every candidate alike. What ran
+    just before a turn matters too (a turn after one of its own kind finds warm caches): with two
+    candidates the one order is kept (A B, B A, A B, ...), so that each follows itself and the
+    other equally often; with more, each pair draws its own order, balanced on average."""
+    rng = random.Random(seed)
+    order = rng.sample(names, len(names))
+    while True:
+        yield order
+        yield order[::-1]
+        if len(names) > 2:
+            order = rng.sample(names, len(names))
+
+
+def _timed_turn(context: Callable[[], AbstractContextManager], run: Callable[[], Any], device_type: str,
+                peak: bool = False) -> tuple[float, float | None]:
+    """One turn: enter the context, time ``run()`` alone with the garbage collector paused.
+    ``(milliseconds, peak CUDA memory in MB if asked, else None)``."""
+    with context():
+        if peak:
+            torch.cuda.reset_peak_memory_stats()
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            _synchronize(device_type)
+            begin = time.perf_counter()
+            run()
+            _synchronize(device_type)
+            elapsed = (time.perf_counter() - begin) * 1e3
+        finally:
+            if collecting:
+                gc.enable()
+        return elapsed, torch.cuda.max_memory_allocated() / 2**20 if peak else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +147,27 @@ def speedup(baseline_ms: Sequence[float], candidate_ms: Sequence[float], confide
     if not ratios:
         return Speedup(math.nan, math.nan, math.nan, 0)
     low, high = median_interval(ratios, confidence)
-    return Speedup(statistics.median(ratios), low, high, len(ratios))
+    return Speedup(ratio_median(ratios), low, high, len(ratios))
+
+
+def ratio_median(ratios: Sequence[float]) -> float:
+    """The median of ratios; of an even count, the geometric mean of the middle two, so that
+    swapping baseline and candidate gives exactly the inverse (and rounds 1.3 and 1 / 1.3 give 1)."""
+    ordered = sorted(ratios)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else math.sqrt(ordered[middle - 1] * ordered[middle])
+
+
+def time_against_itself(run: Callable[[], Any], *, device_type: str = "cpu", repeats: int = 16,
+                        warmup: int = 2, seed: int = 0) -> tuple[Speedup, float]:
+    """An A/A measurement: ``run`` timed as two candidates in the same rounds. The truth is 1.0,
+    so the interval's width is how well this machine can rank plans now, and an interval that
+    misses 1 more often than 5% of the time betrays a bias of the harness.
+    ``(speedup of the copy over the original, median ms)``."""
+    timings = time_interleaved({"a": run, "a again": run}, device_type=device_type, repeats=repeats,
+                               warmup=warmup, seed=seed)
+    both = timings["a"].samples_ms + timings["a again"].samples_ms
+    return speedup(timings["a"].samples_ms, timings["a again"].samples_ms), statistics.median(both)
 
 
 def median_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float]:

@@ -26,7 +26,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_model_args(parser: argparse.ArgumentParser, *, demo: bool = True) -> None:
     note = " (default: the built-in demo)" if demo else ""
-    parser.add_argument("--model", metavar="MODULE:FUNC", help=f"factory returning an nn.Module{note}")
+    parser.add_argument("--model", metavar="MODULE:FUNC",
+                        help=f"factory returning an nn.Module{note}; inference runs it in eval mode (model.eval())")
     parser.add_argument("--data", metavar="MODULE:FUNC",
                         help=f"factory returning a list of batches (Tensor, tuple or dict){note}")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available, else cpu)")
@@ -52,6 +53,7 @@ def _model_and_data(args: argparse.Namespace) -> tuple[Any, list[Any], str, str]
     except Exception as error:  # e.g. "Torch not compiled with CUDA enabled" is an AssertionError
         raise InputError(f"--device {device!r}: {str(error).splitlines()[0]}") from None
     model = factories.load_model(model_spec).to(device)
+    model.train(training)  # inference runs in eval mode: no dropout, BatchNorm's running statistics
     data = [to_device(batch, device) for batch in factories.load_data(data_spec)]
     _check_runs(model, data[0], training, model_spec, data_spec)
     return model, data, device, model_spec
@@ -136,9 +138,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     else:
         print(report)
         if compiled is not None:
-            limit = f", limit {compiled['limit']:g}" if compiled["limit"] is not None else ""
-            print(f"compiled: {compiled['metric']} {compiled['compiled_error']:.4g} against FP32 (eager "
-                  f"{compiled['eager_error']:.4g}{limit}; compile {compiled['compile_s']:.1f} s)")
+            from precsearch.compiled import verdict
+
+            print(verdict(compiled))
     return EXIT_OK if ok else EXIT_FAILED
 
 
@@ -183,7 +185,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
                           loss_fn=factories.resolve(args.loss, "loss") if args.loss else None,
                           trials=args.trials, timeout=args.timeout, seed=args.seed, heartbeat=args.heartbeat,
                           strategy=args.strategy, weights=args.weights, compile=args.compile,
-                          progress=True)
+                          holdout=args.holdout, margin=args.margin, progress=True)
     model_spec = args.model or factories.DEMO_MODEL
     study_name = args.study or _study_name(model_spec)
     out = Path(args.out or Path("reports") / study_name)
@@ -193,12 +195,16 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     model, data, device, model_spec = _model_and_data(args)
     fidelity = _user_fidelity(args, model, data)
     config = dataclasses.replace(config, fidelity=fidelity, storage=storage, study_name=study_name,
-                                 model_name=model_spec)
+                                 model_name=model_spec, holdout_data=_holdout_data(args, device))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     metric = "grad_rel_l2" if config.training else config.metric
     limit = f"{fidelity.name} <= {fidelity.limit:g}" if fidelity else f"{metric} <= {config.max_error:g}"
+    limit_value = fidelity.limit if fidelity else config.max_error
     print(f"precsearch: searching {model_spec} on {device} ({config.mode}): {limit}, "
           f"{args.trials} trials, study {study_name!r} in {mask_password(storage)}", file=sys.stderr)
+    unseen = _unseen_data_line(config, len(data))
+    if unseen:
+        print(f"precsearch: {unseen}", file=sys.stderr)
     try:
         with output_directory(out):
             result = optimize(model, data, config)
@@ -212,16 +218,56 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     if result.plan is None:
         risky = ", ".join(f"{name or '<root>'} in {dtype} (~{error:.2g})"
                           for name, dtype, error in result.decisions.most_sensitive(3))
-        print(f"precsearch: no plan meets {limit} in {len(result.study.trials)} "
+        within = f" with --margin {config.margin:g} ({metric} <= {limit_value * (1 - config.margin):.4g})" \
+            if config.margin else ""
+        compiled = " compiled" if config.compile else ""
+        print(f"precsearch: no plan meets {limit}{within}{compiled} in {len(result.study.trials)} "
               f"trials; most sensitive: {risky}. Loosen the limit or add trials.", file=sys.stderr)
         return EXIT_FAILED
     if result.plan.default == FP32 and not result.plan.layers:
         print("precsearch: no plan ran faster than FP32 in the final race on this machine: plan.yaml keeps "
               "every unit in fp32", file=sys.stderr)
     print(format_table(result.summary()))
+    for line in _error_lines(result.plan):
+        print(line)
     print(f"\nplan: {files['plan']}   report: {files['html']}   trials: {files['csv']}\n"
           f"other Pareto-optimal plans: {len(result.pareto)} in {files['pareto']}/")
     return EXIT_OK
+
+
+def _holdout_data(args: argparse.Namespace, device: str) -> list[Any] | None:
+    """The ``--holdout-data`` batches on the device, or None."""
+    if not args.holdout_data:
+        return None
+    from precsearch import factories
+    from precsearch.batches import to_device
+
+    return [to_device(batch, device) for batch in factories.load_data(args.holdout_data, "holdout-data")]
+
+
+def _error_lines(plan: Any) -> list[str]:
+    """The chosen plan's errors beyond the search's own: compiled, and on held-out batches."""
+    metrics, constraint = plan.metrics or {}, plan.constraint or {}
+    name, limit = constraint.get("metric", "error"), constraint.get("limit")
+    lines = []
+    if metrics.get("compiled_error") is not None:
+        lines.append(f"compiled: {name} {metrics['compiled_error']:.4g} against FP32 (limit {limit:g})")
+    if metrics.get("holdout_error") is not None:
+        lines.append(f"held out: {name} {metrics['holdout_error']:.4g} on {metrics.get('holdout_batches')} batches "
+                     f"the search never saw (search error {metrics.get('error', 0.0):.4g}, limit {limit:g})")
+    return lines
+
+
+def _unseen_data_line(config: Any, batches: int) -> str | None:
+    """What the search holds out and the headroom it keeps, in one line (None: neither)."""
+    if config.holdout_data is not None:
+        held = f"{len(config.holdout_data)} held-out batches from --holdout-data score the plans"
+    else:
+        count = config.holdout_count(batches)
+        held = (f"{count} of {batches} batches held out (--holdout {config.holdout_fraction(batches):g}) to score "
+                f"the plans" if count else "")
+    margin = f"--margin {config.margin:g} keeps headroom under the limit" if config.margin else ""
+    return "; ".join(part for part in (held, margin) if part) or None
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -233,7 +279,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    import warnings
     from pathlib import Path
 
     from precsearch import compare
@@ -249,6 +294,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         from precsearch.graph import walk
 
         model, data, device, _ = _model_and_data(args)
+        model.eval()  # plans are measured for inference: no dropout, BatchNorm's running statistics
         known_units = walk(model, data[0], device=device).units
         remeasured = compare.remeasure(model, data, names, plans, compiled=args.compile)
     units = compare.all_units(plans, known_units)
@@ -257,23 +303,25 @@ def cmd_compare(args: argparse.Namespace) -> int:
     differences = compare.unit_differences(names, plans, units)
     defaults = dict(zip(names, (plan.default for plan in plans)))
     if args.json:
-        print(json.dumps({"plans": summary, "defaults": defaults, "differences": differences,
-                          "remeasured": remeasured, "warnings": notes}, indent=2, default=str))
+        print(json.dumps({"plans": summary, "defaults": defaults, "units_known": known_units is not None,
+                          "differences": differences, "remeasured": remeasured, "warnings": notes},
+                         indent=2, default=str))
         return EXIT_OK
     for note in notes:
-        warnings.warn(note, stacklevel=1)
+        _warn(note)
     print(format_table(summary))
     if known_units is None:
         print(f"(dtype counts over the {len(units)} units the plans name; add --model/--data for all units)")
     if len(set(defaults.values())) > 1:
         print("\ndefaults differ (units a plan does not name run in its default): "
               + ", ".join(f"{name} {default}" for name, default in defaults.items()))
-    print(f"\n{len(differences)} of {len(units)} units differ" + (":" if differences else ""))
+    print("\n" + compare.differences_line(differences, units, known_units is not None)
+          + (":" if differences else ""))
     if differences:
         print(format_table(differences, max_rows=40))
     if remeasured:
         form = "compiled (speedups against compiled FP32)" if args.compile else "eager"
-        print(f"\nre-measured on this machine, interleaved in one run, {form}:")
+        print(f"\nre-measured on this machine in eval mode, interleaved in one run, {form}:")
         print(format_table(remeasured))
     return EXIT_OK
 
@@ -308,7 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", help="audit that a plan runs every op in its planned dtype",
                                 description="Apply a plan, run the data, and record the dtype every "
-                                            "eligible op computed in. Exit 1 on any mismatch.")
+                                            "eligible op computed in. Exit 1 on any mismatch. Inference plans "
+                                            "run the model in eval mode (model.eval()), training plans in "
+                                            "train mode.")
     check.add_argument("--plan", required=True, metavar="PLAN.yaml", help="the plan to check")
     _add_model_args(check)
     check.add_argument("--json", action="store_true", help="machine-readable result")
@@ -317,7 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: cross entropy)")
     check.add_argument("--compile", action="store_true",
                        help="also compile the plan with torch.compile and check the compiled model's error "
-                            "against FP32 stays within the plan's limit (the audit itself runs eager)")
+                            "against FP32 (in eval mode) stays within the plan's limit; exit 1 when it is over "
+                            "the limit or the model cannot run compiled (the audit itself runs eager)")
     check.add_argument("--ignore-fingerprint", action="store_true",
                        help="warn instead of failing when the plan was made for another model")
     check.set_defaults(run=cmd_check)
@@ -326,7 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
         "optimize", help="search the fastest per-layer precision plan within an accuracy limit",
         description="Search, with Optuna, the fastest per-unit precision plan whose error against the "
                     "FP32 model stays within the limit. Writes plan.yaml, trials.csv and pareto/ to --out. "
-                    "Rerunning the same command resumes the study.")
+                    "Rerunning the same command resumes the study. Inference searches run the model in "
+                    "eval mode (model.eval()).")
     _add_model_args(search)
     search.add_argument("--space", default="default", metavar="NAME|PATH",
                         help="search space: a named one (default, transformer, cnn, bf16_only) or a YAML file")
@@ -352,7 +404,18 @@ def build_parser() -> argparse.ArgumentParser:
                              "default), or keep FP32 weights cast on every call (fp32); training is always fp32")
     search.add_argument("--compile", action="store_true",
                         help="inference: race the finalists compiled with torch.compile, as deployed (trials "
-                             "run eager); the plan records runtime.compile: true")
+                             "run eager); a finalist whose compiled error is over the limit is dropped, and "
+                             "the plan records runtime.compile: true and metrics.compiled_error. If the compiled "
+                             "race fails, one warning, and the plan is eager (runtime.compile: false)")
+    search.add_argument("--holdout", type=_fraction, default=None, metavar="FRACTION",
+                        help="share of the batches the search never sees, used to score the chosen and the "
+                             "Pareto plans (metrics.holdout_error). Default: 0.25 with 8 batches or more, else 0 "
+                             "(with fewer, every batch is needed for the search's own error estimate)")
+    search.add_argument("--holdout-data", metavar="MODULE:FUNC",
+                        help="held-out batches from a factory, instead of --holdout")
+    search.add_argument("--margin", type=_fraction, default=0.0, metavar="M",
+                        help="headroom: choose the fastest plan whose search error is at most "
+                             "max-error * (1 - M) (default: 0)")
     search.add_argument("--loss", metavar="MODULE:FUNC",
                         help="training loss FUNC(output, target) -> scalar (default: cross entropy)")
     search.add_argument("--storage", metavar="URL",
@@ -402,6 +465,13 @@ def _number(text: str) -> float:
     return value
 
 
+def _fraction(text: str) -> float:
+    value = _number(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a fraction >= 0 and < 1")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -412,8 +482,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _warn(message: str) -> None:
+    """One warning line on stderr, written by the CLI itself: no warnings filter can hide it."""
+    print(f"precsearch: warning: {str(message).splitlines()[0] if str(message) else 'warning'}", file=sys.stderr)
+
+
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"precsearch: warning: {str(message).splitlines()[0]}", file=sys.stderr)
+    _warn(str(message))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -421,6 +496,9 @@ def main(argv: list[str] | None = None) -> int:
 
     with warnings.catch_warnings():
         warnings.showwarning = _one_line_warning
+        # precsearch's own warnings are part of its output: -W and PYTHONWARNINGS (ignore, error)
+        # keep ruling other libraries' warnings only. "default": each one once per place it is issued.
+        warnings.filterwarnings("default", module=r"precsearch(\.|$)")
         return _run(argv)
 
 

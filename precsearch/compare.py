@@ -75,6 +75,19 @@ def unit_differences(names: list[str], plans: list[Plan], units: list[str]) -> l
     return rows
 
 
+def differences_line(differences: list[dict[str, str]], units: list[str], units_known: bool) -> str:
+    """How many units differ; without the model its units are unknown, and the line says so.
+
+    >>> differences_line([], [], units_known=False)
+    'units unknown without --model: the plans name no unit'
+    """
+    if units_known:
+        return f"{len(differences)} of {len(units)} units differ"
+    if not units:
+        return "units unknown without --model: the plans name no unit"
+    return f"units unknown without --model: {len(differences)} of the {len(units)} units the plans name differ"
+
+
 def all_units(plans: list[Plan], known: list[str] | None = None) -> list[str]:
     """The model's units when known, else every unit any plan names."""
     if known is not None:
@@ -85,6 +98,8 @@ def all_units(plans: list[Plan], known: list[str] | None = None) -> list[str]:
 def remeasure(model: nn.Module, batches: list[Any], names: list[str], plans: list[Plan],
               repeats: int = 20, compiled: bool = False) -> list[dict[str, Any]]:
     """Every plan and the FP32 baseline timed in one interleaved run; errors on this machine.
+
+    The model runs in the mode it is given: pass it in ``eval()`` mode to measure inference.
 
     ``compiled``: every plan and the FP32 model run compiled, each on its own copy; speedups
     are then against compiled FP32 (the eager FP32 row is timed in the same run)."""

@@ -11,26 +11,38 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
 from precsearch import batches as _batches
+from precsearch.accuracy import METRICS, Fidelity
 from precsearch.bench import Timing, time_interleaved
+from precsearch.errors import InputError
 from precsearch.plan import Plan
 from precsearch.runtime import apply_plan
 
 RECOMPILE_LIMIT = 64   # each plan is one cache entry on the shared code; never the limit
 
 
+class NotCompilable(InputError):
+    """The model, with a plan applied, cannot run compiled: dynamo or inductor failed, or it
+    recompiles where a compiled measurement must not (``--compile``: exit 2 in ``compare``;
+    ``check`` reports it as a failed check)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class CompiledTimes:
-    """Timings of every plan compiled and of the FP32 model (``"fp32 compiled"``, ``"fp32 eager"``),
-    and each plan's compile time (s)."""
+    """Timings of every timed plan compiled and of the FP32 model (``"fp32 compiled"``,
+    ``"fp32 eager"``), each timed plan's compile time (s), and, when a fidelity was given, every
+    plan's compiled error (plans over the limit are in ``errors`` but were not timed)."""
 
     timings: dict[str, Timing]
     compile_s: dict[str, float]
+    errors: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def ms(self) -> dict[str, float]:
@@ -38,51 +50,129 @@ class CompiledTimes:
 
 
 def time_compiled(model: nn.Module, batch: Any, plans: dict[str, Plan], device_type: str,
-                  repeats: int) -> CompiledTimes:
-    """``plans`` (inference) and the FP32 model compiled, and the FP32 model eager, interleaved."""
+                  repeats: int, fidelity: Fidelity | None = None) -> CompiledTimes:
+    """``plans`` (inference) and the FP32 model compiled, and the FP32 model eager, interleaved.
+
+    With ``fidelity``, each compiled plan's error is measured first, over the fidelity's batches
+    against its FP32 reference, and a plan over the fidelity's limit is left out of the timing.
+    Raises ``NotCompilable`` when a plan cannot run compiled.
+    """
     runners: dict[str, Any] = {}
     compile_s: dict[str, float] = {}
+    errors: dict[str, float] = {}
     torch._dynamo.reset()
     try:
-        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
+        with _compiled_only(), _failures_named("the model"):
             for name, plan in [("fp32 compiled", None), *plans.items()]:
-                runners[name] = _runner(compiled_replica(model, plan, batch, device_type), batch)
-                started = time.perf_counter()
-                runners[name]()  # compiles
-                compile_s[name] = time.perf_counter() - started
+                runner, compile_s[name], error = _compiled_runner(model, name, plan, batch, device_type, fidelity)
+                if error is not None:
+                    errors[name] = error
+                if error is None or error <= fidelity.limit:  # type: ignore[union-attr]
+                    runners[name] = runner
             runners["fp32 eager"] = _runner(model, batch)
             with torch._dynamo.config.patch(error_on_recompile=True):
                 timings = time_interleaved(runners, device_type=device_type, repeats=repeats, warmup=1)
     finally:
         runners.clear()
         torch._dynamo.reset()
-    return CompiledTimes(timings, {name: compile_s[name] for name in plans})
+    return CompiledTimes(timings, {name: compile_s[name] for name in plans if name in timings}, errors)
+
+
+def _compiled_runner(model: nn.Module, name: str, plan: Plan | None, batch: Any, device_type: str,
+                     fidelity: Fidelity | None) -> tuple[Any, float, float | None]:
+    """One plan (None: the FP32 model) compiled on its own copy: its runner on ``batch``, its
+    compile time (s), and its compiled error under ``fidelity`` (None without one, or for FP32)."""
+    replica = compiled_replica(model, plan, batch, device_type)
+    runner = _runner(replica, batch)
+    with _failures_named("the FP32 model" if plan is None else f"plan {name!r}"):
+        started = time.perf_counter()
+        runner()  # compiles
+        seconds = time.perf_counter() - started
+        error = fidelity.error(replica) if fidelity is not None and plan is not None else None
+    return runner, seconds, error
+
+
+def compiled_error(model: nn.Module, plan: Plan, example_inputs: Any, device_type: str, fidelity: Fidelity) -> float:
+    """``plan`` compiled on a copy of ``model``: its error under ``fidelity`` (FP32 reference,
+    all of the fidelity's batches). Raises ``NotCompilable`` when it cannot run compiled."""
+    torch._dynamo.reset()
+    try:
+        with _compiled_only(), _failures_named("the model"):
+            return fidelity.error(compiled_replica(model, plan, example_inputs, device_type))
+    finally:
+        torch._dynamo.reset()
 
 
 def check_compiled(model: nn.Module, plan: Plan, batches: list[Any], device_type: str) -> dict[str, Any]:
     """What ``check --compile`` proves beyond the (eager) audit: the plan compiles, and the
-    compiled model's error against FP32 stays within the plan's limit."""
-    from precsearch.accuracy import METRICS, Fidelity
-    from precsearch.errors import InputError
+    compiled model's error against FP32 stays within the plan's limit.
 
+    Runs in eval mode (inference plans; the model's modes are restored). ``within_limit`` is
+    False when the compiled error is over the limit or the model cannot run compiled
+    (``failure`` says why), None when the plan states no limit for a built-in metric.
+    """
     if plan.mode == "training":
         raise InputError("--compile: compiled checking is for inference plans")
     constraint = plan.constraint or {}
     metric = constraint.get("metric") if constraint.get("metric") in METRICS else "rel_l2"
-    fidelity = Fidelity.builtin(model, batches, metric, 0.0)  # FP32 reference outputs, computed once
-    with apply_plan(model, plan, example_inputs=batches[0], fingerprint_mismatch="ignore"):
-        eager = fidelity.error(model)
-    started = time.perf_counter()
-    torch._dynamo.reset()
-    try:
-        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-            compiled = fidelity.error(compiled_replica(model, plan, batches[0], device_type))
-    finally:
-        torch._dynamo.reset()
     limit = constraint.get("limit") if constraint.get("metric") == metric else None
+    with eval_mode(model):
+        fidelity = Fidelity.builtin(model, batches, metric, 0.0)  # FP32 reference outputs, computed once
+        with apply_plan(model, plan, device_type=device_type, fingerprint_mismatch="ignore"):
+            eager = fidelity.error(model)
+        started = time.perf_counter()
+        try:
+            compiled, failure = compiled_error(model, plan, batches[0], device_type, fidelity), None
+        except NotCompilable as error:
+            compiled, failure = None, str(error)
+    within = False if failure else (None if limit is None else compiled <= limit)  # type: ignore[operator]
     return {"metric": metric, "eager_error": eager, "compiled_error": compiled, "limit": limit,
-            "within_limit": None if limit is None else compiled <= limit,
-            "compile_s": round(time.perf_counter() - started, 2)}
+            "within_limit": within, "compile_s": round(time.perf_counter() - started, 2), "failure": failure}
+
+
+def verdict(result: dict[str, Any]) -> str:
+    """One line for people: ``check_compiled``'s result and what it means."""
+    if result["failure"]:
+        return f"compiled: FAILED, {result['failure']}"
+    numbers = (f"{result['metric']} {result['compiled_error']:.4g} against FP32 (eager {result['eager_error']:.4g}; "
+               f"compile {result['compile_s']:.1f} s)")
+    if result["limit"] is None:
+        return f"compiled: {numbers}; the plan states no {result['metric']} limit to check"
+    if result["within_limit"]:
+        return f"compiled: ok, {numbers} within the limit {result['limit']:g}"
+    return f"compiled: FAILED, {numbers} over the limit {result['limit']:g}"
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model.eval()`` for the block; every module's mode is restored after it."""
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+@contextmanager
+def _compiled_only() -> Iterator[None]:
+    """Dynamo fails instead of falling back to eager when a plan recompiles past the limit."""
+    with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
+        yield
+
+
+@contextmanager
+def _failures_named(what: str) -> Iterator[None]:
+    """A failure to run compiled becomes one ``NotCompilable`` line naming ``what`` failed."""
+    try:
+        yield
+    except (NotCompilable, KeyboardInterrupt):
+        raise
+    except Exception as error:
+        detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        raise NotCompilable(f"--compile: {what} cannot run compiled with torch.compile: "
+                            f"{type(error).__name__}: {detail}") from error
 
 
 def compiled_replica(model: nn.Module, plan: Plan | None, example_inputs: Any, device_type: str) -> Any:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from precsearch.accuracy import METRICS, Fidelity, check_limit
@@ -26,6 +26,8 @@ from precsearch.strategies import STRATEGIES, Strategy
 MAX_CATEGORICAL = 48   # above this many choices, the study searches a ranked parametrisation
 REPEATS = 15           # at most this many timed rounds per feasible candidate (fewer once its interval is tight)
 MODE_ALIASES = {"infer": "inference", "train": "training"}
+AUTO_HOLDOUT = 0.25            # held out by default once there are AUTO_HOLDOUT_MIN_BATCHES batches or more
+AUTO_HOLDOUT_MIN_BATCHES = 8   # fewer: every batch goes to the search (see ``SearchConfig``)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +40,14 @@ class SearchConfig:
     bounds the gradients' rel_l2 against FP32 (``loss_fn(output, target)``, default cross
     entropy). ``trials`` is the study's total budget over all workers and resumes.
     ``drop_slow_dtypes`` leaves out a low precision whose all-low plan ran clearly slower than FP32.
+
+    Unseen data (inference, built-in metrics): ``holdout`` is the fraction of the batches kept
+    from the search and used only to score the chosen and the Pareto plans (their
+    ``holdout_error``); ``None`` holds out ``AUTO_HOLDOUT`` (a quarter) when there are at least
+    ``AUTO_HOLDOUT_MIN_BATCHES`` batches, else none: with fewer batches each one carries much of
+    the error the search decides on, and one or two held-out batches say little. ``holdout_data``
+    gives the held-out batches instead. ``margin`` leaves headroom: the chosen plan is the fastest
+    whose search error is at most ``max_error * (1 - margin)`` (default 0: the limit is yours).
     """
 
     space: SearchSpace | str = "default"
@@ -60,6 +70,9 @@ class SearchConfig:
     strategy: Strategy | str = "optuna"
     weights: str | None = None     # "low" | "fp32"; None: low for inference, fp32 (master weights) for training
     compile: bool = False          # race the finalists compiled with torch.compile (inference)
+    holdout: float | None = None   # fraction of the batches held out; None: AUTO_HOLDOUT from 8 batches on
+    holdout_data: Sequence[Any] | None = dataclasses.field(default=None, repr=False, compare=False)
+    margin: float = 0.0            # choose within max_error * (1 - margin)
 
     def __post_init__(self) -> None:
         if isinstance(self.strategy, str):
@@ -99,6 +112,44 @@ class SearchConfig:
                 raise InputError(f"{flag} {value!r}: must be a positive number of seconds")
         if not isinstance(self.study_name, str) or not self.study_name:
             raise InputError(f"--study {self.study_name!r}: must be a non-empty name")
+        self._check_unseen_data()
+
+    def _check_unseen_data(self) -> None:
+        """``holdout``, ``holdout_data`` and ``margin``: numbers in range, one source of held-out batches."""
+        from precsearch import batches as _batches
+
+        if not (_is_real(self.margin) and 0 <= self.margin < 1):
+            raise InputError(f"--margin {self.margin!r}: must be a number >= 0 and < 1 (a share of --max-error)")
+        if self.holdout is not None and not (_is_real(self.holdout) and 0 <= self.holdout < 1):
+            raise InputError(f"--holdout {self.holdout!r}: must be a fraction of the batches, >= 0 and < 1")
+        if self.holdout_data is not None:
+            if self.holdout:
+                raise InputError("--holdout and --holdout-data: give one source of held-out batches, not both")
+            try:
+                object.__setattr__(self, "holdout_data", _batches.as_list(self.holdout_data))
+            except InputError as error:
+                raise InputError(f"--holdout-data: {error}") from None
+        if (self.holdout or self.holdout_data is not None) and (self.training or self.fidelity is not None):
+            flag = "--holdout-data" if self.holdout_data is not None else "--holdout"
+            raise InputError(f"{flag}: held-out scoring works with the built-in metrics of inference searches "
+                             f"(--metric-name); drop {flag} with --mode train or --metric M:F")
+
+    def holdout_count(self, batches: int) -> int:
+        """How many of ``batches`` batches are held out of the search: the fraction, rounded, at
+        least one and never all (0 with ``holdout_data``, which brings its own)."""
+        fraction = 0.0 if self.holdout_data is not None else self.holdout_fraction(batches)
+        if not fraction:
+            return 0
+        if batches < 2:
+            raise InputError(f"--holdout {fraction:g}: one batch cannot be split; give more batches or --holdout-data")
+        return min(max(1, round(fraction * batches)), batches - 1)
+
+    def holdout_fraction(self, batches: int) -> float:
+        """The share of ``batches`` batches to hold out (``holdout``, or its default)."""
+        if self.holdout is not None:
+            return self.holdout
+        automatic = batches >= AUTO_HOLDOUT_MIN_BATCHES and not self.training and self.fidelity is None
+        return AUTO_HOLDOUT if automatic and self.holdout_data is None else 0.0
 
     @property
     def training(self) -> bool:
@@ -108,6 +159,10 @@ class SearchConfig:
     def runtime(self) -> Runtime:
         """How every candidate is measured: as it will be deployed."""
         return Runtime(weights=self.weights, compile=self.compile)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_int(value: object, flag: str, minimum: int | None) -> None:

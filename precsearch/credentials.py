@@ -13,20 +13,27 @@ from collections.abc import Iterable
 
 MASK = "***"
 
-# scheme://USER:SECRET@host -- USER may be empty. The secret runs to the LAST "@" before the
-# query or fragment, so an unescaped "@" inside it (u:SEC@RET@host) is masked whole; it may hold
-# "/" as SQLAlchemy reads it (u:pa/ss@host). When in doubt, mask more: a hidden host name costs
-# nothing, a leaked password does.
+# scheme://USER:SECRET@host -- USER may be empty. As in SQLAlchemy, the secret may hold anything
+# but "@" and a line break: spaces and tabs too (u:pa ss@host), and "/" (u:pa/ss@host); it stops
+# before another URL ("://"). An unescaped "@" inside it (u:SEC@RET@host) is masked whole: the
+# secret runs to the last "@" before the query, the fragment or a space that follows its first "@".
+# When in doubt, mask more: a hidden host name costs nothing, a leaked password does.
 _USERINFO = re.compile(
-    r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^\s:/?#@]*:)"  # scheme://user:
-    r"(?P<secret>[^\s@]*(?:@[^\s?#]*)?)@"                  # secret, up to its host's "@"
+    r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^\s:/?#@]*:)"   # scheme://user:
+    r"(?P<secret>(?:(?!://)[^\r\n@])*(?:@[^\s?#]*)?)@"   # secret, up to its host's "@"
 )
 
-# password=SECRET in a URL query (?password=, &PassWord=) or a libpq keyword string
-# ("host=db password=SECRET"); a libpq value may be single-quoted and hold spaces.
+# password=SECRET in a URL query (?password=, &PassWord=, sslpassword=), inside a libpq
+# ``options=`` value, percent-encoded or not (options=-c%20password%3DSECRET), or in a libpq
+# keyword string ("host=db password=SECRET"); a libpq value may be single-quoted and hold spaces.
+# An unquoted secret may hold spaces and tabs too (a raw "?password=pa ss"): it runs on over the
+# words that follow, up to the next keyword ("dbname=") or a quote, colon or bracket after a word.
+# A mask already there ("password=***': ...") stays as it is.
 _KEYWORD = re.compile(
-    r"(?P<head>(?:password|passwd|pwd)\s*=\s*)"
-    r"(?P<secret>'(?:[^'\\]|\\.)*'?|[^\s&#;]+)",
+    r"(?P<head>(?:password|passwd|pwd)\s*(?:=|%3D)\s*)"
+    r"(?P<secret>\*\*\*(?=[\s&#;:'\"()]|$)"                        # a mask already there
+    r"|'(?:[^'\\]|\\.)*'?"                                         # a quoted libpq value
+    r"|[^\s&#;]+(?:[ \t]+[^\s&#;:='\"()]+(?=[\s&#;:'\"()]|$))*)",   # words up to the next keyword
     re.IGNORECASE,
 )
 

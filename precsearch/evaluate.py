@@ -1,10 +1,12 @@
 """Measuring one candidate plan on the real model: its error over all batches and its latency
-(a forward pass, or a training step) timed interleaved with the FP32 model."""
+(a forward pass, or a training step) timed interleaved with the FP32 model, in rounds whose
+order each measurement draws afresh (``bench.round_orders``)."""
 
 from __future__ import annotations
 
 import dataclasses
 import gc
+import itertools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -22,7 +24,7 @@ from precsearch.weights import find_weight_uses
 
 MIN_ROUNDS = 5               # timed rounds before the intervals may stop a measurement
 TARGET_HALF_WIDTH = 0.02     # a speedup known to +-2% needs no more rounds
-INFEASIBLE_ROUNDS = 3        # a candidate over the limit is timed only for the record
+INFEASIBLE_ROUNDS = 4        # a candidate over the limit is timed only for the record (two pairs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,10 +66,11 @@ class Evaluator:
     mode = "inference"
 
     def __init__(self, model: nn.Module, batches: list[Any], fidelity: Fidelity, device_type: str,
-                 repeats: int = 9, runtime: Runtime | None = None) -> None:
+                 repeats: int = 10, runtime: Runtime | None = None) -> None:
         self.model, self.batches, self.fidelity = model, batches, fidelity
         self.device_type, self.repeats = device_type, repeats
         self.runtime = runtime or Runtime.default_for(self.mode)
+        self.order_seeds = itertools.count()  # each timing draws its own round orders, reproducibly
         # Once, not once per candidate: the module walk, and which weights may be held low.
         self.modules = list(model.named_modules())
         self.weight_uses = (find_weight_uses(model, batches[0], device_type)
@@ -106,7 +109,8 @@ class Evaluator:
                 timings = time_interleaved(
                     {"baseline": (handle.suspended, self.step(None)), "candidate": self.step(handle.plan)},
                     device_type=self.device_type, repeats=cap, warmup=1, max_seconds=max_seconds,
-                    min_repeats=min(MIN_ROUNDS, cap), until=lambda samples: settled(samples, incumbent))
+                    min_repeats=min(MIN_ROUNDS, cap), until=lambda samples: settled(samples, incumbent),
+                    seed=next(self.order_seeds))
         except InputError:
             raise
         except Exception as failure:  # NaN guards, dtype errors, (simulated) OOM: the candidate fails, not the search
@@ -129,7 +133,7 @@ class Evaluator:
         for name, layers in plans.items():
             turns[name] = (lambda layers=layers: self.apply(layers), self.step(self.plan(layers)))
         timings = time_interleaved(turns, device_type=self.device_type, repeats=repeats, warmup=1,
-                                   min_repeats=min(min_repeats, repeats), until=decided)
+                                   min_repeats=min(min_repeats, repeats), until=decided, seed=next(self.order_seeds))
         base = timings["fp32"]
         return {name: (speedup(base.samples_ms, timings[name].samples_ms), base.median_ms,
                        timings[name].peak_memory_mb) for name in plans}
@@ -160,7 +164,7 @@ class TrainingEvaluator(Evaluator):
     mode = "training"
 
     def __init__(self, model: nn.Module, batches: list[Any], fidelity: Fidelity, device_type: str,
-                 repeats: int = 9, loss_fn: Callable | None = None) -> None:
+                 repeats: int = 10, loss_fn: Callable | None = None) -> None:
         from precsearch.training import default_loss
 
         super().__init__(model, batches, fidelity, device_type, repeats)

@@ -57,9 +57,10 @@ def load_model(spec: str) -> nn.Module:
     return model
 
 
-def load_data(spec: str) -> list[Any]:
-    data = _call(spec, "data")
+def load_data(spec: str, what: str = "data") -> list[Any]:
+    """The batches a ``--data`` (or ``--holdout-data``: ``what="holdout-data"``) factory returns."""
+    data = _call(spec, what)
     try:
         return _batches.as_list(data)
     except InputError as error:
-        raise InputError(f"--data {spec!r}: {error}") from None
+        raise InputError(f"--{what} {spec!r}: {error}") from None

@@ -3,9 +3,18 @@
 Activations and weights are quantised to ``float8_e4m3fn`` with dynamic per-tensor scales
 (``amax / 448``), and the GEMM runs in ``torch._scaled_mm`` with an explicit output dtype: the
 enclosing autocast dtype when autocast is on, else the input's. Per-tensor scales keep one
-recipe valid on CPU and on CUDA, where row-wise scales would force a BF16 output. The weight's
-FP8 copy and scale are computed once per weight version. No autocast-eligible op ever sees a
-float8 operand (autocast would silently upcast it).
+recipe valid on CPU and on CUDA, where row-wise scales would force a BF16 output. No
+autocast-eligible op ever sees a float8 operand (autocast would silently upcast it).
+
+Non-finite values (still per-tensor, for the reason above): the scale is the amax of the *finite*
+values only, and every inf or NaN is quantised to NaN (E4M3FN has no inf; the CPU's plain cast
+saturates inf to 448). So a row with an inf or NaN gives NaN in its own output row only, as it
+gives inf or NaN in FP32, and never rescales, or poisons, the other rows of the batch. An empty
+batch gives an empty output.
+
+The weight is quantised on every call: a cache keyed on the tensor misses edits made through
+``.data`` (``weight.data.copy_(...)`` bumps no version counter), and its key would be a guard
+that makes ``torch.compile`` recompile.
 
 CUDA's ``_scaled_mm`` checks what the CPU kernel does not (it accepted K=40 and a row-major
 second operand here): ``unsuitable`` applies CUDA's rules everywhere, so a plan that passes on
@@ -13,8 +22,6 @@ CPU also runs on a GPU.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 from torch import nn
@@ -35,11 +42,21 @@ def unsuitable(module: nn.Module) -> str | None:
 
 
 def quantize(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``tensor`` in E4M3 with a per-tensor scale, and the FP32 inverse scale ``_scaled_mm`` wants."""
-    amax = tensor.detach().abs().amax().float().clamp(min=1e-12)
-    scale = E4M3_MAX / amax
-    quantized = (tensor.float() * scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    """``tensor`` in E4M3 with a per-tensor scale, and the FP32 inverse scale ``_scaled_mm`` wants.
+
+    The scale ignores inf and NaN, which become NaN (see the module docstring)."""
+    scale = E4M3_MAX / finite_amax(tensor).clamp(min=1e-12)
+    scaled = tensor.float() * scale
+    quantized = torch.where(scaled.isfinite(), scaled.clamp(-E4M3_MAX, E4M3_MAX), torch.nan).to(E4M3)
     return quantized, scale.reciprocal()
+
+
+def finite_amax(tensor: torch.Tensor) -> torch.Tensor:
+    """The largest finite magnitude in ``tensor`` as an FP32 scalar; 0 when it has none."""
+    magnitudes = tensor.detach().abs().float().nan_to_num(nan=0.0, posinf=0.0)
+    if magnitudes.numel() == 0:
+        return magnitudes.new_zeros(())
+    return magnitudes.amax()
 
 
 class Fp8Linear:
@@ -48,27 +65,22 @@ class Fp8Linear:
 
     def __init__(self, module: nn.Linear) -> None:
         self.module = module
-        self.cached: tuple[Any, torch.Tensor, torch.Tensor] | None = None   # (weight version key, fp8, scale)
-
-    def _weight(self) -> tuple[torch.Tensor, torch.Tensor]:
-        weight = self.module.weight
-        key = (id(weight), weight._version)
-        if self.cached is None or self.cached[0] != key:
-            self.cached = (key, *quantize(weight))
-        return self.cached[1], self.cached[2]
 
     def __call__(self, input: torch.Tensor) -> torch.Tensor:
         device = input.device.type
         out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else input.dtype
-        weight, weight_scale = self._weight()
+        out_shape = (*input.shape[:-1], self.module.out_features)
         rows = input.reshape(-1, input.shape[-1])
+        if rows.shape[0] == 0:
+            return input.new_empty(out_shape, dtype=out_dtype)
+        weight, weight_scale = quantize(self.module.weight)
         activations, input_scale = quantize(rows)
         # The weight transposed is column-major, as CUDA requires of the second operand.
         output = torch._scaled_mm(activations, weight.t(), scale_a=input_scale, scale_b=weight_scale,
                                   out_dtype=out_dtype)
         if self.module.bias is not None:
             output = output + self.module.bias.to(out_dtype)
-        return output.reshape(*input.shape[:-1], self.module.out_features)
+        return output.reshape(out_shape)
 
 
 def available(device_type: str) -> bool:

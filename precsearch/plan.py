@@ -29,8 +29,8 @@ from precsearch.yamlio import load_yaml_file
 
 FORMAT = "precsearch-plan/1"
 MODES = ("inference", "training")
-_SECTIONS = ("format", "created", "model", "target", "mode", "default", "layers", "runtime", "loss_scaling",
-             "constraint", "metrics", "search")
+_SECTIONS = ("format", "created", "model", "target", "mode", "default", "layers", "ties", "runtime",
+             "loss_scaling", "constraint", "metrics", "search")
 
 
 def check_precision(value: object, where: str) -> str:
@@ -197,6 +197,7 @@ class Plan:
     constraint: dict[str, Any] | None = None
     metrics: dict[str, Any] | None = None
     search: dict[str, Any] | None = None
+    ties: dict[str, str] = dataclasses.field(default_factory=dict)  # unit -> the unit it must share a precision with
     created: str = dataclasses.field(
         default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
 
@@ -208,6 +209,9 @@ class Plan:
             if not isinstance(name, str):
                 raise PlanError(f"layers: unit name {name!r} must be a string")
             check_precision(precision, f"layers.{name}")
+        if not isinstance(self.ties, dict) or not all(
+                isinstance(unit, str) and isinstance(outer, str) for unit, outer in self.ties.items()):
+            raise PlanError("ties: must be a mapping of unit name -> the unit name it must share a precision with")
         if not isinstance(self.mode, str) or self.mode not in MODES:
             raise PlanError(f"mode: {self.mode!r} is not one of {', '.join(MODES)}")
         for section in ("model", "target"):
@@ -269,13 +273,16 @@ class Plan:
         ``fingerprint_mismatch="warn"`` downgrades a fingerprint mismatch to a warning;
         ``"ignore"`` skips the check (for callers that already made it once).
         """
+        named = [(f"layers.{name}", name) for name in self.layers] + [
+            (f"ties.{unit}", name) for unit, outer in self.ties.items() for name in (unit, outer)]
+        named = [(where, name, "of that name" if where.endswith(f".{name}") else repr(name)) for where, name in named]
         if names is None:
-            names = {name for name, _ in model.named_modules()} if self.layers else set()
-        for name in self.layers:
+            names = {name for name, _ in model.named_modules()} if named else set()
+        for where, name, what in named:
             if name not in names:
                 near = _closest(name, names)
                 hint = f" (did you mean {near!r}?)" if near else ""
-                raise PlanError(f"layers.{name}: the model has no module of that name{hint}")
+                raise PlanError(f"{where}: the model has no module {what}{hint}")
         for name, precision in self.layers.items():
             reason = PRECISIONS[precision].unsuitable(model.get_submodule(name))
             if reason:
@@ -309,6 +316,7 @@ class Plan:
             "mode": self.mode,
             "default": self.default,
             "layers": dict(self.layers),
+            **({"ties": dict(self.ties)} if self.ties else {}),
             "runtime": dataclasses.asdict(self.runtime) if self.runtime else None,
             "loss_scaling": dataclasses.asdict(self.loss_scaling) if self.loss_scaling else None,
             "constraint": self.constraint,
@@ -339,6 +347,7 @@ class Plan:
         try:
             return cls(
                 layers=_given(data, "layers", {}),
+                ties=_given(data, "ties", {}),
                 default=data.get("default", FP32),
                 mode=data.get("mode", "inference"),
                 model=_given(data, "model", {}),

@@ -120,6 +120,11 @@ class OpRecorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         output = func(*args, **(kwargs or {}))
+        with torch._C.DisableTorchFunction():  # what follows reads dtypes: no torch-function mode sees it
+            self._record(func, args, output)
+        return output
+
+    def _record(self, func: Any, args: tuple, output: Any) -> None:
         unit = self.modules.current
         if self.nodes is not None and self.phase == "backward":
             unit = self.nodes.owner.get(torch._C._current_autograd_node(), unit)
@@ -134,4 +139,3 @@ class OpRecorder(TorchDispatchMode):
                 self.records.append(OpRecord(unit, name, first.dtype, shapes, self.phase))
         if self.on_op is not None:
             self.on_op(func, args, output, unit)
-        return output

@@ -35,6 +35,7 @@ class Settings:
     strategy: str
     sampler: str
     parametrisation: str
+    weights: str | None = None   # runtime.weights the candidates were measured with (None: older studies)
 
     def describe(self) -> str:
         return (f"model {self.model}, space {self.space}, {self.constraint['metric']} <= "
@@ -55,6 +56,7 @@ class StudySetup:
     weight_mb: float | None = None                     # the FP32 model's weights
     noise: float | None = None                         # FP32 against itself: relative half-width
     ties: dict[str, str] = dataclasses.field(default_factory=dict)  # unit -> unit it must share a precision with
+    data: str | None = None                            # fingerprint of the batches (``batches.fingerprint``)
 
     def save(self, study: optuna.Study) -> None:
         """Store every field, then mark the study ready: waiting workers never see half a setup."""

@@ -142,10 +142,12 @@ def write_report(directory: str | Path, study: Any) -> dict[str, Path]:
     setup = StudySetup.load(study)
     settings, units_info = setup.settings, setup.units
     units = [row["name"] for row in units_info]
-    trials = trials_frame(study)
-    write_atomic(directory / "trials.csv", trials.to_csv(index=False))
     plan = load_plan(directory / "plan.yaml") if (directory / "plan.yaml").is_file() else None
     others = [(path, load_plan(path)) for path in sorted((directory / "pareto").glob("plan-*.yaml"))]
+    for path, loaded in ([(directory / "plan.yaml", plan)] if plan else []) + others:
+        check_plan_of_study(path, loaded, study.study_name, setup)
+    trials = trials_frame(study)
+    write_atomic(directory / "trials.csv", trials.to_csv(index=False))
     constraint = settings.constraint
     baseline = setup.baseline_ms
     chosen = (plan.metrics or {}).get("trial") if plan else None
@@ -179,17 +181,20 @@ def write_report(directory: str | Path, study: Any) -> dict[str, Path]:
         metrics = plan.metrics or {}
         memory = metrics.get("peak_memory_mb")
         runtime = plan.resolved_runtime
+        extra = _error_columns([plan, *(p for _, p in others)])
         blocks.append(("table", [
             {"plan": "fp32 baseline", "latency_ms": round(baseline, 3), "speedup": "1.00x", "error": 0.0,
+             **{column: 0.0 if column == "holdout_error" else None for column in extra},
              "weight_mb": setup.weight_mb, "peak_memory_mb": "-" if memory is None else "measured per plan"},
             {"plan": "chosen (plan.yaml)", "latency_ms": metrics.get("latency_ms"),
              "speedup": _metrics_speedup(metrics), "error": metrics.get("error"),
-             "weight_mb": metrics.get("weight_mb"),
+             **{column: metrics.get(column) for column in extra}, "weight_mb": metrics.get("weight_mb"),
              "peak_memory_mb": "not measured on CPU" if memory is None else memory},
         ]))
         blocks.append(("p", f"Measured as deployed: weights {runtime.weights}"
                             f"{' (each low unit holds its own weights in its dtype)' if runtime.weights == 'low' else ''}, "
-                            f"{'compiled with torch.compile' if runtime.compile else 'eager'}."))
+                            f"{_compile_note(metrics, constraint) if runtime.compile else 'eager'}."))
+        blocks.append(("p", _unseen_data_note(plan, constraint)))
         blocks.append(("p", _race_note(plan, trials)))
         counts = plan.counts(units)
         blocks.append(("p", "Units per dtype: " + ", ".join(f"{d} {counts.get(d, 0)}" for d in NAMES)
@@ -198,7 +203,7 @@ def write_report(directory: str | Path, study: Any) -> dict[str, Path]:
                ("img", files["units"].name, "precision of every unit")]
     blocks += [("h2", "Pareto-optimal feasible plans"),
                ("p", "No plan is both faster and more accurate than any of these."),
-               ("table", [_plan_row(name, p, units) for name, p in
+               ("table", [_plan_row(name, p, units, _error_columns([plan, *(p for _, p in others)])) for name, p in
                           ([("plan.yaml", plan)] if plan else []) + [(f"pareto/{path.name}", p) for path, p in others]]
                 or [{"plan": "none"}])]
     blocks += [("h2", "Search progress"), ("img", files["progress"].name, "best feasible latency over trials"),
@@ -220,6 +225,30 @@ def write_report(directory: str | Path, study: Any) -> dict[str, Path]:
     files["html"] = write_atomic(directory / "report.html", page)
     files["csv"] = directory / "trials.csv"
     return files
+
+
+def check_plan_of_study(path: Path, plan: Any, study_name: str, setup: StudySetup) -> None:
+    """Refuse a plan that another study or model made: the report would show it as this study's."""
+    reason = _not_of_study(plan, study_name, setup)
+    if reason is not None:
+        raise InputError(f"{path}: not a plan of study {study_name!r} ({reason}); move it away, or report on "
+                         f"its own study with --storage and --study")
+
+
+def _not_of_study(plan: Any, study_name: str, setup: StudySetup) -> str | None:
+    """Why ``plan`` is another study's, or None when nothing it records says so."""
+    search, model = plan.search or {}, plan.model or {}
+    units = [row["name"] for row in setup.units]
+    if search.get("study") not in (None, study_name):
+        return f"its search.study is {search['study']!r}"
+    if model.get("name") not in (None, setup.settings.model):
+        return f"it was made for model {model['name']!r}, the study searched {setup.settings.model!r}"
+    if model.get("units") not in (None, len(units)):
+        return f"it counts {model['units']} units, the study's model has {len(units)}"
+    unknown = [name for name in plan.layers if name not in set(units)]
+    if unknown:
+        return f"it names unit {unknown[0]!r}, which the study's model does not have"
+    return None
 
 
 def _training_blocks(diagnostics: dict | None, settings: dict) -> list[tuple]:
@@ -285,13 +314,47 @@ def _fmt(value: float | None) -> str:
     return "inf" if math.isinf(value) else f"{value:.2g}"
 
 
-def _plan_row(name: str, plan: Any, units: list[str]) -> dict[str, Any]:
+def _plan_row(name: str, plan: Any, units: list[str], extra: Sequence[str] = ()) -> dict[str, Any]:
     metrics = plan.metrics or {}
     counts = plan.counts(units)
     return {"plan": name, "trial": metrics.get("trial"), "latency_ms": metrics.get("latency_ms"),
             "speedup": _metrics_speedup(metrics), "error": metrics.get("error"),
-            "weight_mb": metrics.get("weight_mb"),
+            **{column: metrics.get(column) for column in extra}, "weight_mb": metrics.get("weight_mb"),
+            "compiled": "yes" if plan.resolved_runtime.compile else "no",
             **{d: counts.get(d, 0) for d in NAMES}}
+
+
+ERROR_COLUMNS = ("holdout_error", "compiled_error")   # beside the search error, when a plan has them
+
+
+def _error_columns(plans: Sequence[Any]) -> list[str]:
+    """The error columns beyond the search's own that any of ``plans`` records."""
+    return [column for column in ERROR_COLUMNS
+            if any(plan is not None and (plan.metrics or {}).get(column) is not None for plan in plans)]
+
+
+def _compile_note(metrics: dict[str, Any], constraint: dict[str, Any]) -> str:
+    """The compiled form's own error, which the search held to the limit."""
+    compiled = metrics.get("compiled_error")
+    if compiled is None:
+        return "compiled with torch.compile"
+    return (f"compiled with torch.compile, where its {constraint['metric']} against FP32 is {compiled:.4g} "
+            f"(limit {constraint['limit']:g}; finalists over the limit compiled were dropped)")
+
+
+def _unseen_data_note(plan: Any, constraint: dict[str, Any]) -> str:
+    """How the chosen plan did on batches the search never saw, and the headroom it kept."""
+    metrics, search = plan.metrics or {}, plan.search or {}
+    margin = search.get("margin")
+    headroom = (f" It was chosen with a margin of {margin:g}: search error at most "
+                f"{constraint['limit'] * (1 - margin):.4g}." if margin else "")
+    held = metrics.get("holdout_error")
+    if held is None:
+        return f"No batch was held out of the search (optimize --holdout or --holdout-data).{headroom}"
+    verdict = "within" if held <= constraint["limit"] else "OVER"
+    return (f"On {metrics.get('holdout_batches', '?')} held-out batches the search never saw, its "
+            f"{constraint['metric']} is {held:.4g} ({verdict} the limit {constraint['limit']:g}; "
+            f"search error {metrics.get('error', 0.0):.4g}).{headroom}")
 
 
 def _milestones(trials: Any) -> list[dict[str, Any]]:

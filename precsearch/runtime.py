@@ -5,11 +5,21 @@
 >>> handle.remove()                          # the model is exactly as before
 
 Every module has a precision: its plan entry, else the plan's default. A module whose
-precision differs from its parent's (and always the root) gets its ``forward`` wrapped in a
-lexically scoped ``torch.autocast``: FP16/BF16 modules enable it with their dtype; FP32 modules
-disable it and cast floating inputs to float32. A low-precision module returning into an FP32
-parent casts its floating results to float32, so every op an FP32 unit owns computes in float32.
-Modules that own no eligible op are unaffected by their own precision.
+precision differs from that of any of its ancestors (and always the root) gets its ``forward``
+wrapped in a lexically scoped ``torch.autocast``: FP16/BF16 modules enable it with their dtype;
+FP32 modules disable it and cast floating inputs to float32. Wrapping against every ancestor,
+not only the parent, keeps a unit's dtype when whatever calls it skips its container (a root
+that calls the layers of an ``nn.ModuleList`` directly). A low-precision module returning into
+an FP32 module casts its floating results to float32, so every op an FP32 unit owns computes in
+float32. Modules that own no eligible op are unaffected by their own precision.
+
+Applying a plan never runs the model. Inference plans (``runtime.weights: low``) hold each low
+unit's own weights in its dtype from the end of the first call on: that call runs the plan with
+the FP32 weights (autocast casts them per call, with the same rounding) while recording which
+weights only their unit's eligible ops read (``precsearch.weights``), so the first call already
+gives the outputs of every later one. The held weights follow the model: ``state_dict`` and
+``load_state_dict`` see the FP32 masters, ``.to()`` converts them, a train-mode call with grad
+enabled runs them (gradients reach the parameters), and a master that changed is re-cast.
 
 A wrapper holds its module's original bound ``forward``, and the handle lives on the root module,
 so ``copy.deepcopy`` of an applied model gives a copy that runs its own modules under the plan
@@ -26,12 +36,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from precsearch.batches import split
 from precsearch.errors import PlanError
 from precsearch.ops import model_device_type
 from precsearch.plan import Plan
 from precsearch.precisions import PRECISIONS, low_precisions
-from precsearch.weights import LowWeights, WeightUses, find_weight_uses, weight_bytes, weight_uses_of_call
+from precsearch.weights import LowWeights, WeightUseRecorder, WeightUses, find_weight_uses_aside, weight_bytes
 
 _LOW = tuple(p.dtype for p in low_precisions())
 _HANDLE = "_precsearch_plan_handle"  # the root module's attribute holding its PlanHandle
@@ -118,6 +127,52 @@ def _wrap(original: Any, device_type: str, precision: str, parent: str | None) -
     return kind(original, PRECISIONS[precision].enforce, device_type, to_fp32)
 
 
+class _RootMethod:
+    """A method of the root module routed through its plan handle (``forward``, ``_apply``,
+    ``state_dict``, ``load_state_dict``): an object, so that a deep copy maps it to the copy's
+    handle, and installed with the wrappers, so that ``suspended()`` shows the plain model."""
+
+    __slots__ = ("handle", "name", "original")
+
+    def __init__(self, handle: PlanHandle, name: str, original: Any) -> None:
+        self.handle, self.name, self.original = handle, name, original
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self.handle, f"_root_{self.name.lstrip('_')}")(self.original, *args, **kwargs)
+
+    @property
+    def __wrapped__(self) -> Any:  # inspect.signature (used by transformers) sees the real one
+        return self.original
+
+    def __deepcopy__(self, memo: dict) -> _RootMethod:
+        return type(self)(copy.deepcopy(self.handle, memo), self.name, copy.deepcopy(self.original, memo))
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError("a model with a plan applied cannot be pickled: remove the plan first")
+
+
+def _is_container(module: nn.Module) -> bool:
+    """A module that cannot be called (``nn.ModuleList``, ``nn.ModuleDict``): only its children run."""
+    return type(module).forward is nn.Module.forward
+
+
+def _to_wrap(modules: list[tuple[str, nn.Module]], precision: dict[str, str]) -> list[tuple[str, str | None]]:
+    """``(name, precision of the module it returns into)`` for every module to wrap: the root,
+    and each module whose precision differs from that of any ancestor."""
+    above: dict[str, frozenset[str]] = {}      # the precisions of a module and its ancestors
+    caller: dict[str, str | None] = {}         # the nearest ancestor that can be called
+    kind = dict(modules)
+    wrap = []
+    for name, _ in modules:
+        parent = _parent_name(name) if name else None
+        above[name] = (above[parent] if parent is not None else frozenset()) | {precision[name]}
+        caller[name] = None if parent is None else (
+            parent if not _is_container(kind[parent]) else caller[parent])
+        if parent is None or above[parent] - {precision[name]}:
+            wrap.append((name, None if caller[name] is None else precision[caller[name]]))
+    return wrap
+
+
 class PlanHandle:
     """A plan applied to a model; ``remove()`` (or leaving the ``with`` block) undoes it.
 
@@ -129,28 +184,32 @@ class PlanHandle:
         self.model, self.plan, self.device_type = model, plan, device_type
         self.weights: LowWeights | None = None
         self.materialized = False
-        # (module, its own ``forward`` attribute or None, the wrapper)
-        self._saved: list[tuple[nn.Module, Any, _Forward]] = []
         modules = modules if modules is not None else list(model.named_modules())
         precision = {name: plan.precision(name) for name, _ in modules}
-        for name, module in modules:
-            parent = precision[_parent_name(name)] if name else None
-            if name and precision[name] == parent:
-                continue
+        _refuse_float64(modules, precision)
+        # (module, its own attribute of the wrapper's name or None, the wrapper)
+        self._saved: list[tuple[nn.Module, Any, Any]] = []
+        named = dict(modules)
+        for name, caller in _to_wrap(modules, precision):
+            module = named[name]
             own = PRECISIONS[precision[name]].replace_forward
-            wrapper = _wrap(own(module) if own else module.forward, device_type, precision[name], parent)
+            wrapper = _wrap(own(module) if own else module.forward, device_type, precision[name], caller)
+            if not name:
+                wrapper = _RootMethod(self, "forward", wrapper)
             self._saved.append((module, module.__dict__.get("forward"), wrapper))
-        self._install()
         self.wrapped = len(self._saved)
+        for method in ("_apply", "state_dict", "load_state_dict"):
+            self._saved.append((model, model.__dict__.get(method), _RootMethod(self, method, getattr(model, method))))
         # Weights held low in autocast precisions only (an FP8 unit keeps its own FP8 copy).
         self._dtype_of = {name: PRECISIONS[p].dtype if PRECISIONS[p].low and PRECISIONS[p].autocast else None
                           for name, p in precision.items()}
-        self._learning = None
-        if plan.mode == "inference" and plan.resolved_runtime.weights == "low" and any(self._dtype_of.values()):
-            if weight_uses is not None:
-                self.weights = LowWeights(model, self._dtype_of, weight_uses)
-            else:  # which weights only their unit reads is learnt on the first call
-                self._learning = model.register_forward_pre_hook(self._learn_weights, with_kwargs=True)
+        holds_low = (plan.mode == "inference" and plan.resolved_runtime.weights == "low"
+                     and any(self._dtype_of.values()))
+        self._learning = holds_low and weight_uses is None  # learnt during the first call
+        self._masters_changed = False                         # a call ran the masters with grad enabled
+        self._install()
+        if holds_low and weight_uses is not None:
+            self.weights = LowWeights(model, self._dtype_of, weight_uses)
         # torch's fused encoder/attention kernels run a whole layer as one op, below the units:
         # while the plan is applied, the layers run their units, each in its own dtype.
         self._unfused = [model.register_forward_pre_hook(self._fast_path_off),
@@ -168,35 +227,113 @@ class PlanHandle:
         if self._fast_path:
             torch.backends.mha.set_fastpath_enabled(self._fast_path.pop())
 
-    def _learn_weights(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self._learning is not None:
-            self._hold_low(args, kwargs)
+    # -- the root's methods, while the plan is installed --------------------------------------
+    def _root_forward(self, forward: Any, *args: Any, **kwargs: Any) -> Any:
+        if self._learning:  # compiled callers learn eagerly: dynamo does not trace the recorder
+            learn = _learn_eagerly if torch.compiler.is_compiling() else PlanHandle._learn
+            return learn(self, forward, args, kwargs)
+        weights = self.weights
+        if weights is None:
+            return forward(*args, **kwargs)
+        if torch.is_grad_enabled() and self.model.training and weights.trainable:
+            self._masters_changed = True   # an optimizer may step them before the next call
+            weights.restore()
+            try:
+                return forward(*args, **kwargs)
+            finally:
+                weights.hold()
+        if self._masters_changed:
+            weights.refresh()
+            self._masters_changed = False
+        return forward(*args, **kwargs)
 
+    def _learn(self, forward: Any, args: tuple, kwargs: dict) -> Any:
+        """The first call: the plan with FP32 weights (autocast casts them per call: the same
+        outputs), recording which weights may be held low. A call that raises learns nothing."""
+        with WeightUseRecorder(self.model, self.device_type, self._dtype_of) as recorder:
+            output = forward(*args, **kwargs)
+        self._learning = False
+        self.weights = LowWeights(self.model, self._dtype_of, recorder.uses())
+        if self.materialized:
+            self.weights.drop_fp32()
+        return output
+
+    def _root_apply(self, apply: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """``.to()``, ``.double()``, ``.cuda()``...: the FP32 masters are converted, then held
+        low again; a conversion to float64 is refused (autocast never lowers float64)."""
+        if fn(torch.zeros(())).dtype == torch.float64 and any(PRECISIONS[p].low for p in self._precisions()):
+            raise PlanError("this plan runs units in low precision, which autocast cannot do from float64: "
+                            "remove the plan before converting the model to float64")
+        if self.weights is not None:
+            self.weights.restore()
+        try:
+            result = apply(fn, *args, **kwargs)
+        finally:
+            if self.weights is not None:
+                self.weights.hold()
+        self._moved_to(model_device_type(self.model, self.device_type))
+        return result
+
+    def _root_state_dict(self, state_dict: Any, *args: Any, **kwargs: Any) -> Any:
+        """The FP32 masters, as without the plan."""
+        with self._masters():
+            return state_dict(*args, **kwargs)
+
+    def _root_load_state_dict(self, load_state_dict: Any, *args: Any, **kwargs: Any) -> Any:
+        """Loads into the FP32 masters; the low copies are re-cast from what was loaded."""
+        with self._masters():
+            return load_state_dict(*args, **kwargs)
+
+    @contextmanager
+    def _masters(self) -> Iterator[None]:
+        if self.weights is None:
+            yield
+            return
+        self.weights.restore()
+        try:
+            yield
+        finally:
+            self.weights.hold()
+
+    def _precisions(self) -> set[str]:
+        return {self.plan.default, *self.plan.layers.values()}
+
+    def _moved_to(self, device_type: str) -> None:
+        if device_type == self.device_type:
+            return
+        self.device_type = device_type
+        for _, _, wrapper in self._saved:
+            inner = wrapper.original if isinstance(wrapper, _RootMethod) and wrapper.name == "forward" else wrapper
+            if isinstance(inner, _Forward):
+                inner.device_type = device_type
+
+    # -- the handle's own API ------------------------------------------------------------------
     def prepare(self, example_inputs: Any) -> PlanHandle:
         """Hold the low weights now, learning from ``example_inputs`` (a batch) which weights
-        only their unit reads (otherwise done on the model's first call). A no-op once done."""
-        if self._learning is not None:
-            self._hold_low(*split(example_inputs))
+        only their unit reads, on a shadow of the model that leaves it untouched (otherwise done
+        during the first call). A no-op once done."""
+        if self._learning:
+            with self.suspended():
+                uses = find_weight_uses_aside(self.model, example_inputs, self.device_type)
+            self._learning = False
+            self.weights = LowWeights(self.model, self._dtype_of, uses)
+            if self.materialized:
+                self.weights.drop_fp32()
         return self
-
-    def _hold_low(self, args: tuple, kwargs: dict) -> None:
-        self._learning.remove()
-        self._learning = None
-        with self.suspended():
-            uses = weight_uses_of_call(self.model, args, kwargs, self.device_type)
-        self.weights = LowWeights(self.model, self._dtype_of, uses)
 
     def _install(self) -> None:
         for module, _, wrapper in self._saved:
-            module.forward = wrapper
+            name = wrapper.name if isinstance(wrapper, _RootMethod) else "forward"
+            module.__dict__[name] = wrapper
         self._installed = True
 
     def _uninstall(self) -> None:
-        for module, own_forward, _ in reversed(self._saved):
-            if own_forward is None:
-                module.__dict__.pop("forward", None)
+        for module, own, wrapper in reversed(self._saved):
+            name = wrapper.name if isinstance(wrapper, _RootMethod) else "forward"
+            if own is None:
+                module.__dict__.pop(name, None)
             else:
-                module.forward = own_forward
+                module.__dict__[name] = own
         self._installed = False
 
     def __deepcopy__(self, memo: dict) -> PlanHandle | None:
@@ -209,7 +346,6 @@ class PlanHandle:
         clone.model = copy.deepcopy(self.model, memo)
         clone._saved = copy.deepcopy(self._saved, memo)
         clone.weights = copy.deepcopy(self.weights, memo)
-        clone._learning = copy.deepcopy(self._learning, memo)
         clone._unfused = copy.deepcopy(self._unfused, memo)
         clone._fast_path = []
         return clone
@@ -230,23 +366,23 @@ class PlanHandle:
 
     def materialize(self) -> PlanHandle:
         """Drop the FP32 copies of the weights held low, so that their memory is really freed
-        (the deployed form). The plan can no longer be removed."""
+        (the deployed form); before the first call, as soon as it has learnt which weights to
+        hold. The plan can no longer be removed."""
         if self.weights is not None:
             self.weights.drop_fp32()
         self.materialized = True
         return self
 
     def remove(self) -> None:
-        """Restore every wrapped ``forward`` and FP32 weight exactly; safe to call twice."""
+        """Restore every wrapped method and FP32 weight exactly (with whatever the user loaded or
+        assigned meanwhile); safe to call twice."""
         if self.materialized:
             raise PlanError("this plan was materialized (its FP32 weights dropped): it cannot be removed")
         self._uninstall()
         if self.weights is not None:
             self.weights.restore()
             self.weights = None
-        if self._learning is not None:
-            self._learning.remove()
-            self._learning = None
+        self._learning = False
         for hook in self._unfused:
             hook.remove()
         self._unfused = []
@@ -268,11 +404,32 @@ class PlanHandle:
         return f"PlanHandle({self.wrapped} modules wrapped, default={self.plan.default})"
 
 
+_learn_eagerly = torch._disable_dynamo(PlanHandle._learn)   # imports dynamo only when first called
+
+
+def _refuse_float64(modules: list[tuple[str, nn.Module]], precision: dict[str, str]) -> None:
+    """Autocast never lowers float64: a low unit holding float64 weights cannot run its plan."""
+    for name, module in modules:
+        if not PRECISIONS[precision[name]].low:
+            continue
+        for attribute, tensor in module.named_parameters(recurse=False):
+            if tensor.dtype == torch.float64:
+                raise PlanError(f"{name or '<root>'}.{attribute} is float64, which autocast cannot lower to "
+                                f"{precision[name]}: convert the model with model.float() first")
+
+
+def _check_ties(plan: Plan) -> None:
+    for unit, outer in plan.ties.items():
+        if plan.precision(unit) != plan.precision(outer):
+            raise PlanError(f"ties: {unit!r} must share the precision of {outer!r} (the model cannot run them "
+                            f"apart), but the plan gives {plan.precision(unit)} and {plan.precision(outer)}")
+
+
 def apply_plan(model: nn.Module, plan: Plan, *, device_type: str | None = None,
                fingerprint_mismatch: str = "error", example_inputs: Any = None,
                modules: list[tuple[str, nn.Module]] | None = None,
                weight_uses: WeightUses | None = None) -> PlanHandle:
-    """Make ``model`` run each unit in the dtype ``plan`` gives it.
+    """Make ``model`` run each unit in the dtype ``plan`` gives it. Never runs the model.
 
     Returns a handle that is also a context manager::
 
@@ -281,8 +438,9 @@ def apply_plan(model: nn.Module, plan: Plan, *, device_type: str | None = None,
 
     Inference plans (``runtime.weights: low``) hold each low unit's own weights in its dtype:
     the same outputs as FP32 weights, without the per-call cast. Which weights only their own
-    unit reads is learnt by running the model once in FP32: on ``example_inputs`` now if given,
-    else on the first call. ``handle.materialize()`` then frees the FP32 copies.
+    unit reads is learnt during the first call (which runs once, with the FP32 weights cast per
+    call: the same outputs), or now from ``example_inputs`` on a shadow of the model that leaves
+    it untouched. ``handle.materialize()`` then frees the FP32 copies.
 
     ``modules`` (``list(model.named_modules())``) and ``weight_uses`` save that work for
     callers that apply many plans to one model, like the search.
@@ -291,9 +449,10 @@ def apply_plan(model: nn.Module, plan: Plan, *, device_type: str | None = None,
         raise PlanError("a plan is already applied to this model: call handle.remove() first")
     plan.validate_for(model, fingerprint_mismatch=fingerprint_mismatch,
                       names={name for name, _ in modules} if modules is not None else None)
+    _check_ties(plan)
     device_type = device_type or model_device_type(model, plan.target.get("device", "cpu"))
     if weight_uses is None and example_inputs is not None and plan.resolved_runtime.weights == "low":
-        weight_uses = find_weight_uses(model, example_inputs, device_type)
+        weight_uses = find_weight_uses_aside(model, example_inputs, device_type)
     return PlanHandle(model, plan, device_type, modules, weight_uses)
 
 

@@ -37,7 +37,7 @@ from precsearch.precisions import FP32, NAMES
 from precsearch.progress import Progress
 from precsearch.records import StudySetup, TrialRecord, load_diagnostics, mark_worker, save_diagnostics
 from precsearch.report import format_speedup
-from precsearch.selection import choose
+from precsearch.selection import choose, split_holdout
 from precsearch.storage import (
     COUNTED,
     WORKER,
@@ -89,7 +89,7 @@ def optimize(model: nn.Module, batches: list[Any], config: SearchConfig | None =
     the first does the one-time setup (sensitivity, probes, seeds), all share the budget.
     """
     config = config or SearchConfig()
-    batches = _batches.as_list(batches)
+    batches, holdout = split_holdout(_batches.as_list(batches), config)  # the search never sees holdout
     inputs = ([_batches.split_training(b, f"--data batch {i}")[0] for i, b in enumerate(batches)]
               if config.training else batches)
     device_type = model_device_type(model)
@@ -108,20 +108,21 @@ def optimize(model: nn.Module, batches: list[Any], config: SearchConfig | None =
             if created and storage is not None:  # leave no half-made study behind: a rerun starts afresh
                 optuna.delete_study(study_name=config.study_name, storage=storage)
             raise
-        fingerprint = study_fingerprint(model, config, evaluator.fidelity.describe())
+        data = _batches.fingerprint(batches)
+        fingerprint = study_fingerprint(model, config, evaluator.fidelity.describe(), data)
         if must_set_up:
             ties = find_ties(model, inputs[0], graph, config, device_type)
             choices = config.space.choices(graph, device_type, ties)
-            setup = set_up(study, model, inputs[0], graph, choices, evaluator, config, fingerprint, ties)
+            setup = set_up(study, model, inputs[0], graph, choices, evaluator, config, fingerprint, ties, data)
         else:
             setup = StudySetup.load(study)
-            check_same_search(study, setup, fingerprint)
+            check_same_search(study, setup, fingerprint, config, data)
             choices = config.space.choices(graph, device_type, setup.ties)
         decisions = decisions_for(setup, graph, choices, config, evaluator.fidelity.limit)
         recover_dead_trials(study)
         _run_trials(study, decisions, evaluator, graph.units, config, setup.baseline_ms)
         fp32_allowed = all(FP32 in choice.dtypes for choice in choices)
-        plan, pareto = choose(model, study, graph, evaluator, config, setup, fp32_allowed)
+        plan, pareto = choose(model, study, graph, evaluator, config, setup, fp32_allowed, holdout)
         if config.training and plan is not None and load_diagnostics(study) is None:
             from precsearch.training import diagnose
 

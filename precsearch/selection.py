@@ -1,17 +1,20 @@
 """Choosing the result of a search: the feasible Pareto front of the trials, a final interleaved
-race among the close finalists (the FP32 plan always runs in it), and the plans written with
-the provenance that makes them reproducible."""
+race among the close finalists (the FP32 plan always runs in it; with ``compile``, compiled and
+held to the limit compiled), the plans written with the provenance that makes them
+reproducible, and their scores on held-out batches the search never saw."""
 
 from __future__ import annotations
 
 import dataclasses
-import logging
+import random
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import optuna
 from torch import nn
 
+from precsearch.accuracy import Fidelity
 from precsearch.bench import Speedup, speedup
 from precsearch.config import SearchConfig
 from precsearch.decisions import decode, encode
@@ -20,8 +23,6 @@ from precsearch.graph import LayerGraph
 from precsearch.plan import LossScaling, Plan, model_fingerprint
 from precsearch.records import StudySetup, TrialRecord, pareto_front
 from precsearch.storage import COUNTED
-
-log = logging.getLogger(__name__)
 
 FINALISTS, FINALIST_MARGIN = 4, 1.10   # plans within 10% of the fastest re-timed together
 RACE_REPEATS = 15                       # at least this many rounds in the final race
@@ -60,8 +61,25 @@ def front(candidates: list[Candidate]) -> list[Candidate]:
     return pareto_front(candidates, key=lambda c: (c.relative, c.error))
 
 
+def finalists(candidates: list[Candidate], headroom: float) -> list[Candidate]:
+    """The close finalists, fastest first: candidates whose search error is within ``headroom``
+    (the limit less the margin) and whose latency is within ``FINALIST_MARGIN`` of the fastest."""
+    eligible = sorted((c for c in candidates if c.error <= headroom), key=lambda c: c.relative)
+    return [c for c in eligible if c.relative <= FINALIST_MARGIN * eligible[0].relative][:FINALISTS]
+
+
+def split_holdout(batches: list[Any], config: SearchConfig) -> tuple[list[Any], list[Any]]:
+    """``(search batches, held-out batches)``: ``config.holdout_data``, or a seeded choice of
+    ``config.holdout_count`` of ``batches``, each part kept in its order."""
+    if config.holdout_data is not None:
+        return batches, list(config.holdout_data)
+    held = set(random.Random(config.seed).sample(range(len(batches)), config.holdout_count(len(batches))))
+    return ([b for i, b in enumerate(batches) if i not in held], [b for i, b in enumerate(batches) if i in held])
+
+
 def choose(model: nn.Module, study: optuna.Study, graph: LayerGraph, evaluator: Evaluator, config: SearchConfig,
-           setup: StudySetup, fp32_allowed: bool = True) -> tuple[Plan | None, list[Plan]]:
+           setup: StudySetup, fp32_allowed: bool = True, holdout: list[Any] | None = None
+           ) -> tuple[Plan | None, list[Plan]]:
     """The plan to recommend and the other Pareto-optimal feasible plans (FP32 left out).
 
     The best of many noisy trials flatters itself: the close finalists race once more,
@@ -70,45 +88,97 @@ def choose(model: nn.Module, study: optuna.Study, graph: LayerGraph, evaluator: 
     headroom (lower error), then fewer cast boundaries. The FP32 plan races whenever the space
     allows it, and a plan whose interval says it is slower than FP32 is never recommended.
     ``fp32_allowed``: the search space lets every unit run in FP32.
+
+    Finalists are plans whose search error is within ``limit * (1 - config.margin)``. With
+    ``config.compile`` they race compiled, and a finalist whose compiled error is over the limit
+    is dropped; a compiled race that fails is one warning, and the plans are then measured and
+    written eager (``runtime.compile: false``). ``holdout`` batches score the written plans.
     """
     units = graph.units
     candidates = feasible_candidates(study)
-    if not candidates:
+    close = finalists(candidates, evaluator.fidelity.limit * (1 - config.margin))
+    if not close:
         return None, []
     pareto = front(candidates)
     fp32_code = encode({}, units)
-    fastest = pareto[0].relative
-    finalists = [c for c in sorted(candidates, key=lambda c: c.relative)
-                 if c.relative <= FINALIST_MARGIN * fastest][:FINALISTS]
-    codes = list(dict.fromkeys([c.record.plan for c in finalists] + ([fp32_code] if fp32_allowed else [])))
+    codes = list(dict.fromkeys([c.record.plan for c in close] + ([fp32_code] if fp32_allowed else [])))
     repeats = max(3 * evaluator.repeats, RACE_REPEATS)
-    extra: dict[str, dict[str, Any]] = {}
-    try:
-        if config.compile:
-            raced, extra = _race_compiled(evaluator, {code: decode(code, units) for code in codes}, repeats)
-        else:
-            raced = evaluator.race({code: decode(code, units) for code in codes}, repeats=repeats)
-    except Exception as failure:  # keep the trials' own numbers
-        log.warning("final race failed (%s); using the trials' measurements", failure)
-        raced = {}
+    race = final_race(evaluator, {code: decode(code, units) for code in codes}, repeats, config.compile)
     by_code = {c.record.plan: c for c in candidates}
     write = _PlanWriter(model, study, units, evaluator, config, setup)
-    if raced:
-        error = {code: by_code[code].error if code in by_code else 0.0 for code in raced}
-        code, ties = race_winner({code: estimate for code, (estimate, _, _) in raced.items()}, error,
+    if race.over_limit and not race.estimates:
+        warnings.warn(f"no finalist holds {evaluator.fidelity.name} <= {evaluator.fidelity.limit:g} compiled "
+                      f"(lowest compiled error {min(race.over_limit.values()):.4g}): no plan is recommended for "
+                      f"--compile; search without --compile for eager plans", stacklevel=3)
+        return None, []
+    if race.estimates:
+        error = {code: by_code[code].error if code in by_code else 0.0 for code in race.estimates}
+        code, ties = race_winner({code: estimate for code, (estimate, _, _) in race.estimates.items()}, error,
                                  lambda code: graph.cast_boundaries(decode(code, units)), fp32_code)
-        estimate, base, memory = raced[code]
+        estimate, base, memory = race.estimates[code]
         chosen = by_code.get(code)
         weight_mb = chosen.record.weight_mb if chosen else setup.weight_mb
         plan = write(code, Measurement.timed(error[code], estimate, base, peak_memory_mb=memory, weight_mb=weight_mb),
-                     chosen.trial if chosen else None, {**extra.get(code, {}), "race_ties": len(ties) - 1})
+                     chosen.trial if chosen else None, {**race.extra.get(code, {}), "race_ties": len(ties) - 1},
+                     compiled=race.compiled)
     else:
-        chosen = pareto[0]
+        chosen = close[0]
         code = chosen.record.plan
         plan = write(code, _measurement(chosen.record), chosen.trial)
-    others = [write(c.record.plan, _measurement(c.record), c.trial)
-              for c in pareto if c.record.plan not in (code, fp32_code)]
-    return plan, others
+    others = [(c.record.plan, write(c.record.plan, _measurement(c.record), c.trial))
+              for c in pareto if c.record.plan not in (code, fp32_code, *race.over_limit)]
+    if holdout:
+        score = _holdout_scorer(model, holdout, evaluator, units)
+        return score(code, plan), [score(other_code, other) for other_code, other in others]
+    return plan, [other for _, other in others]
+
+
+@dataclasses.dataclass(frozen=True)
+class Race:
+    """The final race: each raced plan's ``(speedup over FP32, FP32 median ms, peak memory MB)``,
+    what the compiled race adds per plan (compiled error, compile time, speedup against compiled
+    FP32), the finalists dropped for their compiled error, and whether the race ran compiled."""
+
+    estimates: dict[str, tuple[Speedup, float, float | None]]
+    extra: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    over_limit: dict[str, float] = dataclasses.field(default_factory=dict)
+    compiled: bool = False
+
+
+def final_race(evaluator: Evaluator, plans: dict[str, dict[str, str]], repeats: int, compile: bool) -> Race:
+    """The finalists raced compiled (``compile``) or eager. A compiled race that fails is one
+    warning and the race runs eager; an eager race that fails leaves the trials' numbers."""
+    if compile:
+        try:
+            return _race_compiled(evaluator, plans, repeats)
+        except Exception as failure:
+            warnings.warn(f"the compiled final race failed ({_first_line(failure)}); the plans are measured "
+                          f"eager and say runtime.compile: false", stacklevel=3)
+    try:
+        return Race(evaluator.race(plans, repeats=repeats))
+    except Exception as failure:  # keep the trials' own numbers
+        warnings.warn(f"the final race failed ({_first_line(failure)}); using the trials' measurements",
+                      stacklevel=3)
+        return Race({})
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:200]}" if text else type(error).__name__
+
+
+def _holdout_scorer(model: nn.Module, holdout: list[Any], evaluator: Evaluator, units: list[str]
+                    ) -> Callable[[str, Plan], Plan]:
+    """Scores plans on the held-out batches, eager, with the search's metric against their own
+    FP32 reference (computed once, now): each plan gains ``metrics.holdout_error``."""
+    fidelity = Fidelity.builtin(model, holdout, evaluator.fidelity.name, evaluator.fidelity.limit)
+
+    def score(code: str, plan: Plan) -> Plan:
+        with evaluator.apply(decode(code, units)):
+            error = fidelity.error(evaluator.model)
+        return dataclasses.replace(plan, metrics={**(plan.metrics or {}), "holdout_error": error,
+                                                  "holdout_batches": len(holdout)})
+    return score
 
 
 def race_winner(estimates: dict[str, Speedup], error: dict[str, float], boundaries: Callable[[str], int],
@@ -128,22 +198,29 @@ def race_winner(estimates: dict[str, Speedup], error: dict[str, float], boundari
     return winner, tied
 
 
-def _race_compiled(evaluator: Evaluator, plans: dict[str, dict[str, str]], repeats: int
-                   ) -> tuple[dict[str, tuple[Speedup, float, float | None]], dict[str, dict[str, Any]]]:
-    """The race with every plan compiled. Speedups are against eager FP32, the basis of every
-    plan; a compiled plan also records its speedup against compiled FP32 and its compile time."""
+def _race_compiled(evaluator: Evaluator, plans: dict[str, dict[str, str]], repeats: int) -> Race:
+    """The race with every plan compiled, each first checked against the limit compiled (over
+    all search batches, against the FP32 reference). Speedups are against eager FP32, the basis
+    of every plan; a compiled plan also records its compiled error, its speedup against compiled
+    FP32 and its compile time."""
     from precsearch.compiled import time_compiled
 
     times = time_compiled(evaluator.model, evaluator.batches[0],
                           {code: evaluator.plan(layers) for code, layers in plans.items()},
-                          evaluator.device_type, repeats)
+                          evaluator.device_type, repeats, fidelity=evaluator.fidelity)
     eager, compiled_fp32 = times.timings["fp32 eager"], times.timings["fp32 compiled"]
-    raced = {code: (speedup(eager.samples_ms, times.timings[code].samples_ms), eager.median_ms, None)
-             for code in plans}
-    extra = {code: {"speedup_vs_compiled_fp32": round(speedup(compiled_fp32.samples_ms,
+    raced = [code for code in plans if code in times.compile_s]
+    estimates = {code: (speedup(eager.samples_ms, times.timings[code].samples_ms), eager.median_ms, None)
+                 for code in raced}
+    extra = {code: {"compiled_error": times.errors[code],
+                    "speedup_vs_compiled_fp32": round(speedup(compiled_fp32.samples_ms,
                                                               times.timings[code].samples_ms).median, 3),
-                    "compile_s": round(times.compile_s[code], 2)} for code in plans}
-    return raced, extra
+                    "compile_s": round(times.compile_s[code], 2)} for code in raced}
+    over = {code: error for code, error in times.errors.items() if code not in times.compile_s}
+    for code, error in over.items():
+        warnings.warn(f"finalist {code} dropped: compiled, its {evaluator.fidelity.name} is {error:.4g}, over the "
+                      f"limit {evaluator.fidelity.limit:g}", stacklevel=4)
+    return Race(estimates, extra, over, compiled=True)
 
 
 def _measurement(record: TrialRecord) -> Measurement:
@@ -173,10 +250,13 @@ class _PlanWriter:
         self.target = target(evaluator.device_type)
         self.runtime = evaluator.runtime
         self.search = {"space": config.space.name, "trials": len(study.get_trials(deepcopy=False, states=COUNTED)),
-                       "sampler": type(study.sampler).__name__, "study": study.study_name, "storage": config.storage}
+                       "sampler": type(study.sampler).__name__, "study": study.study_name, "storage": config.storage,
+                       **({"margin": config.margin} if config.margin else {})}
 
     def __call__(self, code: str, measured: Measurement, trial: int | None,
-                 extra: dict[str, Any] | None = None) -> Plan:
+                 extra: dict[str, Any] | None = None, compiled: bool = False) -> Plan:
+        """The plan ``code`` with its measurement; ``compiled``: measured compiled (else eager,
+        and the plan says ``runtime.compile: false``)."""
         layers = decode(code, self.units)
         plan = Plan.compact(layers)
         baseline = self.setup.baseline_ms
@@ -189,7 +269,7 @@ class _PlanWriter:
             "peak_memory_mb": measured.peak_memory_mb, "weight_mb": _mb(measured.weight_mb),
             "baseline_weight_mb": _mb(self.setup.weight_mb), "trial": trial, **(extra or {})}
         return dataclasses.replace(
-            plan, mode=self.config.mode, runtime=self.runtime,
+            plan, mode=self.config.mode, runtime=dataclasses.replace(self.runtime, compile=compiled),
             loss_scaling=LossScaling() if self.config.training and plan.needs_loss_scaling else None,
             model=dict(self.model), target=dict(self.target), constraint=dict(self.constraint),
-            metrics=metrics, search=dict(self.search))
+            ties=dict(self.setup.ties), metrics=metrics, search=dict(self.search))

@@ -81,6 +81,7 @@ class SearchSpace:
         if unknown:
             raise InputError(f"{source}: unknown field {sorted(unknown, key=str)[0]!r}")
         dtypes = tuple(_as_list(data.get("dtypes", list(AUTOCAST)), f"{source}: dtypes"))
+        _check_dtypes(dtypes, f"{source}: dtypes")  # before the rules, which must stay within them
         rules = []
         for index, raw in enumerate(_as_list(_or_empty(data.get("rules")), f"{source}: rules")):
             where = f"{source}: rules[{index}]"
@@ -88,6 +89,7 @@ class SearchSpace:
                 raise InputError(f"{where}: expected {{name: REGEX, type: [Class], dtypes: [...]}}")
             rule_dtypes = tuple(_as_list(raw["dtypes"], f"{where}.dtypes"))
             _check_dtypes(rule_dtypes, f"{where}.dtypes")
+            _check_within(rule_dtypes, dtypes, f"{where}.dtypes")
             types = raw.get("type")
             rules.append(Rule(rule_dtypes, _regex(raw["name"], f"{where}.name") if "name" in raw else None,
                               tuple(_as_list(types, f"{where}.type")) if types is not None else None))
@@ -181,6 +183,14 @@ def _check_dtypes(dtypes: tuple, where: str) -> None:
     for dtype in dtypes:
         if not is_precision(dtype):
             raise InputError(f"{where}: unknown dtype {dtype!r}; use {choices_text()}")
+
+
+def _check_within(rule_dtypes: tuple, dtypes: tuple, where: str) -> None:
+    """A rule narrows the top-level ``dtypes``; FP32, always a candidate, may be named anyway."""
+    outside = [dtype for dtype in rule_dtypes if dtype not in dtypes and dtype != FP32]
+    if outside:
+        raise InputError(f"{where}: {outside[0]} is not in the top-level dtypes [{', '.join(dtypes)}]; "
+                         f"add it there or remove it from the rule")
 
 
 def _regex(pattern: Any, where: str) -> re.Pattern:

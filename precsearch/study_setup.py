@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from precsearch import batches as _batches
-from precsearch.bench import speedup, time_interleaved
+from precsearch.bench import time_against_itself
 from precsearch.config import SearchConfig
 from precsearch.decisions import Decisions
 from precsearch.errors import InputError
@@ -30,23 +30,35 @@ from precsearch.space import Choice, usable_dtypes
 from precsearch.weights import weight_bytes
 
 PROBE_SECONDS = 3.0      # a clearly slow dtype shows within a few rounds
-PROBE_ROUNDS = 9
-NOISE_ROUNDS = 15        # FP32 timed against itself, to know how noisy this machine is
+PROBE_ROUNDS = 10        # five pairs of rounds (each pair: both orders)
+NOISE_ROUNDS = 16        # FP32 timed against itself (an A/A measurement), to know how noisy this machine is
 NOISY = 0.10             # above this half-width (relative) at the cap, plans cannot be ranked
 
 
-def study_fingerprint(model: nn.Module, config: SearchConfig, constraint: dict[str, Any]) -> str:
-    """What workers of one study must agree on: model, space, constraint, mode and strategy."""
+def study_fingerprint(model: nn.Module, config: SearchConfig, constraint: dict[str, Any], data: str) -> str:
+    """What workers of one study must agree on: model, space, constraint, mode, strategy, how
+    candidates run (``--weights``) and the data (``batches.fingerprint``)."""
     space = config.space
     text = repr((model_fingerprint(model), space.dtypes,
                  [(r.dtypes, r.name and r.name.pattern, r.types) for r in space.rules],
-                 [g.pattern for g in space.groups], constraint, config.mode, config.strategy.name))
+                 [g.pattern for g in space.groups], constraint, config.mode, config.strategy.name,
+                 config.weights, data))
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
-def check_same_search(study: optuna.Study, setup: StudySetup, fingerprint: str) -> None:
+def check_same_search(study: optuna.Study, setup: StudySetup, fingerprint: str, config: SearchConfig,
+                      data: str) -> None:
+    """Refuse to add trials to a study made for another search, naming what differs where it can."""
+    name = study.study_name
+    if setup.settings.weights not in (None, config.weights):
+        raise InputError(f"--study {name!r} was measured with --weights {setup.settings.weights}, not "
+                         f"--weights {config.weights}: their trials cannot be ranked together; give this search "
+                         f"its own --study, or the study's --weights")
+    if setup.data not in (None, data):
+        raise InputError(f"--study {name!r} was made on other --data (the batches' shapes, dtypes or values differ): "
+                         f"their errors cannot be compared; give this search its own --study, or the study's --data")
     if setup.fingerprint != fingerprint:
-        raise InputError(f"--study {study.study_name!r} was made for another model, space, constraint or mode "
+        raise InputError(f"--study {name!r} was made for another model, space, constraint or mode "
                          f"({setup.settings.describe()}); give this search its own --study")
 
 
@@ -85,15 +97,15 @@ def _ancestors(unit: str) -> list[str]:
 
 
 def set_up(study: optuna.Study, model: nn.Module, example_inputs: Any, graph: LayerGraph, choices: list[Choice],
-           evaluator: Evaluator, config: SearchConfig, fingerprint: str, ties: dict[str, str]) -> StudySetup:
+           evaluator: Evaluator, config: SearchConfig, fingerprint: str, ties: dict[str, str],
+           data: str) -> StudySetup:
     """Measure what every worker shares, enqueue the seed plans, and store it all (then the study
     is ready for the other workers)."""
     low = sorted({d for c in choices for d in c.dtypes if d != FP32})
     sensitivity = unit_sensitivity(model, graph.units, example_inputs, low, evaluator.device_type)
-    step = evaluator.step(None)
-    timing = time_interleaved({FP32: step, "fp32 again": step}, device_type=evaluator.device_type,
-                              repeats=NOISE_ROUNDS)
-    noise = speedup(timing[FP32].samples_ms, timing["fp32 again"].samples_ms).half_width
+    fp32_against_itself, baseline_ms = time_against_itself(evaluator.step(None), device_type=evaluator.device_type,
+                                                           repeats=NOISE_ROUNDS, seed=config.seed)
+    noise = fp32_against_itself.half_width
     if noise > NOISY:
         warnings.warn(f"this machine is too noisy to rank plans: FP32 timed against itself is known only to "
                       f"+-{noise:.0%} after {NOISE_ROUNDS} rounds; stop background work, give more or larger "
@@ -105,30 +117,32 @@ def set_up(study: optuna.Study, model: nn.Module, example_inputs: Any, graph: La
                           mode=config.mode, constraint=evaluator.fidelity.describe(),
                           **target(evaluator.device_type), trials=config.trials, seed=config.seed,
                           strategy=strategy.name, sampler=strategy.sampler_name,
-                          parametrisation="ranked" if ranked else "categorical"),
+                          parametrisation="ranked" if ranked else "categorical", weights=config.weights),
         fingerprint=fingerprint,
         units=[{k: row[k] for k in ("name", "type", "params", "flops")} for row in graph.rows()],
         edges=[list(edge) for edge in graph.graph.edges],
         sensitivity=sensitivity,
         dtype_probe=probe_dtypes(evaluator, choices, sensitivity),
-        baseline_ms=timing[FP32].median_ms,
+        baseline_ms=baseline_ms,
         noise=noise,
         ties=ties,
+        data=data,
         weight_mb=sum(weight_bytes(model).values()) / 2**20,
     )
     if strategy.seeded:
-        for params in decisions_for(setup, graph, choices, config, evaluator.fidelity.limit).seeds():
+        for params in decisions_for(setup, graph, choices, config, evaluator.fidelity.limit, announce=False).seeds():
             study.enqueue_trial(params, skip_if_exists=True)
     setup.save(study)
     return setup
 
 
 def decisions_for(setup: StudySetup, graph: LayerGraph, choices: list[Choice], config: SearchConfig,
-                  limit: float) -> Decisions:
-    """The search's decisions, calibrated by the setup's probe (slow dtypes left out if asked)."""
+                  limit: float, announce: bool = True) -> Decisions:
+    """The search's decisions, calibrated by the setup's probe (slow dtypes left out if asked,
+    with a warning unless ``announce`` is false)."""
     probe = setup.dtype_probe
     if config.drop_slow_dtypes:
-        choices = without_slow_dtypes(choices, probe, graph.device_type)
+        choices = without_slow_dtypes(choices, probe, graph.device_type, announce)
     return Decisions(choices, setup.sensitivity, {u: graph[u]["flops"] for u in graph.units},
                      ranked=config.strategy.seeded and len(choices) > config.max_categorical, limit=limit,
                      calibration={d: p["error_gain"] for d, p in probe.items() if p.get("error_gain")},
@@ -136,15 +150,20 @@ def decisions_for(setup: StudySetup, graph: LayerGraph, choices: list[Choice], c
 
 
 def probe_dtypes(evaluator: Evaluator, choices: list[Choice], sensitivity) -> dict[str, dict[str, float | None]]:
-    """Per low dtype, the all-low plan measured once: its latency relative to FP32, and its
-    error divided by the error sensitivity predicts (so sensitivity predicts the user's metric)."""
+    """Per low dtype, its plan (``probe_layers``) measured once: its latency relative to FP32,
+    and its error divided by the error sensitivity predicts (so sensitivity predicts the
+    user's metric).
+
+    The probe asks how fast a precision is, not whether it is accurate: a plan whose outputs
+    overflow is still timed (its speed is what drops a slow precision), and only a plan that
+    could not run at all leaves its precision unprobed."""
     probe = {}
     for dtype in sorted({d for c in choices for d in c.dtypes if d != FP32}):
-        layers = {u: dtype for c in choices if dtype in c.dtypes for u in c.units}
+        layers = probe_layers(choices, sensitivity, dtype)
         measured = evaluator.measure(layers, repeats=PROBE_ROUNDS, max_seconds=PROBE_SECONDS)
-        if measured.failure:
+        if not math.isfinite(measured.latency_ms):
             continue
-        predicted = choice_error(sensitivity, tuple(layers), dtype, 0.0)
+        predicted = choice_error(sensitivity, tuple(u for u, d in layers.items() if d == dtype), dtype, 0.0)
         probe[dtype] = {"relative_latency": measured.latency_ms / measured.baseline_ms,
                         "speedup_low": measured.speedup_low, "speedup_high": measured.speedup_high,
                         "error_gain": measured.error / predicted
@@ -152,15 +171,30 @@ def probe_dtypes(evaluator: Evaluator, choices: list[Choice], sensitivity) -> di
     return probe
 
 
-def without_slow_dtypes(choices: list[Choice], probe: dict[str, dict[str, Any]], device_type: str) -> list[Choice]:
+def probe_layers(choices: list[Choice], sensitivity: dict[str, dict[str, float | None]], dtype: str) -> dict[str, str]:
+    """Every unit: ``dtype`` where its choice allows it, else FP32. A choice with a unit that
+    alone already makes the outputs non-finite in ``dtype`` (an FP16 overflow) stays FP32 too,
+    unless that leaves nothing in ``dtype``, so that the probe's error can calibrate the
+    sensitivity."""
+    def overflows(choice: Choice) -> bool:
+        errors = (sensitivity.get(unit, {}).get(dtype) for unit in choice.units)
+        return any(error is not None and not math.isfinite(error) for error in errors)
+
+    allowed = [c for c in choices if dtype in c.dtypes]
+    lowered = {id(c) for c in ([c for c in allowed if not overflows(c)] or allowed)}
+    return {unit: dtype if id(choice) in lowered else FP32 for choice in choices for unit in choice.units}
+
+
+def without_slow_dtypes(choices: list[Choice], probe: dict[str, dict[str, Any]], device_type: str,
+                        announce: bool = True) -> list[Choice]:
     """Drop a low precision that made the whole model clearly slower than FP32 on this device
     (FP16 on most CPUs): its whole speedup interval is below 1. Trials spent on it cannot win.
     A choice keeps it if it has no other option."""
     slow = {d for d, p in probe.items() if is_clearly_slower(p)}
-    for dtype in sorted(slow):
-        warnings.warn(f"{dtype} left out of the search: the all-{dtype} plan ran {1 / probe[dtype]['relative_latency']:.2f}x "
-                      f"[{probe[dtype]['speedup_low']:.2f}, {probe[dtype]['speedup_high']:.2f}] FP32's speed on this "
-                      f"{device_type}", stacklevel=3)
+    for dtype in sorted(slow) if announce else ():
+        warnings.warn(f"{dtype} left out of the search: the model with its units in {dtype} ran "
+                      f"{1 / probe[dtype]['relative_latency']:.2f}x [{probe[dtype]['speedup_low']:.2f}, "
+                      f"{probe[dtype]['speedup_high']:.2f}] FP32's speed on this {device_type}", stacklevel=3)
     return [dataclasses.replace(c, dtypes=tuple(d for d in c.dtypes if d not in slow) or c.dtypes) for c in choices]
 
 

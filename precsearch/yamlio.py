@@ -77,6 +77,17 @@ class _StrictLoader(yaml.SafeLoader):
             first_line[key] = line
         return super().construct_mapping(node, deep)
 
+    def construct_yaml_timestamp(self, node: ScalarNode) -> Any:
+        # YAML reads 2026-13-45 as a timestamp; the date it names does not exist.
+        try:
+            return super().construct_yaml_timestamp(node)
+        except (ValueError, OverflowError) as failure:
+            raise _Refused(f"{node.value!r} at line {node.start_mark.line + 1} is not a valid date or time "
+                           f"({failure}); fix it, or quote it to keep it as text") from None
+
+
+_StrictLoader.add_constructor("tag:yaml.org,2002:timestamp", _StrictLoader.construct_yaml_timestamp)
+
 
 def load_yaml(text: str, source: str, error: type[InputError] = InputError) -> Any:
     """Parse one YAML document from ``text`` into plain data (dicts, lists, scalars).

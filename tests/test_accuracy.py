@@ -30,15 +30,64 @@ def test_non_finite_output_is_infinitely_wrong():
         assert metric(bad, ref) == math.inf
 
 
-def test_reference_is_computed_once():
+def test_reference_is_computed_once_and_checked_by_a_second_run():
     calls = []
     model = torch.nn.Linear(4, 4)
     model.register_forward_hook(lambda *args: calls.append(1))
     fidelity = Fidelity.builtin(model, [torch.randn(2, 4)], "rel_l2", 0.01)
-    assert len(calls) == 1
+    assert len(calls) == 2          # the reference, and one run to check FP32 repeats itself
     assert fidelity.error(model) == 0.0
     assert fidelity.error(model) == 0.0
-    assert len(calls) == 3
+    assert len(calls) == 4
+
+
+class MutatesInput(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        x.mul_(2.0)            # the caller's batch changes on every call
+        return self.fc(x)
+
+
+class ClampsInput(MutatesInput):
+    def forward(self, x):
+        x.clamp_(min=0.0)      # changes the batch once; every later call sees the same input
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("model,cause", [
+    (MutatesInput(), "changes its inputs in place"),
+    (torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5)).train(), "call model.eval()"),
+])
+def test_fp32_outputs_that_change_between_two_runs_are_bad_input(model, cause):
+    torch.manual_seed(0)
+    with pytest.raises(InputError, match="the FP32 model gives different outputs on two identical runs") as error:
+        Fidelity.builtin(model, [torch.randn(8, 4)], "rel_l2", 0.01)
+    assert cause in str(error.value) and "\n" not in str(error.value)
+
+
+def test_an_idempotent_input_change_and_tiny_run_to_run_noise_are_accepted():
+    torch.manual_seed(0)
+    model = ClampsInput()
+    assert Fidelity.builtin(model, [torch.randn(8, 4)], "rel_l2", 0.01).error(model) == 0.0
+    from precsearch.accuracy import check_repeatable
+
+    check_repeatable(1e-7, "rel_l2", 0.01, inputs_changed=False)   # rounding of atomic reductions
+    with pytest.raises(InputError, match="rel_l2 0.002 between them"):
+        check_repeatable(0.002, "rel_l2", 0.01, inputs_changed=False)
+    check_repeatable(1e-9, "max_abs", 0.0, inputs_changed=False)      # a zero limit still allows rounding
+    with pytest.raises(InputError, match="changes its inputs in place"):
+        check_repeatable(1e-4, "max_abs", 0.0, inputs_changed=True)
+    with pytest.raises(InputError):
+        check_repeatable(math.nan, "rel_l2", 0.01, inputs_changed=False)
+
+
+def test_outputs_with_no_elements_are_bad_input():
+    model = torch.nn.Linear(4, 4)
+    with pytest.raises(InputError, match="outputs on --data are empty"):
+        Fidelity.builtin(model, [torch.zeros(0, 4)], "rel_l2", 0.01)
 
 
 def test_user_metric_drop_against_fp32():

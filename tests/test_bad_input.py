@@ -121,6 +121,15 @@ CASES = {
     "compare one plan": ({"a.yaml": PLAN_HEAD}, ["compare", "a.yaml"], "two"),
     "compare itself": ({"a.yaml": PLAN_HEAD}, ["compare", "a.yaml", "a.yaml"], "itself"),
     "report without study": ({}, ["report", "."], "study"),
+    "space rule dtype outside dtypes": (
+        {"s.yaml": SPACE_HEAD + "dtypes: [bf16]\nrules: [{name: '0', dtypes: [fp16]}]\n"},
+        ["optimize", "--space", "s.yaml", *GOOD], "fp16 is not in the top-level"),
+    "space invalid date": ({"s.yaml": "format: precsearch-space/1\nname: 2026-02-30\n"},
+                           ["optimize", "--space", "s.yaml", *GOOD], "2026-02-30"),
+    "plan invalid date": ({"p.yaml": PLAN_HEAD + "created: 2026-13-45\n"},
+                          ["check", "--plan", "p.yaml", *GOOD], "2026-13-45"),
+    "compare plan invalid date": ({"a.yaml": PLAN_HEAD, "b.yaml": PLAN_HEAD + "created: 2026-13-45T10:00:00Z\n"},
+                                  ["compare", "a.yaml", "b.yaml"], "2026-13-45"),
     "unknown command": ({}, ["optimise"], "optimise"),
 }
 
@@ -149,3 +158,39 @@ def _tree(root):
 
 def test_the_matrix_covers_at_least_forty_cases():
     assert len(CASES) >= 40
+
+
+def _study_directory(root):
+    """A study as optimize leaves it, set up for ``nets:model`` (units 0 and 2), without trials."""
+    import optuna
+
+    from precsearch.records import Settings, StudySetup
+
+    study = optuna.create_study(study_name="mine", storage=f"sqlite:///{root / 'study.db'}")
+    settings = Settings(model="nets:model", space="default", mode="inference",
+                        constraint={"metric": "rel_l2", "limit": 0.01}, device="cpu", device_name="cpu",
+                        torch="2.13.0", trials=2, seed=0, strategy="optuna", sampler="TPESampler",
+                        parametrisation="categorical")
+    units = [{"name": name, "type": "Linear", "params": 1, "flops": 1} for name in ("0", "2")]
+    StudySetup(settings, "sha256:0", units, [["0", "2"]], {}, {}, baseline_ms=1.0).save(study)
+
+
+@pytest.mark.parametrize("plan,word", [
+    ({"search": {"study": "theirs"}, "layers": {"0": "bf16"}}, "its search.study is 'theirs'"),
+    ({"model": {"name": "nets:other"}}, "made for model 'nets:other'"),
+    ({"model": {"units": 9}}, "counts 9 units"),
+    ({"layers": {"encoder.fc": "bf16"}}, "names unit 'encoder.fc'"),
+])
+def test_report_refuses_a_plan_of_another_study(plan, word, tmp_path, monkeypatch, capsys):
+    from precsearch.plan import Plan
+
+    _study_directory(tmp_path)
+    Plan(**plan).save(tmp_path / "plan.yaml")
+    monkeypatch.chdir(tmp_path)
+    before = _tree(tmp_path)
+    capsys.readouterr()
+    code = main(["report", "."])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("precsearch: error: plan.yaml: not a plan of study 'mine'") and word in err, err
+    assert _tree(tmp_path) == before

@@ -72,6 +72,34 @@ def test_as_list_rejects_empty_data():
         as_list(iter(()))
 
 
+@pytest.mark.parametrize("batches,index", [
+    ([torch.zeros(0, 4)], 0),
+    ([torch.ones(2, 4), {"input_ids": torch.zeros(0, 16, dtype=torch.long), "mask": torch.zeros(0, 16)}], 1),
+    ([(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long))], 0),
+])
+def test_as_list_rejects_a_batch_with_no_elements(batches, index):
+    with pytest.raises(InputError, match=f"data: batch {index} is empty") as error:
+        as_list(batches)
+    assert "\n" not in str(error.value)
+
+
+def test_a_batch_with_some_empty_tensors_or_no_tensor_is_kept():
+    kept = [{"x": torch.ones(2, 4), "past": torch.zeros(2, 0)}, ("text",)]
+    assert as_list(kept) == kept
+
+
+def test_fingerprint_changes_with_values_shapes_dtypes_and_structure():
+    from precsearch.batches import fingerprint
+
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    same = fingerprint([x])
+    assert fingerprint([x.clone()]) == same and fingerprint([x.t().contiguous().t()]) == same
+    others = [[x + 1e-6], [x.reshape(3, 4)], [x.double()], [(x,)], [{"x": x}], [x, x], [x[:0]]]
+    prints = {fingerprint(batches) for batches in others}
+    assert same not in prints and len(prints) == len(others)
+    assert fingerprint([{"x": x, "flag": object()}]) == fingerprint([{"x": x, "flag": object()}])  # no addresses
+
+
 def test_as_list_rejects_non_iterables_naming_the_type():
     with pytest.raises(InputError, match="not int"):
         as_list(5)

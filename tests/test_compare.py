@@ -1,12 +1,18 @@
 """Comparing plans: distinctness, provenance, recorded summaries, per-unit differences, and a
 re-measurement of all of them in one run (structure and errors only: no timing asserts)."""
 
+import json
 import math
+import os
+import subprocess
+import sys
+import warnings
 
 import pytest
 import torch
 
-from precsearch import InputError, Plan, model_fingerprint
+from precsearch import InputError, Plan, compare, model_fingerprint
+from precsearch.cli import main
 from precsearch.compare import (
     all_units, check_distinct, provenance_warnings, remeasure, summary_rows, unit_differences,
 )
@@ -157,3 +163,80 @@ def test_remeasure_rejects_a_plan_for_missing_units(demo_case):
     with pytest.raises(PlanError, match="layers.nope"):
         remeasure(model, batches, ["bad", "ok"], [Plan(layers={"nope": "bf16"}), Plan()], repeats=3)
     assert torch.isfinite(model(batches[0])).all()
+
+
+# -- the command: units unknown without a model, eval mode, warnings no filter hides -------------
+def test_differences_line():
+    assert compare.differences_line([], ["a", "b"], units_known=True) == "0 of 2 units differ"
+    assert compare.differences_line([], [], units_known=False) == "units unknown without --model: the plans name no unit"
+    assert compare.differences_line([{"unit": "a"}], ["a", "b"], units_known=False) == \
+        "units unknown without --model: 1 of the 2 units the plans name differ"
+
+
+def test_compare_without_a_model_says_its_units_are_unknown(tmp_path, capsys):
+    a = Plan(default="bf16").save(tmp_path / "a.yaml")
+    b = Plan(default="fp32").save(tmp_path / "b.yaml")
+    assert main(["compare", str(a), str(b)]) == 0
+    out = capsys.readouterr().out
+    assert "units unknown without --model" in out and "0 of 0" not in out
+    assert "a.yaml bf16, b.yaml fp32" in out
+    assert main(["compare", str(a), str(b), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["units_known"] is False
+
+
+DROPOUT_FACTORIES = '''
+import torch
+from torch import nn
+
+def model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.Dropout(0.5), nn.Linear(32, 4)).train()
+
+def data():
+    return [torch.randn(8, 16, generator=torch.Generator().manual_seed(0))]
+'''
+
+
+def test_compare_measures_the_model_in_eval_mode(tmp_path, monkeypatch, capsys):
+    (tmp_path / "dropnets.py").write_text(DROPOUT_FACTORIES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    a = Plan(default="fp32").save(tmp_path / "a.yaml")
+    b = Plan(default="bf16").save(tmp_path / "b.yaml")
+    code = main(["compare", str(a), str(b), "--json", "--model", "dropnets:model", "--data", "dropnets:data"])
+    rows = json.loads(capsys.readouterr().out)["remeasured"]
+    assert code == 0
+    assert rows[1]["plan"] == "a.yaml" and rows[1]["rel_l2"] == 0.0    # FP32 is FP32: no dropout noise
+    assert 0 < rows[2]["rel_l2"] < 0.05
+
+
+def _device_plans(tmp_path):
+    a = Plan(default="bf16", target={"device": "cpu", "device_name": "A"}).save(tmp_path / "a.yaml")
+    b = Plan(default="fp32", target={"device": "cuda", "device_name": "B"}).save(tmp_path / "b.yaml")
+    return [str(a), str(b)]
+
+
+@pytest.mark.parametrize("action", ["ignore", "error"])
+def test_warnings_filters_do_not_silence_the_clis_warnings(tmp_path, capsys, action):
+    with warnings.catch_warnings():
+        warnings.simplefilter(action)
+        assert main(["compare", *_device_plans(tmp_path)]) == 0
+    assert "precsearch: warning: plans were made on different devices: a.yaml=A, b.yaml=B" in capsys.readouterr().err
+
+
+def test_a_library_warning_reaches_stderr_under_pythonwarnings_ignore(tmp_path, capsys, demo_case):
+    foreign = Plan(default="bf16", model={"fingerprint": "sha256:other"}).save(tmp_path / "a.yaml")
+    own = Plan(default="fp32").save(tmp_path / "b.yaml")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["compare", str(foreign), str(own), "--json", "--model", "precsearch.examples.demo:small_model",
+                     "--data", "precsearch.examples.demo:data"]) == 0
+    err = capsys.readouterr().err
+    assert "precsearch: warning:" in err and "another model" in err
+
+
+def test_pythonwarnings_ignore_in_the_environment_keeps_the_warning(tmp_path):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run([sys.executable, "-m", "precsearch", "compare", *_device_plans(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "precsearch: warning: plans were made on different devices" in done.stderr

@@ -32,3 +32,29 @@ def test_the_config_is_frozen():
 def test_invalid_configs_cannot_be_built(fields, flag):
     with pytest.raises(InputError, match=flag):
         SearchConfig(**fields)
+
+
+@pytest.mark.parametrize(("fields", "flag"), [
+    ({"margin": 1}, "--margin"), ({"margin": -0.1}, "--margin"), ({"margin": float("nan")}, "--margin"),
+    ({"margin": "0.1"}, "--margin"), ({"holdout": 1.0}, "--holdout"), ({"holdout": -0.5}, "--holdout"),
+    ({"holdout": True}, "--holdout"), ({"holdout": 0.2, "mode": "train"}, "--holdout"),
+    ({"holdout_data": []}, "--holdout-data"), ({"holdout_data": [object()]}, "--holdout-data"),
+    ({"holdout_data": [[1.0]], "holdout": 0.25}, "--holdout and --holdout-data"),
+    ({"holdout_data": [[1.0]], "mode": "train"}, "--holdout-data"),
+])
+def test_invalid_unseen_data_settings_name_their_flag(fields, flag):
+    with pytest.raises(InputError, match=flag):
+        SearchConfig(**fields)
+
+
+def test_holdout_defaults_to_a_quarter_from_eight_batches_on():
+    config = SearchConfig()
+    assert [config.holdout_count(n) for n in (1, 4, 7, 8, 10, 20)] == [0, 0, 0, 2, 2, 5]
+    assert SearchConfig(holdout=0.0).holdout_count(20) == 0
+    assert SearchConfig(mode="train").holdout_count(20) == 0   # held-out scoring is for inference
+    assert [SearchConfig(holdout=0.5).holdout_count(n) for n in (2, 3, 9)] == [1, 2, 4]
+    assert SearchConfig(holdout=0.9).holdout_count(2) == 1   # never every batch
+    assert SearchConfig(holdout_data=[[1.0]]).holdout_count(20) == 0
+    with pytest.raises(InputError, match="--holdout 0.5: one batch cannot be split"):
+        SearchConfig(holdout=0.5).holdout_count(1)
+    assert SearchConfig().margin == 0.0

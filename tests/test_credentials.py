@@ -24,6 +24,23 @@ SECRET = "Hunter2x"
      "--storage 'postgresql://ann:***@db/optuna': cannot open (OperationalError: refused)"),
     (f"redis://ann:{SECRET}@cache:6379/0 and mysql://ann:{SECRET}@db/x (ask ann@example.org)",
      "redis://ann:***@cache:6379/0 and mysql://ann:***@db/x (ask ann@example.org)"),
+    # spaces and tabs in a password, as SQLAlchemy reads them
+    (f"postgresql://ann:pa ss{SECRET}@db/optuna", "postgresql://ann:***@db/optuna"),
+    (f"postgresql://ann:{SECRET}\tx@db/optuna", "postgresql://ann:***@db/optuna"),
+    (f"postgresql://ann: {SECRET} @db/optuna", "postgresql://ann:***@db/optuna"),
+    (f"--storage 'postgresql://ann:a b{SECRET}@db/optuna': cannot open (OperationalError: refused)",
+     "--storage 'postgresql://ann:***@db/optuna': cannot open (OperationalError: refused)"),
+    (f"postgresql://db:5432/x and postgresql://ann:p q{SECRET}@db2/y",
+     "postgresql://db:5432/x and postgresql://ann:***@db2/y"),
+    (f"postgresql://db/optuna?user=ann&password=pa ss{SECRET}", "postgresql://db/optuna?user=ann&password=***"),
+    (f"--storage 'postgresql://db/optuna?password=x\t{SECRET}': cannot open (refused)",
+     "--storage 'postgresql://db/optuna?password=***': cannot open (refused)"),
+    # libpq's options= and sslpassword=, percent-encoded or not
+    (f"postgresql://db/optuna?user=ann&options=-c%20password%3D{SECRET}",
+     "postgresql://db/optuna?user=ann&options=-c%20password%3D***"),
+    (f"postgresql://db/optuna?options=-c password={SECRET}&user=ann",
+     "postgresql://db/optuna?options=-c password=***&user=ann"),
+    (f"postgresql://db/optuna?user=ann&sslpassword={SECRET}", "postgresql://db/optuna?user=ann&sslpassword=***"),
 ])
 def test_every_credential_form_is_masked(text, masked):
     result = mask_credentials(text)
@@ -58,3 +75,21 @@ def test_known_secrets_hide_what_a_driver_quotes_back():
     assert SECRET not in masked and "zzz9" not in masked
     assert masked.endswith("(failed to resolve host '***@db')")
     assert credentials_in("postgresql://ann:ab@db/x") == []  # too short to mask everywhere
+
+
+@pytest.mark.parametrize("url", [f"postgresql://ann:pa ss{SECRET}@db/optuna", f"postgresql://ann:{SECRET}\t1@db/x",
+                                 f"postgresql://db/x?password=a b{SECRET}",
+                                 f"postgresql://db/x?options=-c%20password%3D{SECRET}"])
+def test_known_secrets_with_spaces_hide_what_a_driver_quotes_back(url):
+    secret = credentials_in(url)[0]
+    assert SECRET in secret and secret in url                      # the whole password, spaces included
+    message = f"--storage {url}: cannot open (the server refused the password '{secret}')"
+    masked = mask_credentials(message, known=credentials_in(url))
+    assert SECRET not in masked and masked.endswith("(the server refused the password '***')")
+
+
+def test_a_saved_plan_masks_a_password_with_spaces():
+    from precsearch.plan import Plan
+
+    text = Plan(search={"storage": f"postgresql://ann:pa ss\t{SECRET}@db/optuna"}).dumps()
+    assert SECRET not in text and "postgresql://ann:***@db/optuna" in text

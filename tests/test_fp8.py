@@ -107,3 +107,55 @@ def _error(model, batches, layers):
     fidelity = Fidelity.builtin(model, batches, "rel_l2", 1.0)
     with apply_plan(model, Plan(layers=layers)):
         return fidelity.error(model)
+
+
+# -- corners: non-finite inputs, empty batches, weights edited through .data ---------------------
+@pytest.mark.parametrize("poison", [float("inf"), float("-inf"), float("nan")])
+def test_a_non_finite_row_leaves_the_other_rows_as_they_were(poison):
+    torch.manual_seed(0)
+    layer, x = nn.Linear(64, 32), torch.randn(8, 64)
+    poisoned = x.clone()
+    poisoned[3, 5] = poison
+    fp8 = Fp8Linear(layer)
+    with torch.no_grad():
+        clean, dirty = fp8(x), fp8(poisoned)
+    assert torch.isnan(dirty[3]).all()                  # the row stays non-finite, as in FP32
+    others = [i for i in range(8) if i != 3]
+    assert torch.equal(dirty[others], clean[others])    # its neighbours keep the clean batch's scale
+
+
+def test_quantize_scales_by_the_finite_values_and_never_saturates_inf():
+    quantized, inverse = quantize(torch.tensor([float("inf"), 2.0, -4.0, float("nan")]))
+    assert float(inverse) == pytest.approx(4.0 / 448)
+    assert torch.isnan(quantized.float()[[0, 3]]).all()
+    assert quantized.float()[1:3].tolist() == [224.0, -448.0]
+
+
+@pytest.mark.parametrize("shape", [(0, 64), (2, 0, 64)])
+def test_an_empty_batch_gives_an_empty_output(shape):
+    layer = nn.Linear(64, 32)
+    with torch.no_grad():
+        output = Fp8Linear(layer)(torch.randn(*shape))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = Fp8Linear(layer)(torch.randn(*shape))
+    assert output.shape == (*shape[:-1], 32) and output.dtype == torch.float32
+    assert low.shape == output.shape and low.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("edit", ["assign .data", "copy into .data", "copy_ under no_grad"])
+def test_a_weight_edit_reaches_the_fp8_forward(edit):
+    torch.manual_seed(0)
+    layer, x = nn.Linear(64, 32), torch.randn(8, 64)
+    fp8 = Fp8Linear(layer)
+    with torch.no_grad():
+        before = fp8(x)
+        new = torch.randn(32, 64) * 3
+        if edit == "assign .data":
+            layer.weight.data = new
+        elif edit == "copy into .data":
+            layer.weight.data.copy_(new)
+        else:
+            layer.weight.copy_(new)
+        after, fresh = fp8(x), Fp8Linear(layer)(x)
+    assert not torch.equal(after, before)
+    assert torch.equal(after, fresh)

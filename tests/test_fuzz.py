@@ -251,15 +251,21 @@ NO_CAPTURE = ["^blocks\\.\\d+\\.", "(?:blocks)", "amplify", "", "(?:a)(?=b)"]
 DTYPE_LISTS = st.lists(st.sampled_from(NAMES), min_size=1, max_size=3, unique=True)
 CLASSES = ["Linear", "LayerNorm", "Conv2d", "TrapNet"]
 
-VALID_RULE = st.fixed_dictionaries({"dtypes": DTYPE_LISTS}, optional={
-    "name": st.sampled_from(GOOD_REGEXES), "type": st.one_of(st.none(), st.lists(st.sampled_from(CLASSES),
-                                                                                 max_size=2))})
-VALID_SPACES = st.fixed_dictionaries({"format": st.just(SPACE_FORMAT)}, optional={
+def _valid_rule(dtypes: list[str]) -> st.SearchStrategy:
+    """A rule narrowing ``dtypes`` (FP32 may always be named)."""
+    within = sorted({*dtypes, "fp32"})
+    return st.fixed_dictionaries(
+        {"dtypes": st.lists(st.sampled_from(within), min_size=1, max_size=3, unique=True)},
+        optional={"name": st.sampled_from(GOOD_REGEXES),
+                  "type": st.one_of(st.none(), st.lists(st.sampled_from(CLASSES), max_size=2))})
+
+
+VALID_SPACES = DTYPE_LISTS.flatmap(lambda dtypes: st.fixed_dictionaries({"format": st.just(SPACE_FORMAT),
+                                                                          "dtypes": st.just(dtypes)}, optional={
     "name": text(max_size=8),
-    "dtypes": DTYPE_LISTS,
-    "rules": st.one_of(st.none(), st.lists(VALID_RULE, max_size=3)),
+    "rules": st.one_of(st.none(), st.lists(_valid_rule(dtypes), max_size=3)),
     "groups": st.one_of(st.none(), st.lists(st.sampled_from(GOOD_GROUPS), max_size=2, unique=True)),
-})
+}))
 NOT_A_LIST = st.one_of(st.sampled_from(NAMES), text(min_size=1, max_size=8), st.integers().filter(bool),
                        st.floats().filter(bool), st.just(True),
                        st.dictionaries(text(max_size=4), scalars, min_size=1, max_size=2))

@@ -18,13 +18,25 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 SETTINGS = Settings(model="m:f", space="default", mode="inference", constraint={"metric": "rel_l2", "limit": 0.01},
                     device="cpu", device_name="cpu", torch="2.13.0", trials=4, seed=0, strategy="optuna",
-                    sampler="TPESampler", parametrisation="categorical")
+                    sampler="TPESampler", parametrisation="categorical", weights="low")
 
 
 def _setup() -> StudySetup:
     return StudySetup(settings=SETTINGS, fingerprint="sha256:0", units=[{"name": "a", "type": "Linear",
                       "params": 1, "flops": 2}], edges=[], sensitivity={"a": {"bf16": 0.1}},
-                      dtype_probe={"bf16": {"relative_latency": 0.8, "error_gain": None}}, baseline_ms=2.0)
+                      dtype_probe={"bf16": {"relative_latency": 0.8, "error_gain": None}}, baseline_ms=2.0,
+                      data="sha256:1")
+
+
+def test_a_setup_stored_before_weights_and_data_were_recorded_loads_with_none():
+    study = optuna.create_study()
+    _setup().save(study)
+    settings = dict(study.user_attrs["settings"])
+    settings.pop("weights")                      # an older study's settings have no weights
+    study.set_user_attr("settings", settings)
+    study.set_user_attr("data", None)
+    loaded = StudySetup.load(study)
+    assert loaded.data is None and loaded.settings.weights is None
 
 
 def test_a_setup_is_invisible_until_saved_whole_then_round_trips():

@@ -113,7 +113,7 @@ def test_compare_warns_in_one_line_per_difference(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "precsearch: warning: plans were made on different devices" in captured.err
     assert "defaults differ (units a plan does not name run in its default): a.yaml bf16, b.yaml fp32" \
-        in captured.out and "0 of 0 units differ" in captured.out
+        in captured.out and "units unknown without --model: the plans name no unit" in captured.out
 
 
 @pytest.mark.parametrize("case,message", [
@@ -153,3 +153,10 @@ def test_written_files_honour_the_umask(run_dir):
     os.umask(mask)
     for name in ("plan.yaml", "trials.csv", "report.md", "report.html", "tradeoff.png"):
         assert stat.S_IMODE((run_dir / name).stat().st_mode) == 0o666 & ~mask, name
+
+
+def test_report_says_what_was_held_out_and_never_claims_compiled_for_an_eager_plan(run_dir):
+    report = (run_dir / "report.md").read_text()
+    assert "No batch was held out of the search (optimize --holdout or --holdout-data)." in report
+    assert "compiled with torch.compile" not in report and ", eager." in report
+    assert "holdout_error" not in report and "compiled_error" not in report

@@ -1,7 +1,9 @@
 import math
+import warnings
 
 import optuna
 import pytest
+import torch
 
 from precsearch import Plan, load_plan, walk
 from precsearch import study_setup as study_setup
@@ -78,6 +80,58 @@ def test_search_avoids_the_traps_and_matches_exhaustive_search():
     measured = ratio()
     measured = measured if measured <= 1.10 else min(measured, ratio())
     assert found == best.layers or measured <= 1.10, (found, best.layers, measured)
+
+
+def _demo_probe_inputs(model, batches):
+    graph = walk(model, batches[0])
+    choices = SearchSpace.load("default").choices(graph, "cpu")
+    return choices, unit_sensitivity(model, graph.units, batches[0], ["fp16", "bf16"], "cpu")
+
+
+def test_the_probe_times_fp16_on_the_demo_although_all_fp16_overflows():
+    model, batches = demo.small_model(), small_data()
+    choices, sensitivity = _demo_probe_inputs(model, batches)
+    layers = study_setup.probe_layers(choices, sensitivity, "fp16")
+    assert layers["amplify"] == "fp32" and {d for u, d in layers.items() if u != "amplify"} == {"fp16"}
+    probe = study_setup.probe_dtypes(Evaluator(model, batches, Fidelity.builtin(model, batches), "cpu"),
+                                     choices, sensitivity)
+    fp16 = probe["fp16"]
+    assert fp16["speedup_low"] <= 1 / fp16["relative_latency"] <= fp16["speedup_high"]
+    assert fp16["error_gain"] is not None                 # finite outputs: the probe calibrates fp16 too
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        left = study_setup.without_slow_dtypes(choices, probe, "cpu")
+    if study_setup.is_clearly_slower(fp16):               # on most CPUs: no choice offers fp16 any more
+        assert not any("fp16" in choice.dtypes for choice in left)
+    else:
+        assert all("fp16" in choice.dtypes for choice in left)
+
+
+def test_a_probe_keeps_overflowing_choices_fp32_unless_nothing_else_is_left():
+    from precsearch.space import Choice
+
+    choices = [Choice("a", ("a",), ("fp16", "fp32")), Choice("g", ("b", "c"), ("fp16", "fp32")),
+               Choice("d", ("d",), ("fp32",))]
+    sensitivity = {"a": {"fp16": 0.01}, "b": {"fp16": 0.02}, "c": {"fp16": math.inf}}
+    assert study_setup.probe_layers(choices, sensitivity, "fp16") == {"a": "fp16", "b": "fp32", "c": "fp32",
+                                                                      "d": "fp32"}
+    everything_overflows = {"a": {"fp16": math.inf}, "c": {"fp16": math.inf}}
+    assert study_setup.probe_layers(choices, everything_overflows, "fp16") == {"a": "fp16", "b": "fp16",
+                                                                               "c": "fp16", "d": "fp32"}
+
+
+@pytest.mark.slow
+def test_the_demo_tries_no_fp16_where_the_probe_found_it_clearly_slower():
+    model, batches = demo.model(), demo.data()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = optimize(model, batches, SearchConfig(trials=20, progress=False, seed=0))
+    probe = result.setup.dtype_probe
+    assert "fp16" in probe and "bf16" in probe
+    codes = [TrialRecord.of(t).plan for t in result.study.trials if TrialRecord.of(t) is not None]
+    assert len(codes) == 20
+    if study_setup.is_clearly_slower(probe["fp16"]):
+        assert not any("h" in code for code in codes), codes
 
 
 def test_resume_keeps_finished_trials_and_computes_sensitivity_once(tmp_path, monkeypatch):
@@ -233,3 +287,35 @@ def test_compile_races_the_finalists_compiled_and_says_so(tmp_path):
     assert plan.metrics["compile_s"] > 0 and plan.metrics["speedup_vs_compiled_fp32"] > 0
     saved = load_plan(plan.save(tmp_path / "plan.yaml"))
     assert saved.runtime == plan.runtime
+
+
+@pytest.mark.parametrize("batches", [[], [torch.zeros(0, 64)], [torch.randn(4, 64), torch.zeros(0, 64)]])
+def test_empty_data_is_refused_before_any_study_is_made(tmp_path, batches):
+    from precsearch.errors import InputError
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    with pytest.raises(InputError, match="data is empty|is empty \\(every tensor") as error:
+        optimize(demo.small_model(), batches, SearchConfig(trials=2, storage=storage, progress=False))
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "study.db").exists() or not optuna.get_all_study_names(storage)
+
+
+class _ScalesItsInput(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(64, 64)
+        self.head = torch.nn.Linear(64, 8)
+
+    def forward(self, x):
+        x.mul_(1.5)     # the caller's batch grows on every call
+        return self.head(self.fc(x))
+
+
+def test_a_model_that_changes_its_input_is_reported_not_searched(tmp_path):
+    from precsearch.errors import InputError
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    torch.manual_seed(0)
+    with pytest.raises(InputError, match="different outputs on two identical runs.*changes its inputs in place"):
+        optimize(_ScalesItsInput(), [torch.randn(8, 64)], SearchConfig(trials=2, storage=storage, progress=False))
+    assert not optuna.get_all_study_names(storage)   # no half-made study is left behind

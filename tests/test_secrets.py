@@ -42,13 +42,18 @@ def test_a_search_on_postgres_never_shows_the_password(form, tmp_path, capsys):
     assert (out / "plan.yaml").is_file() and "***" in (out / "plan.yaml").read_text()
 
 
-@pytest.mark.parametrize("form", ["empty-user", "at-sign", "query-mixed-case"])
+@pytest.mark.parametrize("form", ["empty-user", "at-sign", "query-mixed-case", "space", "tab", "query-space",
+                                  "options"])
 def test_a_refused_login_never_shows_the_password(form, tmp_path, capsys):
     user, _, host, db = _parts()
     secret = "Sekr1t-not-the-password"
     url = {"empty-user": f"postgresql://:{secret}@{host}{db}",
            "at-sign": f"postgresql://{user}:{secret[:5]}@{secret[5:]}@{host}{db}",
-           "query-mixed-case": f"postgresql://{user}@{host}{db}?PassWord={secret}"}[form]
+           "query-mixed-case": f"postgresql://{user}@{host}{db}?PassWord={secret}",
+           "space": f"postgresql://{user}:{secret[:5]} {secret[5:]}@{host}{db}",
+           "tab": f"postgresql://{user}:{secret[:5]}\t{secret[5:]}@{host}{db}",
+           "query-space": f"postgresql://{user}@{host}{db}?password={secret[:5]} {secret[5:]}",
+           "options": f"postgresql://{user}@{host}{db}?options=-c%20password%3D{secret}"}[form]
     assert main(["optimize", "--trials", "2", "--storage", url, "--out", str(tmp_path / "out"), *DEMO]) == 2
     captured = capsys.readouterr()
     for part in (secret, secret[:5], secret[5:]):

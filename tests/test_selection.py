@@ -43,3 +43,114 @@ def test_a_plan_tied_with_fp32_loses_to_it():
 def test_without_the_fp32_plan_the_best_there_is_wins():
     code, _ = race_winner(_estimates(hb=(0.80, 0.90), hh=(0.60, 0.70)), {"hb": 0.0, "hh": 0.0}, lambda code: 0, "ff")
     assert code == "hb"
+
+
+# -- choosing among measured trials: margin, held-out batches, compiled finalists -------------------
+import dataclasses  # noqa: E402
+
+import optuna  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from precsearch import walk  # noqa: E402
+from precsearch.accuracy import Fidelity  # noqa: E402
+from precsearch.config import SearchConfig  # noqa: E402
+from precsearch.decisions import decode  # noqa: E402
+from precsearch.evaluate import Evaluator  # noqa: E402
+from precsearch.plan import Runtime  # noqa: E402
+from precsearch.records import StudySetup, TrialRecord  # noqa: E402
+from precsearch.selection import choose, split_holdout  # noqa: E402
+
+
+class TwoLinears(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 64), nn.Linear(64, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+
+def batches(n: int = 2) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randn(8, 16, generator=generator) for _ in range(n)]
+
+
+def measured_study(trials: dict[str, tuple[float, float]], limit: float) -> optuna.Study:
+    """A study whose trials measured ``{code: (error, latency relative to FP32)}``: what ``choose``
+    reads, without timing anything."""
+    study = optuna.create_study()
+    for code, (error, relative) in trials.items():
+        record = TrialRecord(code, error, relative * 10.0, 10.0, speedup_low=0.9 / relative,
+                             speedup_high=1.1 / relative)
+        study.add_trial(optuna.trial.create_trial(
+            value=relative * 10.0, user_attrs={k: v for k, v in dataclasses.asdict(record).items() if v is not None},
+            constraints={"error": error - limit}))
+    return study
+
+
+def choose_among(model: nn.Module, data: list, trials: dict[str, tuple[float, float]], limit: float,
+                 holdout: list | None = None, **fields):
+    """``choose`` on a measured study of ``model``: the chosen plan and the other Pareto plans."""
+    config = SearchConfig(max_error=limit, progress=False, repeats=3, **fields)
+    fidelity = Fidelity.builtin(model, data, "rel_l2", limit)
+    evaluator = Evaluator(model, data, fidelity, "cpu", repeats=3, runtime=config.runtime)
+    setup = StudySetup(settings=None, fingerprint="", units=[], edges=[], sensitivity={}, dtype_probe={},
+                       baseline_ms=10.0, weight_mb=0.01)
+    graph = walk(model, data[0])
+    return choose(model, measured_study(trials, limit), graph, evaluator, config, setup, True, holdout)
+
+
+def test_units_of_the_test_model():
+    assert walk(TwoLinears().eval(), batches()[0]).units == ["a", "b"]
+
+
+def test_the_margin_keeps_a_plan_at_the_edge_from_being_chosen():
+    torch.manual_seed(0)
+    model = TwoLinears().eval()
+    edge, safe = "bb", "bf"   # the edge plan is the fastest and within the limit, but not the margin
+    trials = {"ff": (0.0, 1.0), edge: (0.009, 0.40), safe: (0.004, 0.42)}
+    plan, pareto = choose_among(model, batches(), trials, 0.01, margin=0.3)
+    assert plan.layers != decode(edge, ["a", "b"]) and (plan.metrics["error"] <= 0.007)
+    assert plan.search["margin"] == 0.3
+    assert any(p.metrics["error"] == 0.009 for p in pareto)  # still a Pareto-optimal feasible plan
+    plan, _ = choose_among(model, batches(), {"ff": (0.0, 1.0), edge: (0.009, 0.40)}, 0.01, margin=0.5)
+    assert plan.default == "fp32" and not plan.layers
+
+
+def test_no_plan_within_the_margin_is_no_plan():
+    torch.manual_seed(0)
+    model = TwoLinears().eval()
+    plan, pareto = choose_among(model, batches(), {"bb": (0.009, 0.4)}, 0.01, margin=0.5)
+    assert plan is None and pareto == []
+
+
+def test_held_out_batches_score_the_chosen_and_the_pareto_plans():
+    from precsearch import apply_plan
+
+    torch.manual_seed(0)
+    model = TwoLinears().eval()
+    data, unseen = batches(2), batches(4)[2:]
+    trials = {"ff": (0.0, 1.0), "bb": (0.003, 0.40), "bf": (0.002, 0.45), "fb": (0.001, 0.5)}
+    plan, pareto = choose_among(model, data, trials, 0.01, holdout=unseen)
+    fidelity = Fidelity.builtin(model, unseen, "rel_l2", 0.01)
+    for written in [plan, *pareto]:
+        assert written.metrics["holdout_batches"] == 2
+        with apply_plan(model, written):
+            assert written.metrics["holdout_error"] == pytest.approx(fidelity.error(model), rel=1e-6)
+    assert any(p.metrics["holdout_error"] > 0 for p in [plan, *pareto])
+
+
+def test_held_out_batches_are_a_seeded_split_the_search_never_sees():
+    data = batches(10)
+    search, held = split_holdout(data, SearchConfig(progress=False))   # default: a quarter from 8 batches on
+    assert len(held) == 2 and len(search) == 8
+    assert {id(b) for b in search}.isdisjoint(id(b) for b in held)
+    assert [id(b) for b in search] == [id(b) for b in data if all(b is not h for h in held)]  # order kept
+    again, _ = split_holdout(data, SearchConfig(progress=False))
+    assert [id(b) for b in again] == [id(b) for b in search]
+    assert split_holdout(data[:4], SearchConfig(progress=False)) == (data[:4], [])   # too few: none held out
+    assert len(split_holdout(data[:4], SearchConfig(holdout=0.25, progress=False))[1]) == 1
+    unseen = batches(3)
+    assert split_holdout(data, SearchConfig(holdout_data=unseen, progress=False)) == (data, unseen)

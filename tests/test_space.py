@@ -86,3 +86,24 @@ def test_binary_space_file_is_an_input_error(tmp_path):
     with pytest.raises(InputError) as caught:
         SearchSpace.load(str(path))
     assert str(caught.value).startswith(f"--space {path}: cannot read search space: not UTF-8 text (byte 0x89")
+
+
+@pytest.mark.parametrize("rule,culprit", [
+    ("{name: '^head$', dtypes: [fp16]}", "rules[0].dtypes: fp16 is not in the top-level dtypes [bf16, fp32]"),
+    ("{type: [Linear], dtypes: [fp8, bf16]}", "rules[0].dtypes: fp8 is not in the top-level dtypes [bf16, fp32]"),
+])
+def test_a_rule_dtype_outside_the_top_level_dtypes_is_bad_input(tmp_path, rule, culprit):
+    path = tmp_path / "space.yaml"
+    path.write_text(f"format: precsearch-space/1\nname: s\ndtypes: [bf16, fp32]\nrules:\n  - {rule}\n")
+    with pytest.raises(InputError) as caught:
+        SearchSpace.load(str(path))
+    assert culprit in str(caught.value) and str(path) in str(caught.value)
+
+
+def test_a_rule_may_always_name_fp32_and_narrow_the_top_level_dtypes():
+    space = SearchSpace.parse({"format": "precsearch-space/1", "dtypes": ["bf16"],
+                               "rules": [{"name": "^shift$", "dtypes": ["fp32"]}, {"type": ["Linear"],
+                                                                                   "dtypes": ["bf16", "fp32"]}]},
+                              "inline")
+    choices = {c.name: c.dtypes for c in space.choices(walk(demo.model(), demo.data()[0]), "cpu")}
+    assert choices["shift"] == ("fp32",) and choices["stem"] == ("bf16", "fp32")

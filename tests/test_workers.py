@@ -162,3 +162,23 @@ def test_a_worker_with_another_model_is_refused(tmp_path):
     with pytest.raises(InputError, match="was made for another"):
         optimize(nn.Sequential(nn.Linear(32, 32)), batches, SearchConfig(trials=2, storage=storage, study_name="s",
                  progress=False, repeats=3, max_error=0.5))
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"weights": "fp32"}, "was measured with --weights low, not --weights fp32"),
+    ({"batches": 1.0}, "was made on other --data"),
+])
+def test_resuming_with_other_weights_or_data_is_refused(tmp_path, change, message):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    torch.manual_seed(0)
+    model, batches = nn.Sequential(nn.Linear(32, 32)), [torch.randn(8, 32)]
+
+    def search(weights="low", shift=0.0):
+        return optimize(model, [b + shift for b in batches], SearchConfig(
+            trials=2, storage=storage, study_name="s", progress=False, repeats=2, weights=weights))
+
+    search()
+    search()                                          # the same search resumes
+    with pytest.raises(InputError, match=message) as error:
+        search(change.get("weights", "low"), change.get("batches", 0.0))
+    assert "\n" not in str(error.value)

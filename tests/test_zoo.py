@@ -4,6 +4,7 @@ low), checked by a recorder independent of the audit, restored bit for bit, deep
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -12,11 +13,12 @@ import zoo
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from precsearch import Plan, apply_plan, audit, walk
+from precsearch import Plan, PlanError, apply_plan, audit, walk
 from precsearch.accuracy import flatten_outputs
 from precsearch.batches import call
 from precsearch.cli import main
 from precsearch.config import SearchConfig
+from precsearch.plan import Runtime
 from precsearch.ops import is_eligible, op_name
 from precsearch.study_setup import find_ties
 
@@ -63,6 +65,19 @@ def _run(model, batch):
         return flatten_outputs(call(model, batch))
 
 
+def _witnessed(model, batch):
+    witness = DtypeWitness(model)
+    try:
+        with witness:
+            return _run(model, batch), witness
+    finally:
+        witness.remove()
+
+
+def _equal(first, second):
+    return len(first) == len(second) and all(torch.equal(a, b) for a, b in zip(first, second))
+
+
 @pytest.mark.parametrize("name", zoo.NAMES)
 def test_architecture_under_mixed_plans(name):
     model, batch = zoo.build(name)
@@ -76,19 +91,19 @@ def test_architecture_under_mixed_plans(name):
     for plan in (Plan(default="bf16"), Plan(default="bf16", layers=sparse)):
         report = audit(model, plan, [batch], units=units)
         assert report.ok, f"{name}: {report}"
-        with apply_plan(model, plan, example_inputs=batch):
-            witness = DtypeWitness(model)
-            try:
-                with witness:
-                    outputs = _run(model, batch)
-            finally:
-                witness.remove()
-            assert all(torch.isfinite(t).all() for t in outputs), name
+        with apply_plan(model, dataclasses.replace(plan, runtime=Runtime(weights="fp32"))):
+            cast_per_call = _run(model, batch)
+        with apply_plan(model, plan):              # the README's path: no example_inputs
+            first, witness = _witnessed(model, batch)   # the first call learns which weights to hold low
+            later = _run(model, batch)
+            assert model.__dict__["_precsearch_plan_handle"].weights.held, f"{name}: no weight held low"
+            assert all(torch.isfinite(t).all() for t in first), name
             assert witness.seen and all(dtype == plan.precision(unit) for unit, _, dtype in witness.seen), name
             audited = {(e.unit, e.actual) for e in report.entries if e.phase == "forward"}
             assert {(unit, dtype) for unit, _, dtype in witness.seen} == audited, f"{name}: the audit disagrees"
+            assert _equal(first, cast_per_call) and _equal(later, first), f"{name}: held weights changed outputs"
             twin = copy.deepcopy(model)
-            assert all(torch.equal(a, b) for a, b in zip(_run(twin, batch), outputs)), name
+            assert _equal(_run(twin, batch), first), name
         assert all(torch.equal(a, b) for a, b in zip(_run(model, batch), reference)), f"{name}: not restored"
 
 
@@ -127,6 +142,9 @@ def test_units_that_must_share_a_precision_are_tied_in_the_search(tmp_path, monk
     assert ties[query] == query.rsplit(".", 1)[0]      # the attention that fills its mask from query's dtype
     choices = SearchConfig().space.choices(graph, "cpu", ties)
     assert any({query, ties[query]} <= set(choice.units) for choice in choices)
+    # a plan that carries the ties (as the search writes them) is refused before the model runs
+    with pytest.raises(PlanError, match=f"ties: {query!r} must share the precision of {ties[query]!r}"):
+        apply_plan(model, Plan(default="bf16", layers={query: "fp32"}, ties=ties))
     # a hand-written plan that splits them is refused by check with one line, not a traceback
     plan = Plan(default="bf16", layers={query: "fp32"})
     (tmp_path / "plan.yaml").write_text(plan.dumps())
