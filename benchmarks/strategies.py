@@ -6,7 +6,11 @@ limit, how many distinct plans it evaluated, and the wall time of its search. On
 the exhaustive optimum is known, and the table says after how many evaluations Optuna and random
 search first reach within 5% of it.
 
-    python benchmarks/strategies.py [--json PATH]
+``optuna`` is the default: TPE started from greedy's answer and the model-based proposals;
+``tpe`` is the seeded TPE it replaced. For the strategies whose trials record the model's
+prediction, the row also says how well it matched the measurements (``prediction``).
+
+    python benchmarks/strategies.py [--json PATH] [--only trap_model|bert|cnn]
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from precsearch.decisions import decode, encode
 from precsearch.evaluate import Evaluator
 from precsearch.examples import demo
 from precsearch.records import TrialRecord
+from precsearch.report import prediction_quality, trials_frame
 from precsearch.runtime import apply_plan
 from precsearch.search import optimize
 from precsearch.strategies import STRATEGIES, exhaustive
@@ -43,12 +48,15 @@ def run_strategies(model: nn.Module, batches: list, limit: float, trials: int) -
         result = optimize(model, batches, SearchConfig(max_error=limit, trials=trials, progress=False, seed=0, strategy=strategy))
         units = result.graph.units  # the same for every strategy
         complete = [t for t in result.study.trials if t.state.name == "COMPLETE"]
+        quality = prediction_quality(trials_frame(result.study))
         found[strategy] = {
             "plan": {u: result.plan.precision(u) for u in units} if result.plan else {u: "fp32" for u in units},
             "seconds": round(time.perf_counter() - started, 1),
             "evaluations": len({TrialRecord.of(t).plan for t in complete}),
             "sequence": [TrialRecord.of(t).plan for t in complete],
             "feasible_sequence": [t.constraints["error"] <= 0 for t in complete],
+            "trials": len(complete),
+            **({"prediction": quality} if quality else {}),
         }
     batch = batches[0]
 
@@ -72,7 +80,9 @@ def run_strategies(model: nn.Module, batches: list, limit: float, trials: int) -
         row["error"] = evaluator.error(row["plan"])
         row["meets_limit"] = row["error"] <= limit
         row["fp32_units"] = sum(d == "fp32" for d in row["plan"].values())
-    return {"fp32_ms": round(base, 3), "limit": limit, "units": len(units), "strategies": found}
+    greedy_over_default = found["greedy"]["ms"] / found["optuna"]["ms"]
+    return {"fp32_ms": round(base, 3), "limit": limit, "units": len(units), "strategies": found,
+            "greedy_latency_over_default": round(greedy_over_default, 3)}
 
 
 def trap_model() -> dict:
@@ -142,15 +152,19 @@ def cnn() -> dict:
     return result
 
 
-def run_all() -> dict:
-    return {**settings(), "trap_model": trap_model(), "bert": bert(), "cnn": cnn()}
+MODELS = {"trap_model": trap_model, "bert": bert, "cnn": cnn}
+
+
+def run_all(only: str | None = None) -> dict:
+    return {**settings(), **{name: run() for name, run in MODELS.items() if only in (None, name)}}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", metavar="PATH")
+    parser.add_argument("--only", choices=list(MODELS), help="one model instead of all")
     options = parser.parse_args()
-    result = run_all()
+    result = run_all(options.only)
     print(json.dumps(result, indent=2, default=str))
     if options.json:
         with open(options.json, "w") as handle:

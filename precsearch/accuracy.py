@@ -99,13 +99,141 @@ def top1(outputs, reference) -> float:
     return 1.0 - agree / total if total else 0.0
 
 
+# Task metrics: the head's first floating output (logits, or the last hidden state) of each
+# batch, read with the batch itself (its attention_mask, input_ids, and labels).
+
+def _heads(outputs, reference, batches):
+    for got_batch, ref_batch, batch in zip(outputs, reference, batches, strict=True):
+        if not got_batch or len(got_batch) != len(ref_batch):
+            raise RuntimeError("the model returned a different number of outputs than the FP32 reference")
+        yield got_batch[0], ref_batch[0], batch
+
+
+def _input(batch: Any, key: str) -> torch.Tensor | None:
+    return batch.get(key) if isinstance(batch, Mapping) else None
+
+
+def _positions(batch: Any, logits: torch.Tensor) -> torch.Tensor:
+    """Which positions of ``logits`` (batch, length, classes) count: the attention_mask's, else all."""
+    mask = _input(batch, "attention_mask")
+    if mask is not None and mask.shape == logits.shape[:2]:
+        return mask.bool()
+    return torch.ones(logits.shape[:-1], dtype=torch.bool, device=logits.device)
+
+
+def token_agreement(outputs, reference, batches) -> float:
+    """``1 - agreement`` of the predicted token (class) at every unpadded position."""
+    agree = total = 0
+    for got, want, batch in _heads(outputs, reference, batches):
+        if not torch.isfinite(got).all():
+            return math.inf
+        keep = _positions(batch, got) if got.dim() == 3 else torch.ones(got.shape[:-1], dtype=torch.bool)
+        agree += int(((got.argmax(-1) == want.argmax(-1)) & keep.to(got.device)).sum())
+        total += int(keep.sum())
+    return 1.0 - agree / total if total else 0.0
+
+
+def _mean_nll(logits: torch.Tensor, batch: Any) -> tuple[float, int]:
+    """Summed negative log-likelihood of the batch's own tokens, and how many: a causal LM
+    predicts token t + 1 at position t; a seq2seq decoder reading the input shifted right, token t."""
+    ids = _input(batch, "input_ids")
+    if ids is None or logits.dim() != 3 or ids.shape != logits.shape[:2]:
+        raise InputError("--metric-name perplexity: needs a language model's logits on token batches "
+                         "(dicts with input_ids), e.g. --model hf:DIR --data FILE")
+    keep = _positions(batch, logits)
+    if _input(batch, "decoder_input_ids") is None:
+        logits, ids, keep = logits[:, :-1], ids[:, 1:], keep[:, 1:] & keep[:, :-1]
+    nll = torch.nn.functional.cross_entropy(logits.double().flatten(0, 1), ids.flatten(), reduction="none")
+    return float(nll[keep.flatten()].sum()), int(keep.sum())
+
+
+def _perplexity(logits_per_batch: list[torch.Tensor], batches: list[Any]) -> float:
+    nll = count = 0
+    for logits, batch in zip(logits_per_batch, batches, strict=True):
+        batch_nll, batch_count = _mean_nll(logits, batch)
+        nll, count = nll + batch_nll, count + batch_count
+    if not count:
+        raise InputError("--metric-name perplexity: the batches have no token to predict (give longer texts)")
+    return math.exp(nll / count) if nll / count < 700 else math.inf
+
+
+def perplexity(outputs, reference, batches) -> float:
+    """``|ppl / ppl_fp32 - 1|``: the relative change of the perplexity on the batches' own tokens."""
+    got = [g for g, _, _ in _heads(outputs, reference, batches)]
+    if not all(torch.isfinite(g).all() for g in got):
+        return math.inf
+    fp32 = perplexity_value(reference, batches)
+    return abs(_perplexity(got, batches) / fp32 - 1.0)
+
+
+def perplexity_value(reference, batches) -> float:
+    """The FP32 model's perplexity on the batches' own tokens."""
+    return _perplexity([batch[0] for batch in reference], batches)
+
+
+def _labels(batches: list[Any]) -> list[torch.Tensor]:
+    labels = [getattr(batch, "labels", None) for batch in batches]
+    if any(label is None for label in labels):
+        raise InputError("--metric-name label_accuracy: needs labels: give every example of --data FILE a "
+                         "'label' (a classification checkpoint), or use top1")
+    return labels
+
+
+def _accuracy(logits_per_batch: list[torch.Tensor], batches: list[Any]) -> float:
+    labels = _labels(batches)
+    correct = sum(int((logits.argmax(-1) == label.to(logits.device)).sum())
+                  for logits, label in zip(logits_per_batch, labels, strict=True))
+    return correct / max(sum(label.numel() for label in labels), 1)
+
+
+def label_accuracy(outputs, reference, batches) -> float:
+    """The drop of label accuracy against FP32's (0 when it is not lower)."""
+    got = [g for g, _, _ in _heads(outputs, reference, batches)]
+    if not all(torch.isfinite(g).all() for g in got):
+        return math.inf
+    return max(0.0, label_accuracy_value(reference, batches) - _accuracy(got, batches))
+
+
+def label_accuracy_value(reference, batches) -> float:
+    """The FP32 model's label accuracy."""
+    return _accuracy([batch[0] for batch in reference], batches)
+
+
+def embedding_cosine(outputs, reference, batches) -> float:
+    """``1 - mean cosine similarity`` of each sample's embedding: its hidden states averaged
+    over its unpadded positions (or the output itself when it is one vector a sample)."""
+    similarities = []
+    for got, want, batch in _heads(outputs, reference, batches):
+        if not torch.isfinite(got).all():
+            return math.inf
+        got, want = got.double(), want.double()
+        if got.dim() == 3:
+            weights = _positions(batch, got).unsqueeze(-1).double()
+            got = (got * weights).sum(1) / weights.sum(1).clamp_min(1)
+            want = (want * weights).sum(1) / weights.sum(1).clamp_min(1)
+        similarities.append(torch.nn.functional.cosine_similarity(
+            got.reshape(got.shape[0], -1), want.reshape(want.shape[0], -1), dim=1, eps=1e-12))
+    return 1.0 - float(torch.cat(similarities).mean()) if similarities else 0.0
+
+
 @dataclasses.dataclass(frozen=True)
 class Metric:
-    """A built-in fidelity metric: an error of a candidate's outputs against the FP32 reference."""
+    """A built-in fidelity metric: an error of a candidate's outputs against the FP32 reference.
+
+    A task metric also reads the batches (``uses_batches``: called with ``batches=``), and may
+    have a value of its own for the FP32 model (``fp32_value``: an accuracy, a perplexity)."""
 
     name: str
-    function: Callable[[list[list[torch.Tensor]], list[list[torch.Tensor]]], float]
+    function: Callable[..., float]
     help: str
+    uses_batches: bool = False
+    fp32_value: Callable[[list[list[torch.Tensor]], list[Any]], float] | None = None
+
+    def bound(self, batches: list[Any]) -> Callable[[Any, Any], float]:
+        """``function(outputs, reference)`` for ``batches``."""
+        if not self.uses_batches:
+            return self.function
+        return lambda outputs, reference: self.function(outputs, reference, batches=batches)
 
 
 METRICS: dict[str, Metric] = {m.name: m for m in (
@@ -113,7 +241,36 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("cosine", cosine, "1 - mean cosine similarity per sample"),
     Metric("max_abs", max_abs, "largest absolute difference"),
     Metric("top1", top1, "1 - argmax agreement"),
+    Metric("label_accuracy", label_accuracy, "drop of label accuracy (classifiers, data with labels)",
+           uses_batches=True, fp32_value=label_accuracy_value),
+    Metric("token_agreement", token_agreement, "1 - agreement of the predicted token at unpadded positions",
+           uses_batches=True),
+    Metric("perplexity", perplexity, "relative change of the perplexity (language models)",
+           uses_batches=True, fp32_value=perplexity_value),
+    Metric("embedding_cosine", embedding_cosine, "1 - mean cosine of mean-pooled embeddings per sample",
+           uses_batches=True),
 )}
+
+# The metric a checkpoint's task is judged by (see ``hf.TASKS``); a classifier with labels: label_accuracy
+TASK_METRICS = {"causal-lm": "perplexity", "seq2seq-lm": "token_agreement", "sequence-classification": "top1",
+                "image-classification": "top1", "token-classification": "token_agreement",
+                "feature-extraction": "embedding_cosine"}
+
+
+def task_metric(task: str | None, batches: list[Any]) -> str:
+    """The default metric for a model of ``task`` on ``batches`` (rel_l2 when the task is unknown)."""
+    if task in ("sequence-classification", "image-classification") and batches \
+            and all(getattr(batch, "labels", None) is not None for batch in batches):
+        return "label_accuracy"
+    return TASK_METRICS.get(task or "", "rel_l2")
+
+
+def fp32_value(model: nn.Module, batches: list[Any], metric: str) -> float | None:
+    """The FP32 model's own value of ``metric`` on ``batches`` (None for a metric without one)."""
+    definition = METRICS.get(metric)
+    if definition is None or definition.fp32_value is None:
+        return None
+    return float(definition.fp32_value(run_outputs(model, batches), batches))
 
 
 @dataclasses.dataclass
@@ -141,7 +298,7 @@ class Fidelity:
         inputs = _batches.fingerprint(batches)
         reference = run_outputs(model, batches)
         check_reference(reference)
-        function = METRICS[metric].function
+        function = METRICS[metric].bound(batches)
         check_repeatable(function(run_outputs(model, batches), reference), metric, limit,
                          inputs_changed=_batches.fingerprint(batches) != inputs)
         return cls(metric, limit, lambda candidate: function(run_outputs(candidate, batches), reference))

@@ -26,11 +26,39 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_model_args(parser: argparse.ArgumentParser, *, demo: bool = True) -> None:
     note = " (default: the built-in demo)" if demo else ""
-    parser.add_argument("--model", metavar="MODULE:FUNC",
-                        help=f"factory returning an nn.Module{note}; inference runs it in eval mode (model.eval())")
-    parser.add_argument("--data", metavar="MODULE:FUNC",
-                        help=f"factory returning a list of batches (Tensor, tuple or dict){note}")
+    parser.add_argument("--model", metavar="MODULE:FUNC|hf:DIR",
+                        help=f"factory returning an nn.Module, or hf:DIR, a local transformers checkpoint "
+                             f"directory (save_pretrained; never downloaded){note}; inference runs it in eval "
+                             f"mode (model.eval())")
+    parser.add_argument("--data", metavar="MODULE:FUNC|FILE",
+                        help=f"factory returning a list of batches (Tensor, tuple or dict), or FILE: .txt (one "
+                             f"example a line), .jsonl or .csv (a text field and an optional label) or a "
+                             f"datasets.save_to_disk folder, tokenized with the hf:DIR checkpoint's tokenizer{note}")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available, else cpu)")
+    _add_data_file_args(parser)
+
+
+def _add_data_file_args(parser: argparse.ArgumentParser) -> None:
+    from precsearch.hf import TASKS
+
+    parser.add_argument("--task", choices=list(TASKS), metavar="TASK",
+                        help="hf:DIR: load the checkpoint with this task's Auto class (default: the class its "
+                             "config.json's architectures name): " + ", ".join(TASKS))
+    parser.add_argument("--text-field", default="text", metavar="NAME",
+                        help="--data FILE: the field (column) holding the text (default: text)")
+    parser.add_argument("--batch-size", type=_positive_int, default=8, metavar="N",
+                        help="--data FILE: examples per batch (default: 8)")
+    parser.add_argument("--max-length", type=_positive_int, default=128, metavar="N",
+                        help="--data FILE: tokens per example, longer ones truncated (default: 128)")
+    parser.add_argument("--samples", type=_positive_int, default=None, metavar="N",
+                        help="--data FILE: use N examples, a seeded choice (--seed; default: all)")
+
+
+def _data_options(args: argparse.Namespace) -> Any:
+    from precsearch.datafiles import DataOptions
+
+    return DataOptions(text_field=args.text_field, batch_size=args.batch_size, max_length=args.max_length,
+                       samples=args.samples, seed=getattr(args, "seed", 0))
 
 
 def _model_and_data(args: argparse.Namespace) -> tuple[Any, list[Any], str, str]:
@@ -38,7 +66,6 @@ def _model_and_data(args: argparse.Namespace) -> tuple[Any, list[Any], str, str]
     import torch
 
     from precsearch import factories
-    from precsearch.batches import to_device
     from precsearch.ops import device_type_of
 
     if (args.model is None) != (args.data is None):
@@ -52,9 +79,12 @@ def _model_and_data(args: argparse.Namespace) -> tuple[Any, list[Any], str, str]
         torch.empty(0, device=device)
     except Exception as error:  # e.g. "Torch not compiled with CUDA enabled" is an AssertionError
         raise InputError(f"--device {device!r}: {str(error).splitlines()[0]}") from None
-    model = factories.load_model(model_spec).to(device)
+    options = _data_options(args)
+    examples = factories.read_data_file(data_spec, model_spec, options)  # a bad file fails before the model loads
+    model = factories.load_model(model_spec, args.task).to(device)
     model.train(training)  # inference runs in eval mode: no dropout, BatchNorm's running statistics
-    data = [to_device(batch, device) for batch in factories.load_data(data_spec)]
+    data = factories.load_data(data_spec, model=model, model_spec=model_spec, options=options, device=device,
+                               examples=examples)
     _check_runs(model, data[0], training, model_spec, data_spec)
     return model, data, device, model_spec
 
@@ -103,6 +133,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     from precsearch.runtime import apply_plan
 
     plan = load_plan(args.plan)
+    if args.package:
+        return _check_package(args, plan)
     args.mode = "train" if plan.mode == "training" else "infer"  # training plans audit backward too
     model, data, device, _ = _model_and_data(args)
     mismatch = "warn" if args.ignore_fingerprint else "error"
@@ -144,8 +176,61 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK if ok else EXIT_FAILED
 
 
+def _check_package(args: argparse.Namespace, plan: Any) -> int:
+    """``check --package``: the package's error against the FP32 model within the plan's limit."""
+    from precsearch.compiled import eval_mode
+    from precsearch.export import check_package, load_package, plan_fidelity
+
+    if plan.mode != "inference":
+        raise InputError("--package: packages hold inference plans; this plan is for training")
+    package = load_package(args.package)
+    args.mode = "infer"
+    model, data, _, _ = _model_and_data(args)
+    plan.validate_for(model, fingerprint_mismatch="warn" if args.ignore_fingerprint else "error")
+    with eval_mode(model):
+        result = check_package(package, plan_fidelity(model, plan, data), args.package)
+    if args.json:
+        print(json.dumps({"ok": result.within_limit is not False, "metric": result.metric, "error": result.error,
+                          "limit": result.limit}, indent=2))
+    else:
+        print(result.verdict())
+    return EXIT_FAILED if result.within_limit is False else EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from precsearch.export import checked_out, export_plan
+    from precsearch.ops import device_type_of
+    from precsearch.plan import load_plan
+    from precsearch.report import format_table
+
+    plan = load_plan(args.plan)
+    checked_out(args.out)  # before the model is built
+    args.mode = "infer"
+    model, data, device, _ = _model_and_data(args)
+    mismatch = "warn" if args.ignore_fingerprint else "error"
+    result = export_plan(model, plan, data, args.out, dynamic=args.dynamic, device_type=device_type_of(device),
+                         fingerprint_mismatch=mismatch)
+    if result.dynamic_note:
+        _warn(result.dynamic_note)
+    check, weights = result.verification.check, ", ".join(
+        f"{dtype} {size / 2**20:.2f} MB" for dtype, size in sorted(result.weight_bytes.items()))
+    dynamic = "; dynamic: " + ", ".join(f"{name} dims {dims}" for name, dims in result.dynamic_dims.items()) \
+        if result.dynamic_dims else ""
+    print(f"package: {result.path} ({result.size_bytes / 2**20:.2f} MB on disk; weights {weights}; "
+          f"exported and compiled in {result.export_s:.1f} s{dynamic})")
+    print(f"max abs difference against the eager plan: {result.verification.max_diff:.3g}")
+    print(check.verdict())
+    print(format_table(result.verification.latency_rows()))
+    return EXIT_FAILED if check.within_limit is False else EXIT_OK
+
+
 def _study_name(model_spec: str) -> str:
-    """``"precsearch.examples.demo:model"`` -> ``"demo"``; ``"zoo.nets:resnet"`` -> ``"nets-resnet"``."""
+    """``"precsearch.examples.demo:model"`` -> ``"demo"``; ``"zoo.nets:resnet"`` -> ``"nets-resnet"``;
+    ``"hf:ckpt/bert"`` -> ``"hf-bert"``."""
+    from precsearch import hf
+
+    if hf.is_checkpoint(model_spec):
+        return hf.study_name(model_spec)
     module, _, function = model_spec.partition(":")
     stem = module.rsplit(".", 1)[-1]
     return stem if function == "model" else f"{stem}-{function}"
@@ -172,6 +257,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     import optuna
 
     from precsearch import factories
+    from precsearch.accuracy import fp32_value
     from precsearch.config import SearchConfig
     from precsearch.outputs import check_writable, output_directory, write_results
     from precsearch.plan import mask_password
@@ -181,7 +267,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     from precsearch.storage import open_storage
 
     # Everything but the model-dependent fidelity is checked before the model is built.
-    config = SearchConfig(space=args.space, metric=args.metric_name, max_error=args.max_error, mode=args.mode,
+    config = SearchConfig(space=args.space, metric=args.metric_name or "rel_l2", max_error=args.max_error,
+                          mode=args.mode,
                           loss_fn=factories.resolve(args.loss, "loss") if args.loss else None,
                           trials=args.trials, timeout=args.timeout, seed=args.seed, heartbeat=args.heartbeat,
                           strategy=args.strategy, weights=args.weights, compile=args.compile,
@@ -194,8 +281,10 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     open_storage(args.storage)  # a bad URL fails before the model is built
     model, data, device, model_spec = _model_and_data(args)
     fidelity = _user_fidelity(args, model, data)
-    config = dataclasses.replace(config, fidelity=fidelity, storage=storage, study_name=study_name,
-                                 model_name=model_spec, holdout_data=_holdout_data(args, device))
+    metric_name = args.metric_name or _task_metric(model_spec, model, data)
+    fp32_metric = None if fidelity or config.training else fp32_value(model, data, metric_name)
+    config = dataclasses.replace(config, metric=metric_name, fidelity=fidelity, storage=storage,
+                                 study_name=study_name, model_name=model_spec, holdout_data=_holdout_data(args, device))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     metric = "grad_rel_l2" if config.training else config.metric
     limit = f"{fidelity.name} <= {fidelity.limit:g}" if fidelity else f"{metric} <= {config.max_error:g}"
@@ -207,7 +296,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         print(f"precsearch: {unseen}", file=sys.stderr)
     try:
         with output_directory(out):
-            result = optimize(model, data, config)
+            result = _with_fp32_metric(optimize(model, data, config), fp32_metric)
             files = write_results(out, result)
     except KeyboardInterrupt:
         print(f"precsearch: interrupted; every finished trial is kept in {mask_password(storage)}: "
@@ -233,6 +322,28 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     print(f"\nplan: {files['plan']}   report: {files['html']}   trials: {files['csv']}\n"
           f"other Pareto-optimal plans: {len(result.pareto)} in {files['pareto']}/")
     return EXIT_OK
+
+
+def _task_metric(model_spec: str, model: Any, data: list[Any]) -> str:
+    """The default --metric-name: the checkpoint's task metric for hf:DIR, else rel_l2."""
+    from precsearch import hf
+    from precsearch.accuracy import task_metric
+
+    return task_metric(hf.task_of(model), data) if hf.is_checkpoint(model_spec) else "rel_l2"
+
+
+def _with_fp32_metric(result: Any, value: float | None) -> Any:
+    """``result`` whose plans record the FP32 model's value of their task metric (``metrics.fp32_metric``)."""
+    import dataclasses
+
+    if value is None:
+        return result
+
+    def recorded(plan: Any) -> Any:
+        return dataclasses.replace(plan, metrics={**(plan.metrics or {}), "fp32_metric": round(value, 6)})
+
+    plan = recorded(result.plan) if result.plan is not None else None
+    return dataclasses.replace(result, plan=plan, pareto=[recorded(p) for p in result.pareto])
 
 
 def _holdout_data(args: argparse.Namespace, device: str) -> list[Any] | None:
@@ -371,7 +482,30 @@ def build_parser() -> argparse.ArgumentParser:
                             "the limit or the model cannot run compiled (the audit itself runs eager)")
     check.add_argument("--ignore-fingerprint", action="store_true",
                        help="warn instead of failing when the plan was made for another model")
+    check.add_argument("--package", metavar="MODEL.pt2",
+                       help="instead of the audit, run this AOTInductor package (precsearch export) on the data "
+                            "and check its error against the FP32 model stays within the plan's limit; exit 1 "
+                            "over the limit")
     check.set_defaults(run=cmd_check)
+
+    export = commands.add_parser(
+        "export", help="write the model with a plan applied as an AOTInductor package (.pt2)",
+        description="Apply an inference plan (low weights held, eval mode), export the model with torch.export "
+                    "(non-strict) and compile it with AOTInductor into one .pt2 file that "
+                    "torch._inductor.aoti_load_package runs with torch alone. Then verify it on the data: its "
+                    "largest output difference against the eager plan, its error against FP32 (exit 1 over the "
+                    "plan's limit) and its latency beside eager FP32 and the eager plan. A model that cannot be "
+                    "exported is bad input (exit 2) and leaves no file.")
+    export.add_argument("--plan", required=True, metavar="PLAN.yaml", help="the inference plan to apply")
+    _add_model_args(export)
+    export.add_argument("--out", required=True, metavar="MODEL.pt2", help="the package to write")
+    export.add_argument("--dynamic", action="store_true",
+                        help="export the batch dimension (and the second one, e.g. the sequence, where inputs "
+                             "have one) as dynamic where the model allows; if it does not, one warning and a "
+                             "static export")
+    export.add_argument("--ignore-fingerprint", action="store_true",
+                        help="warn instead of failing when the plan was made for another model")
+    export.set_defaults(run=cmd_export)
 
     search = commands.add_parser(
         "optimize", help="search the fastest per-layer precision plan within an accuracy limit",
@@ -382,9 +516,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(search)
     search.add_argument("--space", default="default", metavar="NAME|PATH",
                         help="search space: a named one (default, transformer, cnn, bf16_only) or a YAML file")
-    search.add_argument("--metric-name", default="rel_l2", choices=list(METRICS), metavar="NAME",
+    search.add_argument("--metric-name", default=None, choices=list(METRICS), metavar="NAME",
                         help="fidelity metric against the FP32 outputs: " + "; ".join(
-                            f"{m.name}: {m.help}" for m in METRICS.values()) + " (default: rel_l2)")
+                            f"{m.name}: {m.help}" for m in METRICS.values()) + " (default: rel_l2; for hf:DIR "
+                        "the checkpoint task's metric: label_accuracy for a classifier with labels, else top1; "
+                        "perplexity for a causal LM; token_agreement for seq2seq and token classification; "
+                        "embedding_cosine for feature extraction)")
     search.add_argument("--max-error", type=_number, default=0.01, metavar="X",
                         help="largest allowed --metric-name value (default: 0.01)")
     search.add_argument("--metric", metavar="MODULE:FUNC",
@@ -443,9 +580,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "differs. With --model and --data, re-measure every plan and the FP32 baseline on this "
                     "machine in one interleaved run.")
     comparison.add_argument("plans", nargs="+", metavar="PLAN.yaml", help="two or more plans")
-    comparison.add_argument("--model", metavar="MODULE:FUNC", help="re-measure on this model (with --data)")
-    comparison.add_argument("--data", metavar="MODULE:FUNC", help="batches for the re-measurement")
+    comparison.add_argument("--model", metavar="MODULE:FUNC|hf:DIR", help="re-measure on this model (with --data)")
+    comparison.add_argument("--data", metavar="MODULE:FUNC|FILE", help="batches for the re-measurement")
     comparison.add_argument("--device", help="cpu or cuda (default: cuda when available, else cpu)")
+    _add_data_file_args(comparison)
     comparison.add_argument("--json", action="store_true", help="machine-readable output")
     comparison.add_argument("--compile", action="store_true",
                             help="re-measure every plan and FP32 compiled with torch.compile, each on its own copy")

@@ -73,6 +73,22 @@ class Decisions:
         fraction = trial.suggest_float("fraction", 0.0, 1.0)
         return self.expand(self._prefix(dtype, round(fraction * len(self.order[dtype]))))
 
+    def by_choice(self, layers: dict[str, str]) -> dict[str, str]:
+        """Per-unit dtypes as one dtype per choice (its first unit's)."""
+        return {c.name: layers.get(c.units[0], FP32) for c in self.choices}
+
+    def params_for(self, layers: dict[str, str]) -> dict[str, Any]:
+        """Optuna params for a plan: exact per choice; ranked, the nearest point (its most used
+        low dtype, and the share of that dtype's order it lowers)."""
+        chosen = self.by_choice(layers)
+        if not self.ranked:
+            return {self.param(c): chosen[c.name] for c in self.choices if len(c.dtypes) > 1}
+        if not self.low:
+            return {}
+        dtype = max(self.low, key=lambda d: sum(v == d for v in chosen.values()))
+        order = self.order[dtype]
+        return {"dtype": dtype, "fraction": sum(chosen[c.name] == dtype for c in order) / max(len(order), 1)}
+
     def _prefix(self, dtype: str, k: int) -> dict[str, str]:
         return {c.name: dtype for c in self.order[dtype][:k]}
 

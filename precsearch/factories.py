@@ -1,4 +1,6 @@
-"""Resolve ``MODULE:FUNC`` factories for models and data (the current directory is importable)."""
+"""Resolve ``--model`` and ``--data``: ``MODULE:FUNC`` factories (the current directory is
+importable), local transformers checkpoints (``hf:DIR``) and data files (``.txt``, ``.jsonl``,
+``.csv``, a saved ``datasets`` folder)."""
 
 from __future__ import annotations
 
@@ -50,17 +52,44 @@ def _call(spec: str, what: str) -> Any:
         raise InputError(f"--{what} {spec!r}: the factory raised {type(error).__name__}: {message}") from None
 
 
-def load_model(spec: str) -> nn.Module:
+def load_model(spec: str, task: str | None = None) -> nn.Module:
+    """The model of a factory or, for ``hf:DIR``, of a local checkpoint (``task``: ``--task``)."""
+    from precsearch import hf
+
+    if hf.is_checkpoint(spec):
+        return hf.load_model(spec, task)
+    if task is not None:
+        raise InputError(f"--task {task}: applies to --model hf:DIR checkpoints, not to a factory ({spec!r})")
     model = _call(spec, "model")
     if not isinstance(model, nn.Module):
         raise InputError(f"--model {spec!r}: the factory returned {type(model).__name__}, not a torch.nn.Module")
     return model
 
 
-def load_data(spec: str, what: str = "data") -> list[Any]:
-    """The batches a ``--data`` (or ``--holdout-data``: ``what="holdout-data"``) factory returns."""
+def read_data_file(spec: str, model_spec: str, options: Any) -> list[Any] | None:
+    """The examples of a ``--data FILE`` (``datafiles.read``), None for a factory: a bad file
+    fails here, before the model is loaded."""
+    from precsearch import datafiles
+
+    return datafiles.read(spec, model_spec, options) if datafiles.is_data_file(spec) else None
+
+
+def load_data(spec: str, what: str = "data", *, model: nn.Module | None = None, model_spec: str | None = None,
+              options: Any = None, device: Any = None, examples: list[Any] | None = None) -> list[Any]:
+    """The batches a ``--data`` (or ``--holdout-data``: ``what="holdout-data"``) factory returns,
+    or, for a data file, its examples (``examples`` when already read) tokenized for ``model``
+    (``hf:DIR``) with ``options`` (``datafiles.DataOptions``); on ``device`` when one is given."""
+    from precsearch import datafiles
+
+    if what == "data" and datafiles.is_data_file(spec):
+        return datafiles.load(spec, model_spec, model, options or datafiles.DataOptions(),  # type: ignore[arg-type]
+                              device, examples)
+    if options is not None and options != datafiles.DataOptions(seed=options.seed):
+        raise InputError(f"--text-field, --batch-size, --max-length and --samples apply to --data FILE, "
+                         f"not to a factory ({spec!r})")
     data = _call(spec, what)
     try:
-        return _batches.as_list(data)
+        data = _batches.as_list(data)
     except InputError as error:
         raise InputError(f"--{what} {spec!r}: {error}") from None
+    return data if device is None else [_batches.to_device(batch, device) for batch in data]

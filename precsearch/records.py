@@ -137,6 +137,36 @@ class TrialRecord:
         return cls(**{field.name: attrs.get(field.name) for field in dataclasses.fields(cls)})
 
 
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    """The model-based prediction of a trial's plan (``proposal``), made before it was measured."""
+
+    predicted_error: float
+    predicted_speedup: float
+
+    def save(self, trial: optuna.Trial) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            trial.set_user_attr(field.name, value if math.isfinite(value) else None)
+
+    @classmethod
+    def of(cls, trial: optuna.trial.FrozenTrial) -> Prediction | None:
+        values = [trial.user_attrs.get(field.name) for field in dataclasses.fields(cls)]
+        return None if None in values else cls(*values)
+
+
+def lead_marks(lead: str, plan: str) -> dict[str, str]:
+    """The user_attrs of a trial the search enqueues itself (``lead``: ``greedy`` or ``proposal``),
+    with its plan code: the ranked parametrisation cannot express every plan in its params."""
+    return {"lead": lead, "lead_plan": plan}
+
+
+def lead_of(trial: optuna.trial.FrozenTrial) -> tuple[str, str] | None:
+    """``(lead, plan code)`` of a trial the search enqueued itself, else None."""
+    attrs = trial.user_attrs
+    return (attrs["lead"], attrs["lead_plan"]) if "lead" in attrs and "lead_plan" in attrs else None
+
+
 def mark_worker(trial: optuna.Trial, worker: str) -> None:
     trial.set_user_attr("worker", worker)
 

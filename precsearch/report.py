@@ -13,7 +13,7 @@ from typing import Any
 
 from precsearch.errors import InputError
 from precsearch.precisions import NAMES, PRECISIONS, low_precisions
-from precsearch.records import StudySetup, TrialRecord, is_surplus, load_diagnostics
+from precsearch.records import Prediction, StudySetup, TrialRecord, is_surplus, lead_of, load_diagnostics
 
 LOW = [p.name for p in low_precisions()]
 
@@ -83,6 +83,7 @@ def trials_frame(study: Any) -> Any:
         if (not trial.state.is_finished() and trial.state.name != "RUNNING") or is_surplus(trial):
             continue  # enqueued seeds not reached within the budget; trials past the budget
         record = TrialRecord.of(trial)
+        predicted, lead = Prediction.of(trial), lead_of(trial)
         code = record.plan if record else ""
         constraint = trial.constraints.get("error")
         duration = (trial.datetime_complete - trial.datetime_start).total_seconds() \
@@ -101,6 +102,9 @@ def trials_frame(study: Any) -> Any:
             "peak_memory_mb": record.peak_memory_mb if record else None,
             "weight_mb": record.weight_mb if record else None, "duration_s": duration,
             "failure": record.failure if record else None,
+            "lead": lead[0] if lead else None,
+            "predicted_error": predicted.predicted_error if predicted else None,
+            "predicted_speedup": predicted.predicted_speedup if predicted else None,
         })
     return pd.DataFrame(rows)
 
@@ -208,6 +212,7 @@ def write_report(directory: str | Path, study: Any) -> dict[str, Path]:
                 or [{"plan": "none"}])]
     blocks += [("h2", "Search progress"), ("img", files["progress"].name, "best feasible latency over trials"),
                ("table", _milestones(trials))]
+    blocks += _prediction_blocks(trials)
     blocks += _training_blocks(load_diagnostics(study), settings)
     failed = trials[trials["failure"].notna()] if "failure" in trials else trials.iloc[0:0]
     if len(failed):
@@ -249,6 +254,42 @@ def _not_of_study(plan: Any, study_name: str, setup: StudySetup) -> str | None:
     if unknown:
         return f"it names unit {unknown[0]!r}, which the study's model does not have"
     return None
+
+
+def prediction_quality(trials: Any) -> dict[str, Any] | None:
+    """How the model-based prediction, made before each trial, matched its measurement: the
+    Spearman rank correlation of predicted and measured speedup and error, and the median
+    measured / predicted error. None when no trial recorded a prediction."""
+    if "predicted_error" not in trials:
+        return None
+    rows = trials[trials["predicted_error"].notna() & trials["speedup"].notna() & trials["error"].notna()]
+    finite = rows[rows["error"].map(math.isfinite) & rows["predicted_error"].map(math.isfinite)]
+    if len(finite) < 3:
+        return None
+
+    def spearman(a: Any, b: Any) -> float | None:
+        value = a.rank().corr(b.rank())  # Pearson's correlation of the ranks
+        return None if math.isnan(value) else round(float(value), 3)
+
+    positive = finite[finite["predicted_error"] > 0]
+    ratio = (positive["error"] / positive["predicted_error"]).median() if len(positive) else math.nan
+    return {"trials": len(finite), "speedup_rank_correlation": spearman(finite["predicted_speedup"], finite["speedup"]),
+            "error_rank_correlation": spearman(finite["predicted_error"], finite["error"]),
+            "error_ratio": None if math.isnan(ratio) else round(float(ratio), 3)}
+
+
+def _prediction_blocks(trials: Any) -> list[tuple]:
+    quality = prediction_quality(trials)
+    if quality is None:
+        return []
+    return [("h2", "Model-based prediction"),
+            ("p", ("Before each trial, its plan's error was predicted from the units' sensitivities (squared "
+                   "errors add, times a gain calibrated on the trials before it) and its speedup from the units' "
+                   "FLOPs, bytes and cast boundaries (a fit on the trials before it).")),
+            ("table", [{"trials": quality["trials"],
+                        "spearman speedup": quality["speedup_rank_correlation"],
+                        "spearman error": quality["error_rank_correlation"],
+                        "median measured / predicted error": quality["error_ratio"]}])]
 
 
 def _training_blocks(diagnostics: dict | None, settings: dict) -> list[tuple]:

@@ -2,9 +2,10 @@
 minimising measured latency under an accuracy constraint.
 
 Each trial applies its plan to the one model (no copies), measures the error against the cached
-FP32 reference, and times the candidate interleaved with the FP32 model. The study is seeded
-with the FP32 baseline, the all-low-precision plans and sensitivity-ordered plans, and is
-stored (SQLite by default) so that rerunning the same command resumes it.
+FP32 reference, and times the candidate interleaved with the FP32 model. The default strategy's
+first trials are greedy's answer and the model-based proposals (``strategies.Lead``), then the
+FP32 baseline, the all-low-precision plans and sensitivity-ordered plans; the study is stored
+(SQLite by default) so that rerunning the same command resumes it.
 
 >>> result = optimize(model, batches, SearchConfig(max_error=0.01, trials=40))   # doctest: +SKIP
 >>> result.plan.save("plan.yaml")                                                # doctest: +SKIP
@@ -50,6 +51,7 @@ from precsearch.storage import (
     recover_dead_trials,
     wait_for_setup,
 )
+from precsearch.strategies import Lead, lead_plan
 from precsearch.study_setup import check_same_search, decisions_for, find_ties, set_up, study_fingerprint
 
 FAILED_OBJECTIVE = 10.0   # a candidate that could not run scores this many FP32 latencies
@@ -120,7 +122,9 @@ def optimize(model: nn.Module, batches: list[Any], config: SearchConfig | None =
             choices = config.space.choices(graph, device_type, setup.ties)
         decisions = decisions_for(setup, graph, choices, config, evaluator.fidelity.limit)
         recover_dead_trials(study)
-        _run_trials(study, decisions, evaluator, graph.units, config, setup.baseline_ms)
+        lead = Lead(decisions, {u: graph[u]["params"] for u in graph.units}, evaluator.fidelity.limit,
+                    graph.units) if config.strategy.leads else None
+        _run_trials(study, decisions, evaluator, graph.units, config, setup.baseline_ms, lead)
         fp32_allowed = all(FP32 in choice.dtypes for choice in choices)
         plan, pareto = choose(model, study, graph, evaluator, config, setup, fp32_allowed, holdout)
         if config.training and plan is not None and load_diagnostics(study) is None:
@@ -157,9 +161,10 @@ def _restored(model: nn.Module) -> Iterator[None]:
 
 
 def _run_trials(study: optuna.Study, decisions: Decisions, evaluator: Evaluator, units: list[str],
-                config: SearchConfig, baseline_ms: float) -> None:
+                config: SearchConfig, baseline_ms: float, lead: Lead | None = None) -> None:
     """Run trials until the budget is spent; with a strategy's proposer, its plans instead of
-    the sampler's, until it has its answer."""
+    the sampler's, until it has its answer; with a ``lead``, the plans it enqueues (each trial
+    records the model's prediction of its plan, made before measuring it)."""
     limit = evaluator.fidelity.limit
     seen: dict[str, Measurement] = {}
     best: list[Speedup] = []   # the fastest feasible speedup so far: slower candidates stop early
@@ -170,6 +175,9 @@ def _run_trials(study: optuna.Study, decisions: Decisions, evaluator: Evaluator,
         mark_worker(trial, WORKER)
         check_budget(study, trial, config.trials)
         layers = proposed[0] if proposer is not None else decisions.suggest(trial)
+        if lead is not None:
+            layers = lead_plan(trial, units) or layers
+            lead.predict(lead.calibrated(study), layers).save(trial)
         code = encode(layers, units)
         measured = seen.get(code) or evaluator.measure(layers, incumbent=best[0] if best else None)
         seen[code] = measured
@@ -184,6 +192,8 @@ def _run_trials(study: optuna.Study, decisions: Decisions, evaluator: Evaluator,
                     measured.baseline_ms, measured.peak_memory_mb, measured.failure, measured.weight_mb,
                     measured.speedup_low, measured.speedup_high).save(trial)
         trial.set_constraint("error", min(measured.error - limit, _CAP))
+        if lead is not None:
+            lead.after_trial(study)
         if not math.isfinite(measured.latency_ms):
             return baseline_ms * FAILED_OBJECTIVE
         # Normalised to the study's baseline: drift of the machine between trials cancels.

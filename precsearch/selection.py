@@ -21,7 +21,7 @@ from precsearch.decisions import decode, encode
 from precsearch.evaluate import Evaluator, Measurement
 from precsearch.graph import LayerGraph
 from precsearch.plan import LossScaling, Plan, model_fingerprint
-from precsearch.records import StudySetup, TrialRecord, pareto_front
+from precsearch.records import StudySetup, TrialRecord, lead_of, pareto_front
 from precsearch.storage import COUNTED
 
 FINALISTS, FINALIST_MARGIN = 4, 1.10   # plans within 10% of the fastest re-timed together
@@ -34,6 +34,7 @@ class Candidate:
 
     trial: int
     record: TrialRecord
+    lead: str | None = None   # the baseline that enqueued it (``records.lead_of``): greedy, proposal
 
     @property
     def relative(self) -> float:
@@ -51,7 +52,8 @@ def feasible_candidates(study: optuna.Study) -> list[Candidate]:
         record = TrialRecord.of(trial)
         if record is None or any(v > 0 for v in trial.constraints.values()) or record.speedup is None:
             continue
-        candidate = Candidate(trial.number, record)
+        marks = lead_of(trial)
+        candidate = Candidate(trial.number, record, marks[0] if marks else None)
         if record.plan not in found or candidate.relative < found[record.plan].relative:
             found[record.plan] = candidate
     return list(found.values())
@@ -66,6 +68,15 @@ def finalists(candidates: list[Candidate], headroom: float) -> list[Candidate]:
     (the limit less the margin) and whose latency is within ``FINALIST_MARGIN`` of the fastest."""
     eligible = sorted((c for c in candidates if c.error <= headroom), key=lambda c: c.relative)
     return [c for c in eligible if c.relative <= FINALIST_MARGIN * eligible[0].relative][:FINALISTS]
+
+
+def best_leads(candidates: list[Candidate], headroom: float) -> list[Candidate]:
+    """The fastest eligible plan of each baseline the search started from (greedy's answer, the
+    model's proposal): they always race, so the chosen plan is never one the race shows slower."""
+    best: dict[str, Candidate] = {}
+    for candidate in sorted((c for c in candidates if c.error <= headroom and c.lead), key=lambda c: c.relative):
+        best.setdefault(candidate.lead, candidate)
+    return list(best.values())
 
 
 def split_holdout(batches: list[Any], config: SearchConfig) -> tuple[list[Any], list[Any]]:
@@ -86,7 +97,9 @@ def choose(model: nn.Module, study: optuna.Study, graph: LayerGraph, evaluator: 
     interleaved, until the leader is clearly faster than the rest or the race's rounds are spent.
     Plans the race cannot tell apart are tied; the tie goes to the one with more accuracy
     headroom (lower error), then fewer cast boundaries. The FP32 plan races whenever the space
-    allows it, and a plan whose interval says it is slower than FP32 is never recommended.
+    allows it, and a plan whose interval says it is slower than FP32 is never recommended. The
+    fastest plan of each baseline the default strategy started from (greedy's answer, the model's
+    proposal) races too, so the chosen plan is never one the race shows clearly slower.
     ``fp32_allowed``: the search space lets every unit run in FP32.
 
     Finalists are plans whose search error is within ``limit * (1 - config.margin)``. With
@@ -96,12 +109,14 @@ def choose(model: nn.Module, study: optuna.Study, graph: LayerGraph, evaluator: 
     """
     units = graph.units
     candidates = feasible_candidates(study)
-    close = finalists(candidates, evaluator.fidelity.limit * (1 - config.margin))
+    headroom = evaluator.fidelity.limit * (1 - config.margin)
+    close = finalists(candidates, headroom)
     if not close:
         return None, []
     pareto = front(candidates)
     fp32_code = encode({}, units)
-    codes = list(dict.fromkeys([c.record.plan for c in close] + ([fp32_code] if fp32_allowed else [])))
+    codes = list(dict.fromkeys([c.record.plan for c in close + best_leads(candidates, headroom)]
+                               + ([fp32_code] if fp32_allowed else [])))
     repeats = max(3 * evaluator.repeats, RACE_REPEATS)
     race = final_race(evaluator, {code: decode(code, units) for code in codes}, repeats, config.compile)
     by_code = {c.record.plan: c for c in candidates}

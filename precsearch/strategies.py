@@ -12,8 +12,14 @@ report come out the same way.
 - ``bisect``: bisection over the units in graph order for those that must stay FP32
   (Polygraphy's ``debug precision``, ONNX Runtime's ``auto_mixed_precision``).
 
-``random`` (random plans) and ``optuna`` are samplers, not generators; ``exhaustive`` tries every
-plan of a small model to establish the true optimum for benchmarks.
+``random`` (random plans), ``tpe`` (TPE from the sensitivity seeds alone) and ``optuna`` are
+samplers, not generators; ``exhaustive`` tries every plan of a small model to establish the true
+optimum for benchmarks.
+
+The default, ``optuna``, starts from the cheap strategies' best plans (``Lead``): greedy's answer
+(predicted from the sensitivities, then checked by measurement), then the model-based proposals
+(``precsearch.proposal``) and the sensitivity seeds, all enqueued as its first trials; TPE spends
+the rest of the budget improving on them.
 """
 
 from __future__ import annotations
@@ -25,9 +31,11 @@ from collections.abc import Callable, Generator
 
 import optuna
 
-from precsearch.decisions import Decisions
+from precsearch.decisions import Decisions, decode, encode
 from precsearch.evaluate import Evaluator, Measurement
 from precsearch.precisions import AUTOCAST
+from precsearch.proposal import FRONT, ErrorModel, LatencyModel, Observation, Proposal
+from precsearch.records import Prediction, TrialRecord, lead_marks, lead_of
 
 Proposer = Generator[dict[str, str], Measurement, None]
 
@@ -90,6 +98,7 @@ class Strategy:
     sampler: Callable[[int], optuna.samplers.BaseSampler] = lambda seed: optuna.samplers.RandomSampler(seed=seed)
     proposer: Callable[[Decisions, float], Proposer] | None = None
     seeded: bool = False    # the study starts from sensitivity-seeded plans (and may use the ranked parametrisation)
+    leads: bool = False     # its first trials are greedy's answer and the model-based proposals (``Lead``)
 
     @property
     def sampler_name(self) -> str:
@@ -101,12 +110,134 @@ def _tpe(seed: int) -> optuna.samplers.BaseSampler:
 
 
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
-    Strategy("optuna", "seeded TPE (default)", sampler=_tpe, seeded=True),
+    Strategy("optuna", "TPE from greedy's and the model's best plans (default)", sampler=_tpe, seeded=True,
+             leads=True),
+    Strategy("tpe", "seeded TPE without the baselines' lead (the default before it)", sampler=_tpe, seeded=True),
     Strategy("random", "random plans"),
     Strategy("global", "one dtype for the whole model", proposer=global_plans),
     Strategy("greedy", "all low, then back to fp32 by sensitivity", proposer=greedy_plans),
     Strategy("bisect", "bisection in graph order", proposer=bisect_plans),
 )}
+
+
+PRIOR_SAVING = 0.3   # share of FP32's latency a low dtype saves over the whole model, until probed
+PROPOSALS = 8        # at most this many trials of model-based proposals
+
+
+def proposal_for(decisions: Decisions, params: dict[str, int]) -> Proposal:
+    """The model-based proposal over the decisions' choices, before any trial: the probe's error
+    gain and all-low latency are the priors. ``params``: parameter count per unit."""
+    choices = decisions.choices
+    flops = {c.name: float(sum(decisions.flops.get(u, 0) for u in c.units)) for c in choices}
+    sizes = {c.name: float(sum(params.get(u, 0) for u in c.units)) for c in choices}
+    errors = ErrorModel({d: dict(per) for d, per in decisions.errors.items()},
+                        {d: decisions.calibration.get(d, 1.0) for d in decisions.low})
+    latency = LatencyModel(_shares(flops), _shares(sizes), [c.name for c in choices],
+                           alpha={d: 1.0 - decisions.speed.get(d, 1.0 - PRIOR_SAVING) for d in decisions.low},
+                           beta={d: 0.0 for d in decisions.low})
+    return Proposal({c.name: c.dtypes for c in choices}, errors, latency)
+
+
+def _shares(values: dict[str, float]) -> dict[str, float]:
+    total = sum(values.values())
+    return {name: value / total if total > 0 else 0.0 for name, value in values.items()}
+
+
+class Lead:
+    """The default strategy's first trials, enqueued one step ahead of the trial loop: greedy's
+    answer (its first plan predicted, then checked by measurement), the model-based proposals
+    along the predicted front, the sensitivity seeds; then the proposal re-solved as the
+    calibration learns, while TPE samples the rest."""
+
+    def __init__(self, decisions: Decisions, params: dict[str, int], limit: float, units: list[str]) -> None:
+        self.decisions, self.limit, self.units = decisions, limit, units
+        self.prior = proposal_for(decisions, params)
+        dtype = decisions.preferred_low
+        lowered = [c for c in decisions.choices if dtype in c.dtypes and len(c.dtypes) > 1] if dtype else []
+        riskiest = sorted(lowered, key=lambda c: -decisions.errors[dtype][c.name])
+        # greedy's plans: all low, then the k riskiest back in FP32
+        self.greedy = [decisions.expand({c.name: dtype for c in riskiest[k:]}) for k in range(len(riskiest) + 1)]
+
+    def observations(self, study: optuna.Study) -> tuple[list[Observation], dict[str, float]]:
+        """Every measured plan (the running trial's too), and its error by plan code."""
+        observed, errors = [], {}
+        for trial in study.get_trials(deepcopy=False):
+            record = TrialRecord.of(trial)
+            if record is None:
+                continue
+            error = math.inf if record.error is None else record.error
+            speedup = record.speedup
+            observed.append(Observation(self.decisions.by_choice(decode(record.plan, self.units)), error,
+                                        1.0 / speedup if speedup else math.inf))
+            errors[record.plan] = error
+        return observed, errors
+
+    def calibrated(self, study: optuna.Study) -> Proposal:
+        return self.prior.calibrated(self.observations(study)[0])
+
+    def predict(self, proposal: Proposal, layers: dict[str, str]) -> Prediction:
+        return Prediction(*proposal.predict(self.decisions.by_choice(layers)))
+
+    def after_trial(self, study: optuna.Study) -> None:
+        """Enqueue what the measurements so far call for next (at setup: greedy's answer as the
+        sensitivities predict it)."""
+        observed, errors = self.observations(study)
+        proposal = self.prior.calibrated(observed)
+        step = self._next_greedy(proposal, errors)
+        if step is not None:
+            self._enqueue_new(study, [step], "greedy", errors)
+            return
+        leads = [lead for trial in study.get_trials(deepcopy=False) if (lead := lead_of(trial))]
+        waiting = [lead for trial in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.WAITING])
+                   if (lead := lead_of(trial))]
+        proposed = sum(tag == "proposal" for tag, _ in leads)
+        if any(tag == "greedy" for tag, _ in waiting) or proposed >= PROPOSALS:
+            return
+        if not proposed:
+            self._enqueue_new(study, self._front(proposal, FRONT), "proposal", errors)
+            for params in self.decisions.seeds():
+                study.enqueue_trial(params, skip_if_exists=True)
+        elif not waiting:  # re-solved with the calibration so far: the loosest plan not yet measured
+            self._enqueue_new(study, self._front(proposal, FRONT[::-1]), "proposal", errors, at_most=1)
+
+    def _front(self, proposal: Proposal, fractions: tuple[float, ...]) -> list[dict[str, str]]:
+        try:
+            return [self.decisions.expand(plan) for plan in proposal.front(self.limit, fractions)]
+        except ValueError:  # a choice's only dtypes exceed the error budget: nothing to propose
+            return []
+
+    def _next_greedy(self, proposal: Proposal, errors: dict[str, float]) -> dict[str, str] | None:
+        """Greedy's next plan to measure, None once its answer is known: the fewest units back in
+        FP32 that measured within the limit while one fewer did not. The next k is the
+        calibrated prediction, kept between the measured bounds."""
+        if not self.greedy:
+            return None
+        measured = {k: errors[code] for k, plan in enumerate(self.greedy) if (code := encode(plan, self.units)) in errors}
+        low = max((k + 1 for k, e in measured.items() if e > self.limit), default=0)
+        high = min((k - 1 for k, e in measured.items() if e <= self.limit), default=len(self.greedy) - 1)
+        if low > high:
+            return None
+        predicted = next((k for k, plan in enumerate(self.greedy)
+                          if proposal.error.predict(self.decisions.by_choice(plan)) <= self.limit), high)
+        return self.greedy[min(max(predicted, low), high)]
+
+    def _enqueue_new(self, study: optuna.Study, plans: list[dict[str, str]], lead: str,
+                     measured: dict[str, float], at_most: int | None = None) -> None:
+        """Enqueue the plans neither measured nor waiting (the first ``at_most`` of them)."""
+        queued = {marks[1] for trial in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.WAITING])
+                  if (marks := lead_of(trial))}
+        fresh = [plan for plan in plans if (code := encode(plan, self.units)) not in measured and code not in queued]
+        for plan in list({encode(p, self.units): p for p in fresh}.values())[:at_most]:
+            self._enqueue(study, plan, lead)
+
+    def _enqueue(self, study: optuna.Study, layers: dict[str, str], lead: str) -> None:
+        study.enqueue_trial(self.decisions.params_for(layers), user_attrs=lead_marks(lead, encode(layers, self.units)))
+
+
+def lead_plan(trial: optuna.Trial, units: list[str]) -> dict[str, str] | None:
+    """The plan the search enqueued itself for ``trial``, if it did."""
+    marks = lead_of(trial)
+    return decode(marks[1], units) if marks else None
 
 
 @dataclasses.dataclass(frozen=True)

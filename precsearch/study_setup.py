@@ -1,5 +1,5 @@
 """The one-time setup of a study, done by the worker that creates it: sensitivity, the dtype
-probe, the FP32 baseline and the seed plans. The other workers wait for it and check that they
+probe, the FP32 baseline and the first plans (the default strategy's lead, or the seed plans). The other workers wait for it and check that they
 search the same thing (the study fingerprint)."""
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from precsearch.records import Settings, StudySetup
 from precsearch.runtime import apply_plan
 from precsearch.sensitivity import END_TO_END_BUDGET, choice_error, unit_sensitivity
 from precsearch.space import Choice, usable_dtypes
+from precsearch.strategies import Lead
 from precsearch.weights import weight_bytes
 
 PROBE_SECONDS = 3.0      # a clearly slow dtype shows within a few rounds
@@ -129,8 +130,12 @@ def set_up(study: optuna.Study, model: nn.Module, example_inputs: Any, graph: La
         data=data,
         weight_mb=sum(weight_bytes(model).values()) / 2**20,
     )
-    if strategy.seeded:
-        for params in decisions_for(setup, graph, choices, config, evaluator.fidelity.limit, announce=False).seeds():
+    decisions = decisions_for(setup, graph, choices, config, evaluator.fidelity.limit, announce=False)
+    if strategy.leads:  # greedy's predicted answer first; the rest follows the measurements
+        Lead(decisions, {u: graph[u]["params"] for u in graph.units}, evaluator.fidelity.limit,
+             graph.units).after_trial(study)
+    elif strategy.seeded:
+        for params in decisions.seeds():
             study.enqueue_trial(params, skip_if_exists=True)
     setup.save(study)
     return setup

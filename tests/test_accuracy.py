@@ -117,3 +117,33 @@ def test_unknown_metric_and_bad_limit():
         Fidelity.builtin(model, [torch.randn(1, 2)], "psnr", 0.01)
     with pytest.raises(InputError, match="--max-error nan"):
         Fidelity.builtin(model, [torch.randn(1, 2)], "rel_l2", float("nan"))
+
+
+def test_task_metrics_read_the_batches():
+    from precsearch.accuracy import METRICS, embedding_cosine, perplexity
+
+    batch = {"input_ids": torch.tensor([[0, 1, 1]]), "attention_mask": torch.tensor([[1, 1, 0]])}
+    logits = torch.log_softmax(torch.tensor([[[0.0, 2.0], [1.0, 0.0], [5.0, -5.0]]]), -1)
+    assert perplexity([[logits]], [[logits]], [batch]) == 0.0
+    worse = logits.clone()
+    worse[0, 0] = torch.tensor([0.0, 0.0]).log_softmax(-1)
+    assert perplexity([[worse]], [[logits]], [batch]) > 0
+    padded = logits.clone()
+    padded[0, 2] = torch.tensor([-5.0, 5.0])  # a padded position changes no embedding
+    assert embedding_cosine([[padded]], [[logits]], [batch]) == pytest.approx(0.0, abs=1e-12)
+    assert METRICS["perplexity"].uses_batches and not METRICS["rel_l2"].uses_batches
+
+
+def test_perplexity_needs_token_batches():
+    from precsearch.accuracy import perplexity
+
+    with pytest.raises(InputError, match="input_ids"):
+        perplexity([[torch.ones(1, 2, 3)]], [[torch.ones(1, 2, 3)]], [torch.ones(1, 2)])
+
+
+def test_the_task_decides_the_default_metric():
+    from precsearch.accuracy import task_metric
+
+    assert task_metric("causal-lm", []) == "perplexity"
+    assert task_metric("sequence-classification", [{"input_ids": torch.ones(1, 2)}]) == "top1"
+    assert task_metric(None, []) == "rel_l2" and task_metric("unknown", []) == "rel_l2"

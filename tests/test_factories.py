@@ -155,3 +155,18 @@ def test_demo_specs_resolve():
     assert callable(resolve(DEMO_DATA, "data"))
     pairs = resolve(DEMO_TRAINING_DATA, "data")(batches=1, batch_size=4)
     assert len(pairs) == 1 and pairs[0][0].shape == (4, 64) and pairs[0][1].shape == (4,)
+
+
+def test_hf_specs_and_data_files_are_not_factories(tmp_path):
+    from precsearch.datafiles import DataOptions
+
+    with pytest.raises(InputError, match="is not a local directory: download it first"):
+        load_model("hf:org/some-model")
+    with pytest.raises(InputError, match="no such file"):
+        load_data(str(tmp_path / "missing.jsonl"), model_spec="hf:x")
+    with pytest.raises(InputError, match="apply to --data FILE"):
+        load_data(DEMO_DATA, options=DataOptions(samples=3))
+
+
+def test_load_data_moves_batches_to_the_device():
+    assert all(batch.device.type == "cpu" for batch in load_data(DEMO_DATA, device="cpu"))

@@ -44,7 +44,7 @@ def test_a_search_on_postgres_never_shows_the_password(form, tmp_path, capsys):
 
 @pytest.mark.parametrize("form", ["empty-user", "at-sign", "query-mixed-case", "space", "tab", "query-space",
                                   "options"])
-def test_a_refused_login_never_shows_the_password(form, tmp_path, capsys):
+def test_a_login_never_shows_the_password(form, tmp_path, capsys):
     user, _, host, db = _parts()
     secret = "Sekr1t-not-the-password"
     url = {"empty-user": f"postgresql://:{secret}@{host}{db}",
@@ -54,7 +54,10 @@ def test_a_refused_login_never_shows_the_password(form, tmp_path, capsys):
            "tab": f"postgresql://{user}:{secret[:5]}\t{secret[5:]}@{host}{db}",
            "query-space": f"postgresql://{user}@{host}{db}?password={secret[:5]} {secret[5:]}",
            "options": f"postgresql://{user}@{host}{db}?options=-c%20password%3D{secret}"}[form]
-    assert main(["optimize", "--trials", "2", "--storage", url, "--out", str(tmp_path / "out"), *DEMO]) == 2
+    # refused, or (the CI server trusts local logins) accepted whatever the password: masked either way
+    study = f"login-{form}-{os.getpid()}"
+    code = main(["optimize", "--trials", "2", "--storage", url, "--study", study, "--out", str(tmp_path / "out"), *DEMO])
     captured = capsys.readouterr()
+    assert code in (0, 2) and "internal error" not in captured.err, captured.err
     for part in (secret, secret[:5], secret[5:]):
         assert not _leaks(part, captured.out + captured.err, tmp_path)
