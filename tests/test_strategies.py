@@ -126,13 +126,15 @@ def test_lead_enqueues_the_sensitivity_seeds_after_the_first_proposals():
 
 
 @pytest.mark.slow
-def test_the_default_strategy_starts_from_greedys_plan_and_the_proposal():
+def test_the_default_strategy_starts_from_greedys_plan_and_records_its_leads():
+    # Whether a proposal gets a trial of its own depends on measured latencies (a proposal equal to
+    # a measured plan is not measured again): the fake-measurement test above covers proposals.
     result = _run("optuna", trials=5)
     units = result.graph.units
     trials = [t for t in result.study.trials if t.state.name == "COMPLETE"]
     leads = [lead_of(t) for t in trials]
     assert leads[0][0] == "greedy"
-    assert "proposal" in [lead[0] for lead in leads if lead]
+    assert {lead[0] for lead in leads if lead} <= {"greedy", "proposal"}
     lead = Lead(result.decisions, {u: result.graph[u]["params"] for u in units}, 0.01, units)
     greedy_codes = {encode(plan, units) for plan in lead.greedy}
     for trial, marks in zip(trials, leads):
