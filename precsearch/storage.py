@@ -9,6 +9,7 @@ study, a global trial budget, and recovery of trials whose worker died.
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 import time
@@ -113,13 +114,15 @@ def _dead_local_worker(worker: str) -> bool:
     return int(pid) == os.getpid()
 
 
-def recover_dead_trials(study: optuna.Study) -> int:
+def recover_dead_trials(study: optuna.Study, grace: float = UNCLAIMED_GRACE_S) -> int:
     """Fail and re-queue RUNNING trials whose worker process on this host is gone (the journal
-    storage has no heartbeat; for RDB storages this finds them before the grace period ends)."""
+    storage has no heartbeat; for RDB storages this finds them before the grace period ends),
+    and those no worker marked within ``grace`` seconds of their start: a worker marks its trial
+    first thing, so one killed before it could left the trial to nobody."""
     recovered = 0
     for trial in study.get_trials(deepcopy=False, states=[TrialState.RUNNING]):
         worker = worker_of(trial)
-        if worker and worker != WORKER and _dead_local_worker(worker):
+        if (worker and worker != WORKER and _dead_local_worker(worker)) or (not worker and _older_than(trial, grace)):
             study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
             if trial.params:
                 study.enqueue_trial(trial.params, user_attrs=retry_marks(trial))
@@ -127,22 +130,36 @@ def recover_dead_trials(study: optuna.Study) -> int:
     return recovered
 
 
+def _older_than(trial: optuna.trial.FrozenTrial, seconds: float) -> bool:
+    started = trial.datetime_start
+    return started is not None and (datetime.datetime.now() - started).total_seconds() > seconds
+
+
 class Surplus(Exception):
     """A trial claimed after the global budget was already taken by other workers."""
 
 
-def check_budget(study: optuna.Study, trial: optuna.Trial, budget: int) -> None:
+def check_budget(study: optuna.Study, trial: optuna.Trial, budget: int, grace: float = UNCLAIMED_GRACE_S) -> None:
     """Raise Surplus when the trials numbered before this one already fill the budget.
 
     Trial numbers are handed out atomically by the storage, so of several workers racing for the
     last slots exactly ``budget`` trials go ahead; the others fail as surplus and their workers stop.
+    A slot held by a dead worker's trial is freed first; one held by a trial no worker has marked
+    yet is waited for (marked within moments, or freed after ``grace`` seconds).
     """
-    earlier = study.get_trials(deepcopy=False, states=(*COUNTED, TrialState.RUNNING))
-    taken = sum(1 for t in earlier if t.number < trial.number)
-    if taken >= budget:
-        mark_surplus(trial)
-        study.stop()
-        raise Surplus(f"trial {trial.number}: the budget of {budget} trials is already taken")
+    while True:
+        earlier = [t for t in study.get_trials(deepcopy=False, states=(*COUNTED, TrialState.RUNNING))
+                   if t.number < trial.number]
+        if len(earlier) < budget:
+            return
+        if recover_dead_trials(study, grace):
+            continue  # a slot was freed: count again
+        if not any(t.state == TrialState.RUNNING and not worker_of(t) for t in earlier):
+            break
+        time.sleep(0.5)
+    mark_surplus(trial)
+    study.stop()
+    raise Surplus(f"trial {trial.number}: the budget of {budget} trials is already taken")
 
 
 def budget_left(study: optuna.Study, budget: int) -> int:

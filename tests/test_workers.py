@@ -182,3 +182,24 @@ def test_resuming_with_other_weights_or_data_is_refused(tmp_path, change, messag
     with pytest.raises(InputError, match=message) as error:
         search(change.get("weights", "low"), change.get("batches", 0.0))
     assert "\n" not in str(error.value)
+
+
+def test_a_slot_held_by_a_trial_no_worker_marked_is_freed():
+    """A worker killed between creating its trial and marking it leaves a RUNNING trial to nobody:
+    it must not hold a slot of the budget for ever (the next worker's last trial waits, then frees it)."""
+    from precsearch.records import mark_worker
+    from precsearch.storage import WORKER, Surplus, check_budget
+
+    study = optuna.create_study()
+    for _ in range(2):
+        study.tell(study.ask(), 1.0)
+    orphan = study.ask()                      # created, never marked: its worker died
+    mine = study.ask()
+    mark_worker(mine, WORKER)
+    check_budget(study, mine, budget=3, grace=0.2)   # waits, fails the orphan, takes its slot
+    assert study.trials[orphan.number].state.name == "FAIL"
+    late = study.ask()
+    mark_worker(late, WORKER)
+    study.stop = lambda: None                 # outside study.optimize there is nothing to stop
+    with pytest.raises(Surplus):
+        check_budget(study, late, budget=3, grace=0.2)
