@@ -265,14 +265,6 @@ def task_metric(task: str | None, batches: list[Any]) -> str:
     return TASK_METRICS.get(task or "", "rel_l2")
 
 
-def fp32_value(model: nn.Module, batches: list[Any], metric: str) -> float | None:
-    """The FP32 model's own value of ``metric`` on ``batches`` (None for a metric without one)."""
-    definition = METRICS.get(metric)
-    if definition is None or definition.fp32_value is None:
-        return None
-    return float(definition.fp32_value(run_outputs(model, batches), batches))
-
-
 @dataclasses.dataclass
 class Fidelity:
     """A constraint: how to measure a candidate's error, and the limit it must stay within."""
@@ -280,7 +272,7 @@ class Fidelity:
     name: str
     limit: float
     measure: Callable[[nn.Module], float]
-    reference_value: float | None = None  # user metrics: the FP32 model's value
+    reference_value: float | None = None  # the FP32 model's own value (user metrics, accuracy, perplexity)
 
     def error(self, model: nn.Module) -> float:
         value = float(self.measure(model))
@@ -298,10 +290,24 @@ class Fidelity:
         inputs = _batches.fingerprint(batches)
         reference = run_outputs(model, batches)
         check_reference(reference)
-        function = METRICS[metric].bound(batches)
+        definition = METRICS[metric]
+        function = definition.bound(batches)
         check_repeatable(function(run_outputs(model, batches), reference), metric, limit,
                          inputs_changed=_batches.fingerprint(batches) != inputs)
-        return cls(metric, limit, lambda candidate: function(run_outputs(candidate, batches), reference))
+        value = float(definition.fp32_value(reference, batches)) if definition.fp32_value else None
+        return cls(metric, limit, lambda candidate: function(run_outputs(candidate, batches), reference),
+                   value)
+
+    @classmethod
+    def of_constraint(cls, model: nn.Module, batches: list[Any],
+                      constraint: dict[str, Any] | None) -> Fidelity:
+        """A plan's ``constraint`` as a built-in fidelity against FP32: its metric when built in, else
+        rel_l2; its limit, or None (unchecked) when the plan states none for that metric."""
+        constraint = constraint or {}
+        metric = constraint.get("metric") if constraint.get("metric") in METRICS else "rel_l2"
+        limit = constraint.get("limit") if constraint.get("metric") == metric else None
+        unchecked = cls.builtin(model, batches, metric, 0.0)
+        return dataclasses.replace(unchecked, limit=limit)  # type: ignore[arg-type]
 
     @classmethod
     def user(cls, model: nn.Module, batches: list[Any], function: Callable[[nn.Module, list[Any]], float],

@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Any, Callable
 
-from precsearch.errors import InputError
+from precsearch.errors import InputError, described
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -100,9 +100,8 @@ def _check_runs(model: Any, batch: Any, training: bool, model_spec: str, data_sp
         with torch.no_grad():
             call(model, inputs)
     except Exception as error:
-        detail = str(error).splitlines()[0] if str(error) else ""
         raise InputError(f"--model {model_spec!r} failed on the FP32 reference run with --data {data_spec!r}: "
-                         f"{type(error).__name__}: {detail}") from None
+                         f"{described(error)}") from None
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
@@ -153,8 +152,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     except InputError:
         raise
     except (RuntimeError, TypeError, ValueError) as error:  # the plan itself breaks the model
-        detail = str(error).splitlines()[0] if str(error) else ""
-        print(f"precsearch: the model fails under this plan: {type(error).__name__}: {detail} (does it split a "
+        print(f"precsearch: the model fails under this plan: {described(error)} (does it split a "
               f"unit's precision from the unit around it? optimize ties such units)", file=sys.stderr)
         return EXIT_FAILED
     compiled = None
@@ -178,17 +176,16 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def _check_package(args: argparse.Namespace, plan: Any) -> int:
     """``check --package``: the package's error against the FP32 model within the plan's limit."""
-    from precsearch.compiled import eval_mode
-    from precsearch.export import check_package, load_package, plan_fidelity
+    from precsearch.accuracy import Fidelity
+    from precsearch.export import check_package, load_package
 
     if plan.mode != "inference":
         raise InputError("--package: packages hold inference plans; this plan is for training")
     package = load_package(args.package)
     args.mode = "infer"
-    model, data, _, _ = _model_and_data(args)
+    model, data, _, _ = _model_and_data(args)  # in eval mode
     plan.validate_for(model, fingerprint_mismatch="warn" if args.ignore_fingerprint else "error")
-    with eval_mode(model):
-        result = check_package(package, plan_fidelity(model, plan, data), args.package)
+    result = check_package(package, Fidelity.of_constraint(model, data, plan.constraint), args.package)
     if args.json:
         print(json.dumps({"ok": result.within_limit is not False, "metric": result.metric, "error": result.error,
                           "limit": result.limit}, indent=2))
@@ -257,7 +254,6 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     import optuna
 
     from precsearch import factories
-    from precsearch.accuracy import fp32_value
     from precsearch.config import SearchConfig
     from precsearch.outputs import check_writable, output_directory, write_results
     from precsearch.plan import mask_password
@@ -282,7 +278,6 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     model, data, device, model_spec = _model_and_data(args)
     fidelity = _user_fidelity(args, model, data)
     metric_name = args.metric_name or _task_metric(model_spec, model, data)
-    fp32_metric = None if fidelity or config.training else fp32_value(model, data, metric_name)
     config = dataclasses.replace(config, metric=metric_name, fidelity=fidelity, storage=storage,
                                  study_name=study_name, model_name=model_spec, holdout_data=_holdout_data(args, device))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -296,7 +291,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         print(f"precsearch: {unseen}", file=sys.stderr)
     try:
         with output_directory(out):
-            result = _with_fp32_metric(optimize(model, data, config), fp32_metric)
+            result = optimize(model, data, config)
             files = write_results(out, result)
     except KeyboardInterrupt:
         print(f"precsearch: interrupted; every finished trial is kept in {mask_password(storage)}: "
@@ -330,20 +325,6 @@ def _task_metric(model_spec: str, model: Any, data: list[Any]) -> str:
     from precsearch.accuracy import task_metric
 
     return task_metric(hf.task_of(model), data) if hf.is_checkpoint(model_spec) else "rel_l2"
-
-
-def _with_fp32_metric(result: Any, value: float | None) -> Any:
-    """``result`` whose plans record the FP32 model's value of their task metric (``metrics.fp32_metric``)."""
-    import dataclasses
-
-    if value is None:
-        return result
-
-    def recorded(plan: Any) -> Any:
-        return dataclasses.replace(plan, metrics={**(plan.metrics or {}), "fp32_metric": round(value, 6)})
-
-    plan = recorded(result.plan) if result.plan is not None else None
-    return dataclasses.replace(result, plan=plan, pareto=[recorded(p) for p in result.pareto])
 
 
 def _holdout_data(args: argparse.Namespace, device: str) -> list[Any] | None:
@@ -404,8 +385,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.model or args.data:
         from precsearch.graph import walk
 
-        model, data, device, _ = _model_and_data(args)
-        model.eval()  # plans are measured for inference: no dropout, BatchNorm's running statistics
+        model, data, device, _ = _model_and_data(args)  # in eval mode: plans are measured for inference
         known_units = walk(model, data[0], device=device).units
         remeasured = compare.remeasure(model, data, names, plans, compiled=args.compile)
     units = compare.all_units(plans, known_units)
@@ -661,8 +641,7 @@ def _run(argv: list[str] | None) -> int:
     except Exception as error:  # a bug, not bad input: one line, the traceback on request
         if os.environ.get("PRECSEARCH_DEBUG"):
             raise
-        message = str(error).splitlines()[0] if str(error) else ""
-        print(f"precsearch: internal error: {type(error).__name__}: {message} "
+        print(f"precsearch: internal error: {described(error)} "
               f"(rerun with PRECSEARCH_DEBUG=1 for the traceback, and please report it)", file=sys.stderr)
         return EXIT_FAILED
 

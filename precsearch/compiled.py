@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from precsearch import batches as _batches
-from precsearch.accuracy import METRICS, Fidelity
+from precsearch.accuracy import Fidelity
 from precsearch.bench import Timing, time_interleaved
-from precsearch.errors import InputError
+from precsearch.errors import InputError, described
 from precsearch.plan import Plan
 from precsearch.runtime import apply_plan
 
@@ -113,11 +113,8 @@ def check_compiled(model: nn.Module, plan: Plan, batches: list[Any], device_type
     """
     if plan.mode == "training":
         raise InputError("--compile: compiled checking is for inference plans")
-    constraint = plan.constraint or {}
-    metric = constraint.get("metric") if constraint.get("metric") in METRICS else "rel_l2"
-    limit = constraint.get("limit") if constraint.get("metric") == metric else None
     with eval_mode(model):
-        fidelity = Fidelity.builtin(model, batches, metric, 0.0)  # FP32 reference outputs, computed once
+        fidelity = Fidelity.of_constraint(model, batches, plan.constraint)  # FP32 reference, computed once
         with apply_plan(model, plan, device_type=device_type, fingerprint_mismatch="ignore"):
             eager = fidelity.error(model)
         started = time.perf_counter()
@@ -125,8 +122,9 @@ def check_compiled(model: nn.Module, plan: Plan, batches: list[Any], device_type
             compiled, failure = compiled_error(model, plan, batches[0], device_type, fidelity), None
         except NotCompilable as error:
             compiled, failure = None, str(error)
+    limit = fidelity.limit
     within = False if failure else (None if limit is None else compiled <= limit)  # type: ignore[operator]
-    return {"metric": metric, "eager_error": eager, "compiled_error": compiled, "limit": limit,
+    return {"metric": fidelity.name, "eager_error": eager, "compiled_error": compiled, "limit": limit,
             "within_limit": within, "compile_s": round(time.perf_counter() - started, 2), "failure": failure}
 
 
@@ -170,9 +168,8 @@ def _failures_named(what: str) -> Iterator[None]:
     except (NotCompilable, KeyboardInterrupt):
         raise
     except Exception as error:
-        detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
         raise NotCompilable(f"--compile: {what} cannot run compiled with torch.compile: "
-                            f"{type(error).__name__}: {detail}") from error
+                            f"{described(error)}") from error
 
 
 def compiled_replica(model: nn.Module, plan: Plan | None, example_inputs: Any, device_type: str) -> Any:

@@ -14,3 +14,10 @@ class InputError(ValueError):
 
 class PlanError(InputError):
     """A precision plan that cannot be read, or does not fit the model."""
+
+
+def described(error: BaseException, width: int = 300) -> str:
+    """``Type: first line of its message`` (the type alone when it has none): an exception in one line."""
+    text = str(error).strip()
+    name = type(error).__name__
+    return f"{name}: {text.splitlines()[0][:width]}" if text else name

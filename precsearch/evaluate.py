@@ -17,7 +17,7 @@ from torch import nn
 from precsearch import batches as _batches
 from precsearch.accuracy import Fidelity
 from precsearch.bench import Speedup, speedup, time_interleaved
-from precsearch.errors import InputError
+from precsearch.errors import InputError, described
 from precsearch.plan import Plan, Runtime
 from precsearch.runtime import PlanHandle, apply_plan
 from precsearch.weights import find_weight_uses
@@ -117,7 +117,7 @@ class Evaluator:
             gc.collect()
             if self.device_type == "cuda":
                 torch.cuda.empty_cache()
-            reason = f"{type(failure).__name__}: {str(failure).splitlines()[0][:200] if str(failure) else ''}"
+            reason = described(failure, width=200)
             return Measurement(math.inf, math.nan, math.nan, None, reason)
         estimate = speedup(timings["baseline"].samples_ms, timings["candidate"].samples_ms)
         return Measurement.timed(error, estimate, timings["baseline"].median_ms,

@@ -34,10 +34,10 @@ from torch import nn
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from precsearch import batches as _batches
-from precsearch.accuracy import METRICS, Fidelity, flatten_outputs, max_abs, run_outputs
+from precsearch.accuracy import Fidelity, flatten_outputs, max_abs, run_outputs
 from precsearch.bench import Speedup, Timing, speedup, time_interleaved
 from precsearch.compiled import eval_mode
-from precsearch.errors import InputError
+from precsearch.errors import InputError, described
 from precsearch.plan import Plan
 from precsearch.runtime import PlanHandle, apply_plan
 from precsearch.weights import weight_bytes
@@ -153,7 +153,7 @@ def export_plan(model: nn.Module, plan: Plan, batches: list[Any], out: str | os.
         raise InputError("export: only inference plans can be exported (this plan is for training)")
     out = checked_out(out)
     with eval_mode(model):
-        fidelity = plan_fidelity(model, plan, batches)
+        fidelity = Fidelity.of_constraint(model, batches, plan.constraint)
         with apply_plan(model, plan, device_type=device_type, example_inputs=batches[0],
                         fingerprint_mismatch=fingerprint_mismatch) as handle:
             started = time.perf_counter()
@@ -163,15 +163,6 @@ def export_plan(model: nn.Module, plan: Plan, batches: list[Any], out: str | os.
             verification = verify_package(out, model, handle, batches, fidelity, device_type, repeats)
     return ExportResult(out, out.stat().st_size, _program_weight_bytes(program), dims, note,
                         round(export_s, 2), verification)
-
-
-def plan_fidelity(model: nn.Module, plan: Plan, batches: list[Any]) -> Fidelity:
-    """The plan's constraint as a built-in fidelity against FP32 (rel_l2 when the plan's
-    metric is not built in; then, or without a limit, the limit is 0: unchecked)."""
-    constraint = plan.constraint or {}
-    metric = constraint.get("metric") if constraint.get("metric") in METRICS else "rel_l2"
-    limit = constraint.get("limit") if constraint.get("metric") == metric else None
-    return dataclasses.replace(Fidelity.builtin(model, batches, metric, 0.0), limit=limit)  # None: unchecked
 
 
 def export_program(model: nn.Module, batch: Any,
@@ -189,7 +180,7 @@ def export_program(model: nn.Module, batch: Any,
             fixed = "--dynamic: the model fixes every input dimension; exported static"
             return program, dims, None if dims else fixed
         except Exception as error:
-            note = f"--dynamic: export with dynamic shapes failed ({_first_line(error)}); exported static"
+            note = f"--dynamic: export with dynamic shapes failed ({described(error)}); exported static"
     else:
         note = None
     with _named_failure("torch.export"), torch.no_grad():
@@ -218,7 +209,7 @@ def load_package(path: str | os.PathLike) -> Callable[..., Any]:
         return torch._inductor.aoti_load_package(str(path))
     except Exception as error:
         raise InputError(f"--package {str(path)!r}: not a loadable AOTInductor package: "
-                         f"{type(error).__name__}: {_first_line(error)}") from None
+                         f"{described(error)}") from None
 
 
 def check_package(package: Callable[..., Any], fidelity: Fidelity,
@@ -229,9 +220,8 @@ def check_package(package: Callable[..., Any], fidelity: Fidelity,
     except InputError:
         raise
     except Exception as failure:  # a static package given batches of other shapes, say
-        raise InputError(f"the package {str(path)!r} cannot run the data: {type(failure).__name__}: "
-                         f"{_first_line(failure)} (batches of other shapes need an export with --dynamic)"
-                         ) from None
+        raise InputError(f"the package {str(path)!r} cannot run the data: {described(failure)} "
+                         f"(batches of other shapes need an export with --dynamic)") from None
     return PackageCheck(fidelity.name, error, fidelity.limit)
 
 
@@ -317,9 +307,4 @@ def _named_failure(stage: str) -> Iterator[None]:
         raise
     except Exception as error:
         raise NotExportable(f"export: the model with this plan cannot be exported ({stage}): "
-                            f"{type(error).__name__}: {_first_line(error)}") from None
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:300] if text else ""
+                            f"{described(error)}") from None

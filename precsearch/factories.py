@@ -12,7 +12,7 @@ from typing import Any, Callable
 from torch import nn
 
 from precsearch import batches as _batches
-from precsearch.errors import InputError
+from precsearch.errors import InputError, described
 
 DEMO_MODEL = "precsearch.examples.demo:model"
 DEMO_DATA = "precsearch.examples.demo:data"
@@ -48,8 +48,7 @@ def _call(spec: str, what: str) -> Any:
     try:
         return factory()
     except (Exception, SystemExit) as error:  # a factory that calls sys.exit() is still bad input
-        message = str(error).splitlines()[0] if str(error) else ""
-        raise InputError(f"--{what} {spec!r}: the factory raised {type(error).__name__}: {message}") from None
+        raise InputError(f"--{what} {spec!r}: the factory raised {described(error)}") from None
 
 
 def load_model(spec: str, task: str | None = None) -> nn.Module:

@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from precsearch import batches as _batches
-from precsearch.errors import InputError
+from precsearch.errors import InputError, described
 from precsearch.ops import device_type_of, estimate_flops, is_eligible, model_device_type, module_op, op_name
 from precsearch.precisions import FP32, PRECISIONS
 from precsearch.recording import OpRecorder
@@ -101,8 +101,7 @@ def walk(model: nn.Module, example_inputs: Any, *, device: str | torch.device | 
         break
     else:
         # The hooks run the model as it is: their failure is the model's own.
-        detail = str(failure).splitlines()[0] if str(failure) else ""
-        raise InputError(f"the model cannot be walked on the example inputs: {type(failure).__name__}: {detail}")
+        raise InputError(f"the model cannot be walked on the example inputs: {described(failure)}")
     shapes = _unit_shapes(model, {op.unit for op in ops}, args, kwargs)
     return LayerGraph(_build(ops, modules, shapes), method, device_type)
 

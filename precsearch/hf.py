@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from precsearch.errors import InputError
+from precsearch.errors import InputError, described
 
 PREFIX = "hf:"
 INSTALL = "pip install 'precsearch[hf]'"
@@ -111,9 +111,7 @@ def load_model(spec: str, task: str | None = None) -> nn.Module:
         with _quiet(transformers):
             model = cls.from_pretrained(str(path), local_files_only=True, **dtype)
     except Exception as error:  # a broken or mismatched checkpoint is bad input
-        detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise InputError(f"--model {spec!r}: {cls.__name__} cannot load it: "
-                         f"{type(error).__name__}: {detail}") from None
+        raise InputError(f"--model {spec!r}: {cls.__name__} cannot load it: {described(error)}") from None
     return model.eval()
 
 
@@ -137,9 +135,8 @@ def load_tokenizer(spec: str) -> Any:
     try:
         return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as error:
-        detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise InputError(f"--model {spec!r}: no tokenizer loads from {path} ({type(error).__name__}: "
-                         f"{detail}); save one there with tokenizer.save_pretrained") from None
+        raise InputError(f"--model {spec!r}: no tokenizer loads from {path} ({described(error)}); "
+                         f"save one there with tokenizer.save_pretrained") from None
 
 
 def study_name(spec: str) -> str:

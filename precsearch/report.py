@@ -179,13 +179,13 @@ def write_report(directory: str | Path, study: Any) -> dict[str, Path]:
         {"setting": "study", "value": f"{study.study_name}"},
     ])]
     blocks.append(("h2", "Result"))
+    extra = _error_columns([plan, *(p for _, p in others)])   # the error columns beside the search's own
     if plan is None:
         blocks.append(("p", f"No plan met {constraint['metric']} <= {constraint['limit']:g}."))
     else:
         metrics = plan.metrics or {}
         memory = metrics.get("peak_memory_mb")
         runtime = plan.resolved_runtime
-        extra = _error_columns([plan, *(p for _, p in others)])
         blocks.append(("table", [
             {"plan": "fp32 baseline", "latency_ms": round(baseline, 3), "speedup": "1.00x", "error": 0.0,
              **{column: 0.0 if column == "holdout_error" else None for column in extra},
@@ -207,7 +207,7 @@ def write_report(directory: str | Path, study: Any) -> dict[str, Path]:
                ("img", files["units"].name, "precision of every unit")]
     blocks += [("h2", "Pareto-optimal feasible plans"),
                ("p", "No plan is both faster and more accurate than any of these."),
-               ("table", [_plan_row(name, p, units, _error_columns([plan, *(p for _, p in others)])) for name, p in
+               ("table", [_plan_row(name, p, units, extra) for name, p in
                           ([("plan.yaml", plan)] if plan else []) + [(f"pareto/{path.name}", p) for path, p in others]]
                 or [{"plan": "none"}])]
     blocks += [("h2", "Search progress"), ("img", files["progress"].name, "best feasible latency over trials"),

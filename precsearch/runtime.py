@@ -237,11 +237,8 @@ class PlanHandle:
             return forward(*args, **kwargs)
         if torch.is_grad_enabled() and self.model.training and weights.trainable:
             self._masters_changed = True   # an optimizer may step them before the next call
-            weights.restore()
-            try:
+            with self._masters():
                 return forward(*args, **kwargs)
-            finally:
-                weights.hold()
         if self._masters_changed:
             weights.refresh()
             self._masters_changed = False
@@ -261,16 +258,12 @@ class PlanHandle:
     def _root_apply(self, apply: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """``.to()``, ``.double()``, ``.cuda()``...: the FP32 masters are converted, then held
         low again; a conversion to float64 is refused (autocast never lowers float64)."""
-        if fn(torch.zeros(())).dtype == torch.float64 and any(PRECISIONS[p].low for p in self._precisions()):
+        low = any(PRECISIONS[p].low for p in (self.plan.default, *self.plan.layers.values()))
+        if low and fn(torch.zeros(())).dtype == torch.float64:
             raise PlanError("this plan runs units in low precision, which autocast cannot do from float64: "
                             "remove the plan before converting the model to float64")
-        if self.weights is not None:
-            self.weights.restore()
-        try:
+        with self._masters():
             result = apply(fn, *args, **kwargs)
-        finally:
-            if self.weights is not None:
-                self.weights.hold()
         self._moved_to(model_device_type(self.model, self.device_type))
         return result
 
@@ -286,17 +279,15 @@ class PlanHandle:
 
     @contextmanager
     def _masters(self) -> Iterator[None]:
-        if self.weights is None:
-            yield
-            return
-        self.weights.restore()
+        """The FP32 masters in the model for a block; the low copies after it, re-cast where a
+        master changed."""
+        if self.weights is not None:
+            self.weights.restore()
         try:
             yield
         finally:
-            self.weights.hold()
-
-    def _precisions(self) -> set[str]:
-        return {self.plan.default, *self.plan.layers.values()}
+            if self.weights is not None:
+                self.weights.hold()
 
     def _moved_to(self, device_type: str) -> None:
         if device_type == self.device_type:
@@ -355,13 +346,10 @@ class PlanHandle:
         """The model exactly as without the plan for a block: the FP32 weights swapped back by
         reference (cheap: no module walk, no cast)."""
         self._uninstall()
-        if self.weights is not None:
-            self.weights.restore()
         try:
-            yield
+            with self._masters():
+                yield
         finally:
-            if self.weights is not None:
-                self.weights.hold()
             self._install()
 
     def materialize(self) -> PlanHandle:

@@ -18,6 +18,7 @@ from precsearch.accuracy import Fidelity
 from precsearch.bench import Speedup, speedup
 from precsearch.config import SearchConfig
 from precsearch.decisions import decode, encode
+from precsearch.errors import described
 from precsearch.evaluate import Evaluator, Measurement
 from precsearch.graph import LayerGraph
 from precsearch.plan import LossScaling, Plan, model_fingerprint
@@ -167,19 +168,14 @@ def final_race(evaluator: Evaluator, plans: dict[str, dict[str, str]], repeats: 
         try:
             return _race_compiled(evaluator, plans, repeats)
         except Exception as failure:
-            warnings.warn(f"the compiled final race failed ({_first_line(failure)}); the plans are measured "
+            warnings.warn(f"the compiled final race failed ({described(failure)}); the plans are measured "
                           f"eager and say runtime.compile: false", stacklevel=3)
     try:
         return Race(evaluator.race(plans, repeats=repeats))
     except Exception as failure:  # keep the trials' own numbers
-        warnings.warn(f"the final race failed ({_first_line(failure)}); using the trials' measurements",
+        warnings.warn(f"the final race failed ({described(failure)}); using the trials' measurements",
                       stacklevel=3)
         return Race({})
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0][:200]}" if text else type(error).__name__
 
 
 def _holdout_scorer(model: nn.Module, holdout: list[Any], evaluator: Evaluator, units: list[str]
@@ -260,6 +256,8 @@ class _PlanWriter:
 
         self.units, self.config, self.setup = units, config, setup
         self.constraint = evaluator.fidelity.describe()
+        reference = evaluator.fidelity.reference_value   # the FP32 model's accuracy, perplexity...
+        self.fp32_metric = {} if reference is None else {"fp32_metric": round(reference, 6)}
         self.model = {"name": config.model_name or type(model).__name__, "fingerprint": model_fingerprint(model),
                       "units": len(units)}
         self.target = target(evaluator.device_type)
@@ -282,7 +280,8 @@ class _PlanWriter:
             "speedup": round(measured.speedup, 3), "speedup_low": _round(measured.speedup_low),
             "speedup_high": _round(measured.speedup_high), "error": measured.error,
             "peak_memory_mb": measured.peak_memory_mb, "weight_mb": _mb(measured.weight_mb),
-            "baseline_weight_mb": _mb(self.setup.weight_mb), "trial": trial, **(extra or {})}
+            "baseline_weight_mb": _mb(self.setup.weight_mb), "trial": trial, **self.fp32_metric,
+            **(extra or {})}
         return dataclasses.replace(
             plan, mode=self.config.mode, runtime=dataclasses.replace(self.runtime, compile=compiled),
             loss_scaling=LossScaling() if self.config.training and plan.needs_loss_scaling else None,

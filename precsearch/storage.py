@@ -19,7 +19,7 @@ import optuna
 from optuna.trial import TrialState
 
 from precsearch.credentials import credentials_in, mask_credentials
-from precsearch.errors import InputError
+from precsearch.errors import InputError, described
 from precsearch.records import StudySetup, mark_surplus, retry_marks, setup_owner, worker_of
 from precsearch.records import claim_setup as _claim
 
@@ -43,9 +43,8 @@ def open_storage(url: str | None, heartbeat: float = HEARTBEAT_S) -> optuna.stor
             return optuna.storages.JournalStorage(JournalFileBackend(url.removeprefix("journal:///")))
         return _rdb_storage(url, heartbeat)
     except Exception as error:
-        detail = str(error).splitlines()[0] if str(error) else ""
         # Mask the whole message: the driver's text may quote the URL, or parts of it, again.
-        message = f"--storage {url}: cannot open ({type(error).__name__}: {detail})"
+        message = f"--storage {url}: cannot open ({described(error)})"
         raise InputError(mask_credentials(message, known=credentials_in(url))) from None
 
 

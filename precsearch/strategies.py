@@ -158,10 +158,11 @@ class Lead:
         # greedy's plans: all low, then the k riskiest back in FP32
         self.greedy = [decisions.expand({c.name: dtype for c in riskiest[k:]}) for k in range(len(riskiest) + 1)]
 
-    def observations(self, study: optuna.Study) -> tuple[list[Observation], dict[str, float]]:
-        """Every measured plan (the running trial's too), and its error by plan code."""
+    def observations(self, trials: list[optuna.trial.FrozenTrial]
+                     ) -> tuple[list[Observation], dict[str, float]]:
+        """Every measured plan among ``trials`` (the running trial's too), and its error by plan code."""
         observed, errors = [], {}
-        for trial in study.get_trials(deepcopy=False):
+        for trial in trials:
             record = TrialRecord.of(trial)
             if record is None:
                 continue
@@ -173,7 +174,7 @@ class Lead:
         return observed, errors
 
     def calibrated(self, study: optuna.Study) -> Proposal:
-        return self.prior.calibrated(self.observations(study)[0])
+        return self.prior.calibrated(self.observations(study.get_trials(deepcopy=False))[0])
 
     def predict(self, proposal: Proposal, layers: dict[str, str]) -> Prediction:
         return Prediction(*proposal.predict(self.decisions.by_choice(layers)))
@@ -181,24 +182,26 @@ class Lead:
     def after_trial(self, study: optuna.Study) -> None:
         """Enqueue what the measurements so far call for next (at setup: greedy's answer as the
         sensitivities predict it)."""
-        observed, errors = self.observations(study)
+        trials = study.get_trials(deepcopy=False)
+        observed, errors = self.observations(trials)
         proposal = self.prior.calibrated(observed)
+        waiting = [lead for trial in trials if trial.state == optuna.trial.TrialState.WAITING
+                   and (lead := lead_of(trial))]
+        queued = {code for _, code in waiting}
         step = self._next_greedy(proposal, errors)
         if step is not None:
-            self._enqueue_new(study, [step], "greedy", errors)
+            self._enqueue_new(study, [step], "greedy", errors, queued)
             return
-        leads = [lead for trial in study.get_trials(deepcopy=False) if (lead := lead_of(trial))]
-        waiting = [lead for trial in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.WAITING])
-                   if (lead := lead_of(trial))]
-        proposed = sum(tag == "proposal" for tag, _ in leads)
+        proposed = sum(lead[0] == "proposal" for trial in trials if (lead := lead_of(trial)))
         if any(tag == "greedy" for tag, _ in waiting) or proposed >= PROPOSALS:
             return
         if not proposed:
-            self._enqueue_new(study, self._front(proposal, FRONT), "proposal", errors)
+            self._enqueue_new(study, self._front(proposal, FRONT), "proposal", errors, queued)
             for params in self.decisions.seeds():
                 study.enqueue_trial(params, skip_if_exists=True)
         elif not waiting:  # re-solved with the calibration so far: the loosest plan not yet measured
-            self._enqueue_new(study, self._front(proposal, FRONT[::-1]), "proposal", errors, at_most=1)
+            loosest_first = self._front(proposal, FRONT[::-1])
+            self._enqueue_new(study, loosest_first, "proposal", errors, queued, at_most=1)
 
     def _front(self, proposal: Proposal, fractions: tuple[float, ...]) -> list[dict[str, str]]:
         try:
@@ -222,10 +225,8 @@ class Lead:
         return self.greedy[min(max(predicted, low), high)]
 
     def _enqueue_new(self, study: optuna.Study, plans: list[dict[str, str]], lead: str,
-                     measured: dict[str, float], at_most: int | None = None) -> None:
-        """Enqueue the plans neither measured nor waiting (the first ``at_most`` of them)."""
-        queued = {marks[1] for trial in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.WAITING])
-                  if (marks := lead_of(trial))}
+                     measured: dict[str, float], queued: set[str], at_most: int | None = None) -> None:
+        """Enqueue the plans neither measured nor ``queued`` (the first ``at_most`` of them)."""
         fresh = [plan for plan in plans if (code := encode(plan, self.units)) not in measured and code not in queued]
         for plan in list({encode(p, self.units): p for p in fresh}.values())[:at_most]:
             self._enqueue(study, plan, lead)

@@ -139,13 +139,8 @@ class WeightUseRecorder:
 def find_weight_uses(model: nn.Module, example_inputs: Any, device_type: str) -> WeightUses:
     """Run ``model`` once in FP32 on ``example_inputs`` (a batch) and record which unit's ops read
     each weight. The model runs as it is: for a search's own batches."""
-    return weight_uses_of_call(model, *_batches.split(example_inputs), device_type)
-
-
-def weight_uses_of_call(model: nn.Module, args: tuple, kwargs: dict, device_type: str) -> WeightUses:
-    """``find_weight_uses`` for a call ``model(*args, **kwargs)``."""
     with torch.no_grad(), WeightUseRecorder(model, device_type) as recorder:
-        model(*args, **kwargs)
+        _batches.call(model, example_inputs)
     return recorder.uses()
 
 

@@ -239,10 +239,10 @@ def test_without_labels_a_classifier_is_judged_by_top1(checkpoints, tmp_path):
 
 def test_fp32_values_are_an_accuracy_and_a_perplexity(checkpoints, examples_jsonl):
     model, batches = _batches_for(checkpoints, "bert", examples_jsonl)
-    assert 0.0 <= accuracy.fp32_value(model, batches, "label_accuracy") <= 1.0
+    assert 0.0 <= accuracy.Fidelity.builtin(model, batches, "label_accuracy", 0.01).reference_value <= 1.0
     model, batches = _batches_for(checkpoints, "gpt2", examples_jsonl)
-    assert accuracy.fp32_value(model, batches, "perplexity") > 1.0
-    assert accuracy.fp32_value(model, batches, "token_agreement") is None
+    assert accuracy.Fidelity.builtin(model, batches, "perplexity", 0.01).reference_value > 1.0
+    assert accuracy.Fidelity.builtin(model, batches, "token_agreement", 0.01).reference_value is None
 
 
 def test_label_accuracy_counts_the_drop_only():

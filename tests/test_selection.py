@@ -58,7 +58,6 @@ from precsearch.accuracy import Fidelity  # noqa: E402
 from precsearch.config import SearchConfig  # noqa: E402
 from precsearch.decisions import decode  # noqa: E402
 from precsearch.evaluate import Evaluator  # noqa: E402
-from precsearch.plan import Runtime  # noqa: E402
 from precsearch.records import StudySetup, TrialRecord  # noqa: E402
 from precsearch.selection import choose, split_holdout  # noqa: E402
 

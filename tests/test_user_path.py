@@ -5,6 +5,7 @@ weights held low follow what the user does to the model."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import weakref
 
@@ -17,10 +18,16 @@ from torch import nn
 
 from precsearch import Plan, PlanError, apply_plan, audit, load_plan
 from precsearch.plan import Runtime
-from precsearch.runtime import handle_of
 
 LOW = Plan(default="bf16")
-CAST_PER_CALL = Plan(default="bf16", runtime=Runtime(weights="fp32"))   # the same plan, FP32 weights
+
+
+def _cast_per_call(plan: Plan) -> Plan:
+    """The same plan with FP32 weights, which autocast casts on every call."""
+    return dataclasses.replace(plan, runtime=Runtime(weights="fp32"))
+
+
+CAST_PER_CALL = _cast_per_call(LOW)
 
 
 class Stateful(nn.Module):
@@ -129,8 +136,7 @@ def test_generate_gives_the_tokens_and_scores_of_fp32_weights(name):
     plan = Plan(default="fp32", layers=mlps)
     ids = torch.randint(3, zoo.VOCAB, (2, 5), generator=torch.Generator().manual_seed(1))
     held, held_scores = _generate(model, plan, ids)
-    cast, cast_scores = _generate(model, Plan(default=plan.default, layers=plan.layers,
-                                              runtime=Runtime(weights="fp32")), ids)
+    cast, cast_scores = _generate(model, _cast_per_call(plan), ids)
     assert torch.equal(held, cast)
     assert all(torch.equal(a, b) for a, b in zip(held_scores, cast_scores))
 
@@ -273,14 +279,8 @@ def test_a_weight_whose_dtype_the_model_reads_stays_fp32_and_outputs_are_identic
         model(x)
         held = model(x)
         assert model.inner.weight.dtype == torch.float32
-    with apply_plan(model, dataclasses_replace(plan, runtime=Runtime(weights="fp32"))), torch.no_grad():
+    with apply_plan(model, _cast_per_call(plan)), torch.no_grad():
         assert torch.equal(model(x), held)
-
-
-def dataclasses_replace(plan: Plan, **fields) -> Plan:
-    import dataclasses
-
-    return dataclasses.replace(plan, **fields)
 
 
 def test_an_edit_to_a_held_weight_survives_remove():
