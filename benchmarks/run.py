@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import platform
+import statistics
 import sys
 from pathlib import Path
 
@@ -20,6 +21,8 @@ sys.path.insert(0, str(HERE))
 
 import applier_overhead  # noqa: E402
 import deployed  # noqa: E402
+import generate  # noqa: E402
+import memory  # noqa: E402
 import search_overhead  # noqa: E402
 import stability  # noqa: E402
 import strategies  # noqa: E402
@@ -27,12 +30,12 @@ import strategies  # noqa: E402
 from precsearch.study_setup import device_name  # noqa: E402
 
 
-def render(applier: dict, quality: dict, overhead: dict, deployed_form: dict, stable: dict) -> str:
-    trap, bert, cnn = quality["trap_model"], quality["bert"], quality["cnn"]
+def render(applier: dict, quality: dict, overhead: dict, deployed_form: dict, stable: dict,
+           weight_memory: dict | None = None, generation: dict | None = None) -> str:
     lines = [
         "# Benchmarks",
         "",
-        "Regenerate everything below with `python benchmarks/run.py` (about 40 minutes on 2 cores).",
+        "Regenerate everything below with `python benchmarks/run.py` (about 90 minutes on 2 cores).",
         f"Machine: {device_name('cpu')}, {quality['threads']} threads, torch {quality['torch']}, "
         f"Python {platform.python_version()}. CPU only: BF16 autocast is fast here (AVX512-BF16), "
         "FP16 several times slower than FP32, so every search leaves FP16 out after probing it. "
@@ -40,38 +43,10 @@ def render(applier: dict, quality: dict, overhead: dict, deployed_form: dict, st
         "percent are noise.",
         "",
         *_deployed_section(deployed_form),
+        *_memory_section(weight_memory),
+        *_generate_section(generation),
         *_stability_section(stable),
-        "## Strategies (`strategies.py`)",
-        "",
-        f"{quality.get('note', '')}"
-        "Each strategy searched the same model with the same data and limit; then every distinct plan found and "
-        "FP32 were timed together, interleaved. *evaluations*: distinct plans whose accuracy and latency were "
-        "measured; *search s*: wall time of the search.",
-        "",
-        f"### Trap model: the demo's traps in {trap['units']} units, rel_l2 <= {trap['limit']}",
-        "",
-        f"Exhaustive search ({trap['exhaustive']['evaluations']} plans, {trap['exhaustive']['seconds']} s) "
-        f"establishes the optimum: `{_short(trap['exhaustive']['plan'])}`.",
-        "",
-        *_strategy_table(trap, with_optimum=True),
-        "",
-        f"Trials until a plan within 5% of the exhaustive optimum: Optuna "
-        f"{trap['strategies']['optuna']['trials_to_within_5pct']}, random "
-        f"{trap['strategies']['random']['trials_to_within_5pct']} (latencies from the exhaustive run's table).",
-        "",
-        f"### transformers BERT: {bert['model']}, {bert['units']} units",
-        "",
-        f"All-BF16 has rel_l2 {bert['all_bf16_error']:.3g}; the limit is half that, {bert['limit']:.3g}, so some "
-        "units must stay FP32.",
-        "",
-        *_strategy_table(bert),
-        "",
-        f"Greedy latency / Optuna latency: **{bert['strategies']['greedy']['ms'] / bert['strategies']['optuna']['ms']:.3f}**.",
-        "",
-        f"### CNN: {cnn['model']}, {cnn['units']} units, rel_l2 <= {cnn['limit']}",
-        "",
-        *_strategy_table(cnn),
-        "",
+        *_strategies_section(quality),
         "## Applier overhead (`applier_overhead.py`)",
         "",
         f"{applier['model']}, CPU.",
@@ -104,19 +79,70 @@ def render(applier: dict, quality: dict, overhead: dict, deployed_form: dict, st
     return "\n".join(lines)
 
 
-def _strategy_table(result: dict, with_optimum: bool = False) -> list[str]:
-    header = "| strategy | fp32 units | rel_l2 | meets limit | median ms | speedup vs fp32 | evaluations | search s |"
-    rule = "| --- | ---: | ---: | :---: | ---: | ---: | ---: | ---: |"
-    if with_optimum:
-        header += " latency vs optimum |"
-        rule += " ---: |"
-    rows = [header, rule, f"| fp32 | {result['units']} | 0 | yes | {result['fp32_ms']} | 1.000 | - | - |" +
-            (" - |" if with_optimum else "")]
-    for name, row in result["strategies"].items():
-        line = (f"| {name} | {row['fp32_units']} | {row['error']:.3g} | {'yes' if row['meets_limit'] else 'no'} | "
-                f"{row['ms']} | {row['speedup']} | {row['evaluations']} | {row['seconds']} |")
-        rows.append(line + (f" {row['relative_to_optimum']} |" if with_optimum else ""))
-    return rows
+def _strategies_section(quality: dict) -> list[str]:
+    lines = ["## Strategies (`strategies.py`)", "",
+             "Each strategy searched the same model, data and limit as `optimize --compile` runs it (its finalists "
+             "race compiled), with seeds 0, 1, 2 (global, greedy and bisect once: their plans follow from the "
+             "measured errors). Then every distinct plan found was compiled and timed with FP32 compiled and FP32 "
+             "eager in one interleaved run (20 rounds), and its compiled error measured on the search batches. "
+             "Speedups are medians of per-round ratios with 95% intervals; *plans*: distinct plans measured; "
+             "*search s*: wall time of the search. `optuna` is the default (TPE from greedy's answer and the "
+             "model-based proposals), `tpe` the seeded TPE it replaced.", ""]
+    for name in ("bert", "gpt2", "cnn"):
+        if name in quality:
+            lines += _compiled_case(quality[name])
+    if "trap_model" in quality:
+        trap = quality["trap_model"]
+        lines += [f"### {trap['model']}, rel_l2 <= {trap['limit']}, eager", "",
+                  f"Exhaustive search ({trap['exhaustive']['evaluations']} plans, {trap['exhaustive']['seconds']} s) "
+                  f"establishes the optimum: `{_short(trap['exhaustive']['plan'])}`.", "",
+                  "| strategy | seed | fp32 units | rel_l2 | speedup vs eager fp32 | latency vs optimum | "
+                  "trials to within 5% | plans | search s |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for strategy, runs in trap["runs"].items():
+            lines += [f"| {strategy} | {run['seed']} | {run['fp32_units']} | {run['compiled_error']:.3g} | "
+                      f"{_x(run['speedup_vs_eager'])} | {run['relative_to_optimum']} | "
+                      f"{run['trials_to_within_5pct'] or '-'} | {run['evaluations']} | {run['seconds']} |" for run in runs]
+        lines.append("")
+    return lines
+
+
+def _compiled_case(case: dict) -> list[str]:
+    lines = [f"### {case['model']}, {case['units']} units", "",
+             f"All-BF16 has rel_l2 {case['all_bf16_error']:.3g}; the limit is half that, {case['limit']:.3g}. "
+             f"{case['trials']} trials a search. FP32: {case['eager_fp32_ms']} ms eager, {case['compiled_fp32_ms']} "
+             f"ms compiled; compiling one plan took {case['compile_s_per_plan']} s (median), an eager trial "
+             f"{_trial_seconds(case)} s.", "",
+             "| strategy | seed | fp32 units | compiled rel_l2 | meets limit | vs eager fp32 | vs compiled fp32 | "
+             "trials | plans | search s |", "| --- | ---: | ---: | ---: | :---: | ---: | ---: | ---: | ---: | ---: |"]
+    for strategy, runs in case["runs"].items():
+        lines += [f"| {strategy} | {run['seed']} | {run['fp32_units']} | {run['compiled_error']:.3g} | "
+                  f"{'yes' if run['meets_limit'] else 'no'} | {_x(run['speedup_vs_eager'])} | "
+                  f"{_x(run['speedup_vs_compiled'])} | {run['trials']} | {run['evaluations']} | {run['seconds']} |"
+                  for run in runs]
+    summary = case["strategies"]
+    lines += ["", "| strategy | median vs eager fp32 | median vs compiled fp32 | median search s |",
+              "| --- | ---: | ---: | ---: |"]
+    lines += [f"| {name} | {row['speedup_vs_eager']:.3f} | {row['speedup_vs_compiled']:.3f} | {row['seconds']} |"
+              for name, row in summary.items()]
+    lines += ["", f"Goals: the default's median at least every baseline's: **{_met(case['default_at_least_every_baseline'])}**; "
+              f"default / greedy = **{case['default_over_greedy']}** (goal >= 1.05 on at least one model); "
+              f"default search s {summary['optuna']['seconds']} <= 1.2 x greedy's + 30 = "
+              f"{case['default_seconds_budget']}: **{_met(case['default_within_time_budget'])}**.", ""]
+    return lines
+
+
+def _trial_seconds(case: dict) -> str:
+    runs = case["runs"]["tpe"]
+    return f"{statistics.median(run['seconds'] / run['trials'] for run in runs):.1f}"
+
+
+def _x(interval: list[float]) -> str:
+    median, low, high = interval
+    return "-" if median != median else f"{median:.2f}x [{low:.2f}, {high:.2f}]"
+
+
+def _met(flag: bool) -> str:
+    return "met" if flag else "missed"
 
 
 def _gpu_note() -> str:
@@ -150,6 +176,65 @@ def _deployed_section(result: dict) -> list[str]:
     return [*lines, "", "Goal: the compiled weights-low plan at least 1.5x eager FP32.", ""]
 
 
+def _memory_section(result: dict | None) -> list[str]:
+    lines = ["## Weight memory and the memory budget (`memory.py`)", ""]
+    if result is None:
+        return [*lines, "Not run on this machine yet: `python benchmarks/run.py memory`.", ""]
+    lines += [f"Weight MiB of each form (2**20 bytes, as `weight_mb`) and its rel_l2 against FP32. The searches "
+              f"(`--space transformer`, {result['trials']} trials) run at half the all-BF16 rel_l2, a limit all-BF16 "
+              f"violates, without a budget and with `--max-weight-mb` {result['budget_share']:.0%} of FP32's "
+              "weights. Goals: the all-BF16 plan at most 0.52 of FP32; under the budget a feasible plan whenever "
+              "the all-BF16 plan meets the limit.", ""]
+    for case in result["models"].values():
+        lines += [f"### {case['model']}: rel_l2 <= {case['limit']:.3g}, budget {case['budget_mib']:g} MiB", "",
+                  "| form | weight MiB | of fp32 | rel_l2 | speedup vs fp32 | fp32 units |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for row in case["rows"]:
+            if row.get("found") is False:
+                lines.append(f"| {row['form']} | no feasible plan: {row['why']} | | | | |")
+                continue
+            units = f"{row['fp32_units']} of {row['units']}" if "units" in row else "-"
+            lines.append(f"| {row['form']} | {row['weight_mib']} | {row['of_fp32']} | {row['rel_l2']:.3g} | "
+                         f"{row.get('speedup', '-')} | {units} |")
+        lines.append("")
+    return lines
+
+
+def _generate_section(result: dict | None) -> list[str]:
+    lines = ["## Generation as the workload (`generate.py`)", ""]
+    if result is None:
+        return [*lines, "Not run yet on this machine: `python benchmarks/run.py generate`.", ""]
+    search, plan = result["search"], result.get("plan", {})
+    lines += [f"{result['model']}. `optimize --workload generate --space bf16_only` with perplexity <= 0.01 and "
+              f"`--min-token-agreement {search['min_token_agreement']}` (all-BF16's greedy tokens agree with FP32's "
+              f"{search['all_bf16_token_agreement']:.3g} of the time"
+              f"{': all-BF16 is infeasible' if search['all_bf16_token_agreement'] < 1 else ', so no limit excludes it'}"
+              f"), {search['trials']} "
+              f"trials, {search['search_s']} s: the plan keeps {search['units_fp32']} of {search['units']} units in "
+              f"FP32; its tokens agree {plan.get('metrics', {}).get('token_agreement')}.", "",
+              "Every form generates the same tokens, timed interleaved in one run; *compiled*: a static KV cache and "
+              "a compiled decode step (the prefill eager).", "",
+              "| form | generate ms | prefill ms | decode ms/token | decode tokens/s | speedup vs eager fp32 | "
+              "first call s |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {row['form']} | {row['generate_ms']} | {row['prefill_ms']} | {row['decode_ms_per_token']} | "
+              f"{row['decode_tokens_per_s']} | {row['speedup_vs_eager_fp32']} | "
+              f"{row['first_call_s'] if row['first_call_s'] is not None else '-'} |" for row in result.get("forms", [])]
+    ratios = result.get("plan_vs_fp32_decode_tokens_per_s", {})
+    lines += ["", f"Searched plan / FP32 decode tokens/s: **{ratios.get('eager')}x** eager, "
+              f"**{ratios.get('compiled')}x** compiled (goal 1.3x).", ""]
+    package = result.get("package", {})
+    if "failure" in package:
+        lines += [f"Export: the plan could not be packaged: {package['failure']}", ""]
+    elif package:
+        forward = package["forward_ms"]
+        lines += [f"The plan as an AOTInductor package ({package['size_mb']} MB, exported in {package['export_s']} s, "
+                  f"max difference {package['max_diff_vs_eager_plan']:.3g} against the eager plan), one forward pass "
+                  f"on the prompts (a package holds no generation loop): package {forward['package']} ms, compiled "
+                  f"plan {forward['plan compiled']} ms, eager FP32 {forward['fp32 eager']} ms; package vs compiled "
+                  f"plan **{package['package_speedup_vs_compiled_plan']}** (goal: within 5%).", ""]
+    return lines
+
+
 def _stability_section(result: dict) -> list[str]:
     lines = ["## Searches that agree with themselves (`stability.py`)", "",
              f"{result['model']}, `--space transformer`, each case searched with seeds 0, 1, 2; every chosen plan "
@@ -175,8 +260,10 @@ BENCHMARKS = {
     "applier_overhead": applier_overhead.measure,
     "strategies": strategies.run_all,
     "search_overhead": search_overhead.overhead,
+    "memory": memory.run_all,
     "deployed": lambda: {"model": deployed.MODEL, **deployed.settings(), "forms": deployed.forms(20),
                          "searches": deployed.searches(24)},
+    "generate": lambda: generate.run(trials=16, repeats=10),
     "stability": lambda: {"model": stability.MODEL, **stability.settings(),
                           "cases": [stability.case(True, 12), stability.case(False, 12)]},
 }
@@ -192,9 +279,11 @@ def main() -> None:
         sys.exit(f"unknown benchmark {sorted(unknown)[0]!r}; choose from {', '.join(BENCHMARKS)}")
     for name in chosen:
         (results / f"{name}.json").write_text(json.dumps(BENCHMARKS[name](), indent=2, default=str))
-    loaded = {name: json.loads((results / f"{name}.json").read_text()) for name in BENCHMARKS}
+    loaded = {name: json.loads((results / f"{name}.json").read_text()) for name in BENCHMARKS
+              if (results / f"{name}.json").exists()}
     (HERE / "README.md").write_text(render(loaded["applier_overhead"], loaded["strategies"],
-                                           loaded["search_overhead"], loaded["deployed"], loaded["stability"]))
+                                           loaded["search_overhead"], loaded["deployed"], loaded["stability"],
+                                           loaded.get("memory"), loaded.get("generate")))
     print((HERE / "README.md").read_text())
 
 

@@ -175,15 +175,20 @@ def _labels(batches: list[Any]) -> list[torch.Tensor]:
     labels = [getattr(batch, "labels", None) for batch in batches]
     if any(label is None for label in labels):
         raise InputError("--metric-name label_accuracy: needs labels: give every example of --data FILE a "
-                         "'label' (a classification checkpoint), or use top1")
+                         "'label' (a classification checkpoint) or 'labels' (token classification), or use "
+                         "top1")
     return labels
 
 
 def _accuracy(logits_per_batch: list[torch.Tensor], batches: list[Any]) -> float:
+    """The fraction of scored labels the argmax predicts; a negative label (-100) scores nothing."""
     labels = _labels(batches)
-    correct = sum(int((logits.argmax(-1) == label.to(logits.device)).sum())
-                  for logits, label in zip(logits_per_batch, labels, strict=True))
-    return correct / max(sum(label.numel() for label in labels), 1)
+    correct = scored = 0
+    for logits, label in zip(logits_per_batch, labels, strict=True):
+        label = label.to(logits.device)
+        correct += int(((logits.argmax(-1) == label) & (label >= 0)).sum())
+        scored += int((label >= 0).sum())
+    return correct / max(scored, 1)
 
 
 def label_accuracy(outputs, reference, batches) -> float:
@@ -251,7 +256,8 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
            uses_batches=True),
 )}
 
-# The metric a checkpoint's task is judged by (see ``hf.TASKS``); a classifier with labels: label_accuracy
+# The metric a checkpoint's task is judged by (see ``hf.TASKS``); a classifier (of sequences, images or
+# tokens) whose data has labels: label_accuracy
 TASK_METRICS = {"causal-lm": "perplexity", "seq2seq-lm": "token_agreement", "sequence-classification": "top1",
                 "image-classification": "top1", "token-classification": "token_agreement",
                 "feature-extraction": "embedding_cosine"}
@@ -259,27 +265,52 @@ TASK_METRICS = {"causal-lm": "perplexity", "seq2seq-lm": "token_agreement", "seq
 
 def task_metric(task: str | None, batches: list[Any]) -> str:
     """The default metric for a model of ``task`` on ``batches`` (rel_l2 when the task is unknown)."""
-    if task in ("sequence-classification", "image-classification") and batches \
+    if task in ("sequence-classification", "image-classification", "token-classification") and batches \
             and all(getattr(batch, "labels", None) is not None for batch in batches):
         return "label_accuracy"
     return TASK_METRICS.get(task or "", "rel_l2")
 
 
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """A candidate judged: its metric's ``error`` and, under a gate (generation's agreement with
+    FP32's tokens), the gate's value and why the candidate fails it."""
+
+    error: float
+    agreement: float | None = None
+    failure: str | None = None
+
+    @property
+    def constrained(self) -> float:
+        """The error the search ranks: ``inf`` (infeasible) when the gate fails."""
+        return math.inf if self.failure else self.error
+
+
 @dataclasses.dataclass
 class Fidelity:
-    """A constraint: how to measure a candidate's error, and the limit it must stay within."""
+    """A constraint: how to measure a candidate's error, and the limit it must stay within.
+    ``gate`` (``workload.TokenGate``): a second condition, generated tokens against FP32's; a
+    candidate that fails it is infeasible whatever its error (``error`` is then ``inf``)."""
 
     name: str
     limit: float
     measure: Callable[[nn.Module], float]
     reference_value: float | None = None  # the FP32 model's own value (user metrics, accuracy, perplexity)
+    gate: Any = None
+
+    def judge(self, model: nn.Module) -> Verdict:
+        value = float(self.measure(model))
+        error = value if math.isfinite(value) else math.inf
+        if self.gate is None:
+            return Verdict(error)
+        agreement = self.gate.agreement(model)
+        return Verdict(error, agreement, self.gate.failure(agreement))
 
     def error(self, model: nn.Module) -> float:
-        value = float(self.measure(model))
-        return value if math.isfinite(value) else math.inf
+        return self.judge(model).constrained
 
     def describe(self) -> dict[str, Any]:
-        return {"metric": self.name, "limit": self.limit}
+        return {"metric": self.name, "limit": self.limit, **(self.gate.describe() if self.gate is not None else {})}
 
     @classmethod
     def builtin(cls, model: nn.Module, batches: list[Any], metric: str = "rel_l2", limit: float = 0.01) -> Fidelity:

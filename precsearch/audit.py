@@ -1,4 +1,5 @@
-"""The audit: run a model under a plan and prove which dtype every eligible op computed in.
+"""The audit: run a model under a plan and prove which dtype every eligible op computed in, and
+which dtype every storage unit's table was held in when it was read (the dtype of its rows).
 
 >>> report = audit(model, plan, batches)     # doctest: +SKIP
 >>> report.ok, str(report)                   # doctest: +SKIP
@@ -38,7 +39,8 @@ class AuditEntry:
 
 @dataclasses.dataclass(frozen=True)
 class AuditReport:
-    """Every eligible op executed, the dtype it computed in, and what the plan asked for."""
+    """Every eligible op executed (and storage unit's table read), the dtype it computed in (the
+    table's dtype), and what the plan asked for."""
 
     entries: tuple[AuditEntry, ...]
     silent: tuple[str, ...] = ()   # units expected to run that recorded no eligible op
@@ -72,15 +74,18 @@ class AuditReport:
 
 def audit(model: nn.Module, plan: Plan, batches: Iterable[Any], *, device_type: str | None = None,
           loss_fn: Callable[[Any, Any], torch.Tensor] | None = None, units: Iterable[str] | None = None) -> AuditReport:
-    """Run ``model`` under ``plan`` and record the dtype each eligible op computed in.
+    """Run ``model`` under ``plan`` and record the dtype each eligible op computed in, and the
+    dtype each storage unit's table was read in (an embedding's rows have its table's dtype).
 
     With ``loss_fn``, batches are ``(inputs, target)`` and the backward pass is audited too:
     the ops autograd runs for a unit must compute in the unit's dtype. ``units`` (from
-    ``walk``) must each run an eligible op: a unit that records none is reported. Applies the
+    ``walk``) must each run an eligible op (a storage unit: read its table): a unit that records
+    none is reported. Applies the
     plan for the duration unless it is already applied.
     """
     batches = _batches.as_list(batches)
     device_type = device_type or model_device_type(model)
+    plan = plan.for_model(model)
     training = loss_fn is not None
     if training and plan.resolved_runtime.weights == "low":  # gradients need the FP32 master weights
         plan = dataclasses.replace(plan, runtime=Runtime(weights="fp32"))

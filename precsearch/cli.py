@@ -32,8 +32,11 @@ def _add_model_args(parser: argparse.ArgumentParser, *, demo: bool = True) -> No
                              f"mode (model.eval())")
     parser.add_argument("--data", metavar="MODULE:FUNC|FILE",
                         help=f"factory returning a list of batches (Tensor, tuple or dict), or FILE: .txt (one "
-                             f"example a line), .jsonl or .csv (a text field and an optional label) or a "
-                             f"datasets.save_to_disk folder, tokenized with the hf:DIR checkpoint's tokenizer{note}")
+                             f"example a line), .jsonl or .csv (a text field, an optional label, and for token "
+                             f"classification optional labels, one per word) or a datasets.save_to_disk folder, "
+                             f"tokenized with the hf:DIR checkpoint's tokenizer; for an image checkpoint a folder "
+                             f"of images (one subfolder per class for labels) or a .jsonl/.csv with an image "
+                             f"path field, through its image processor{note}")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available, else cpu)")
     _add_data_file_args(parser)
 
@@ -46,6 +49,9 @@ def _add_data_file_args(parser: argparse.ArgumentParser) -> None:
                              "config.json's architectures name): " + ", ".join(TASKS))
     parser.add_argument("--text-field", default="text", metavar="NAME",
                         help="--data FILE: the field (column) holding the text (default: text)")
+    parser.add_argument("--image-field", default="image", metavar="NAME",
+                        help="--data FILE: the field (column) holding an image's path, relative to the file's "
+                             "folder, for an image checkpoint (default: image)")
     parser.add_argument("--batch-size", type=_positive_int, default=8, metavar="N",
                         help="--data FILE: examples per batch (default: 8)")
     parser.add_argument("--max-length", type=_positive_int, default=128, metavar="N",
@@ -57,8 +63,8 @@ def _add_data_file_args(parser: argparse.ArgumentParser) -> None:
 def _data_options(args: argparse.Namespace) -> Any:
     from precsearch.datafiles import DataOptions
 
-    return DataOptions(text_field=args.text_field, batch_size=args.batch_size, max_length=args.max_length,
-                       samples=args.samples, seed=getattr(args, "seed", 0))
+    return DataOptions(text_field=args.text_field, image_field=args.image_field, batch_size=args.batch_size,
+                       max_length=args.max_length, samples=args.samples, seed=getattr(args, "seed", 0))
 
 
 def _model_and_data(args: argparse.Namespace) -> tuple[Any, list[Any], str, str]:
@@ -128,6 +134,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from precsearch.audit import audit
     from precsearch.batches import split_training
     from precsearch.graph import walk
+    from precsearch.memory import MemoryBudget
     from precsearch.plan import load_plan
     from precsearch.runtime import apply_plan
 
@@ -147,8 +154,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     # Every unit the walker finds must run an eligible op in its planned dtype.
     units = walk(model, split_training(data[0])[0] if loss_fn else data[0]).units
     try:
-        with apply_plan(model, plan, fingerprint_mismatch=mismatch):
+        with apply_plan(model, plan, fingerprint_mismatch=mismatch) as handle:
             report = audit(model, plan, data, loss_fn=loss_fn, units=units)
+            weight_mb = sum(handle.weight_bytes().values()) / 2**20
     except InputError:
         raise
     except (RuntimeError, TypeError, ValueError) as error:  # the plan itself breaks the model
@@ -161,12 +169,18 @@ def cmd_check(args: argparse.Namespace) -> int:
         from precsearch.ops import device_type_of
 
         compiled = check_compiled(model, plan, data, device_type_of(device))
-    ok = report.ok and (compiled is None or compiled["within_limit"] is not False)
+    budget = MemoryBudget.of(plan.constraint).max_weight_mb
+    ok = report.ok and (compiled is None or compiled["within_limit"] is not False) \
+        and (budget is None or weight_mb <= budget)
     if args.json:
         print(json.dumps({"ok": ok, "ops": len(report.entries), "mismatches": [vars(e) for e in report.mismatches],
+                          "weight_mb": round(weight_mb, 3), "max_weight_mb": budget,
                           "silent_units": list(report.silent), "compiled": compiled}, indent=2))
     else:
         print(report)
+        if budget is not None:
+            print(f"weights as applied: {weight_mb:.4g} MB, {'within' if weight_mb <= budget else 'OVER'} the plan's "
+                  f"memory budget of {budget:g} MB (max_weight_mb)")
         if compiled is not None:
             from precsearch.compiled import verdict
 
@@ -209,6 +223,9 @@ def cmd_export(args: argparse.Namespace) -> int:
                          fingerprint_mismatch=mismatch)
     if result.dynamic_note:
         _warn(result.dynamic_note)
+    if plan.resolved_runtime.run.generates:
+        _warn(f"the plan was searched for generation ({plan.resolved_runtime.run.describe()}); the package holds "
+              f"the model's forward pass, without the generation loop: the latencies below are one forward pass")
     check, weights = result.verification.check, ", ".join(
         f"{dtype} {size / 2**20:.2f} MB" for dtype, size in sorted(result.weight_bytes.items()))
     dynamic = "; dynamic: " + ", ".join(f"{name} dims {dims}" for name, dims in result.dynamic_dims.items()) \
@@ -268,7 +285,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
                           loss_fn=factories.resolve(args.loss, "loss") if args.loss else None,
                           trials=args.trials, timeout=args.timeout, seed=args.seed, heartbeat=args.heartbeat,
                           strategy=args.strategy, weights=args.weights, compile=args.compile,
-                          holdout=args.holdout, margin=args.margin, progress=True)
+                          holdout=args.holdout, margin=args.margin, max_weight_mb=args.max_weight_mb,
+                          max_peak_mb=args.max_peak_mb, workload=args.workload, new_tokens=args.new_tokens,
+                          min_token_agreement=args.min_token_agreement, progress=True)
     model_spec = args.model or factories.DEMO_MODEL
     study_name = args.study or _study_name(model_spec)
     out = Path(args.out or Path("reports") / study_name)
@@ -276,6 +295,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     storage = args.storage or f"sqlite:///{out / 'study.db'}"
     open_storage(args.storage)  # a bad URL fails before the model is built
     model, data, device, model_spec = _model_and_data(args)
+    config.run.check(model, data[0])  # --workload generate needs a language model and token batches
     fidelity = _user_fidelity(args, model, data)
     metric_name = args.metric_name or _task_metric(model_spec, model, data)
     config = dataclasses.replace(config, metric=metric_name, fidelity=fidelity, storage=storage,
@@ -284,6 +304,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     metric = "grad_rel_l2" if config.training else config.metric
     limit = f"{fidelity.name} <= {fidelity.limit:g}" if fidelity else f"{metric} <= {config.max_error:g}"
     limit_value = fidelity.limit if fidelity else config.max_error
+    limit += f", {config.memory.text()}" if config.memory else ""
+    limit += (f", generated tokens agree with FP32's >= {config.min_token_agreement:g}; timed: "
+              f"{config.run.describe()}" if config.run.generates else "")
     print(f"precsearch: searching {model_spec} on {device} ({config.mode}): {limit}, "
           f"{args.trials} trials, study {study_name!r} in {mask_password(storage)}", file=sys.stderr)
     unseen = _unseen_data_line(config, len(data))
@@ -305,14 +328,15 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         within = f" with --margin {config.margin:g} ({metric} <= {limit_value * (1 - config.margin):.4g})" \
             if config.margin else ""
         compiled = " compiled" if config.compile else ""
+        why = result.shortfall() or f"most sensitive: {risky}. Loosen the limit or add trials"
         print(f"precsearch: no plan meets {limit}{within}{compiled} in {len(result.study.trials)} "
-              f"trials; most sensitive: {risky}. Loosen the limit or add trials.", file=sys.stderr)
+              f"trials; {why}.", file=sys.stderr)
         return EXIT_FAILED
     if result.plan.default == FP32 and not result.plan.layers:
         print("precsearch: no plan ran faster than FP32 in the final race on this machine: plan.yaml keeps "
               "every unit in fp32", file=sys.stderr)
     print(format_table(result.summary()))
-    for line in _error_lines(result.plan):
+    for line in _error_lines(result.plan) + _generation_lines(result.plan):
         print(line)
     print(f"\nplan: {files['plan']}   report: {files['html']}   trials: {files['csv']}\n"
           f"other Pareto-optimal plans: {len(result.pareto)} in {files['pareto']}/")
@@ -348,6 +372,23 @@ def _error_lines(plan: Any) -> list[str]:
         lines.append(f"held out: {name} {metrics['holdout_error']:.4g} on {metrics.get('holdout_batches')} batches "
                      f"the search never saw (search error {metrics.get('error', 0.0):.4g}, limit {limit:g})")
     return lines
+
+
+def _generation_lines(plan: Any) -> list[str]:
+    """A generating plan's prefill, decode and tokens/s beside FP32's, and its token agreement."""
+    metrics, runtime = plan.metrics or {}, plan.resolved_runtime
+    if not runtime.run.generates or metrics.get("prefill_ms") is None:
+        return []
+    decode = metrics.get("decode_ms_per_token")
+    minimum = (plan.constraint or {}).get("min_token_agreement")
+    agreement = metrics.get("token_agreement")
+    form = "compiled, static cache" if runtime.compile else "eager"
+    line = (f"generation ({runtime.new_tokens} new tokens, {form}): prefill {metrics['prefill_ms']:.4g} ms, decode "
+            f"{'-' if decode is None else format(decode, '.4g')} ms/token, {metrics.get('tokens_per_s')} tokens/s "
+            f"(FP32 {metrics.get('baseline_tokens_per_s')} tokens/s); greedy tokens agree with FP32's "
+            f"{'-' if agreement is None else format(agreement, '.3g')}"
+            f"{'' if minimum is None else f' (min {minimum:g})'}")
+    return [line]
 
 
 def _unseen_data_line(config: Any, batches: int) -> str | None:
@@ -387,6 +428,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
         model, data, device, _ = _model_and_data(args)  # in eval mode: plans are measured for inference
         known_units = walk(model, data[0], device=device).units
+        plans = [plan.for_model(model) for plan in plans]   # tables an older plan keeps in FP32, by name
         remeasured = compare.remeasure(model, data, names, plans, compiled=args.compile)
     units = compare.all_units(plans, known_units)
     notes = compare.provenance_warnings(names, plans)
@@ -430,9 +472,10 @@ def _short_names(paths: list[Any]) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     from precsearch.accuracy import METRICS
     from precsearch.strategies import STRATEGIES
+    from precsearch.workload import DEFAULT_MIN_TOKEN_AGREEMENT, DEFAULT_NEW_TOKENS, WORKLOADS
 
     parser = _Parser(prog="precsearch", description=(
-        "Find, per layer of a PyTorch model, the fastest precision (fp16, bf16, fp32) that keeps "
+        "Find, per layer of a PyTorch model, the fastest precision (fp8, fp16, bf16, fp32) that keeps "
         "accuracy inside your limit, and enforce it at run time."))
     from precsearch import __version__
 
@@ -504,6 +547,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "embedding_cosine for feature extraction)")
     search.add_argument("--max-error", type=_number, default=0.01, metavar="X",
                         help="largest allowed --metric-name value (default: 0.01)")
+    search.add_argument("--max-weight-mb", type=_number, metavar="X",
+                        help="memory budget beside the accuracy limit: a plan is feasible only when the model's "
+                             "weights as it runs (low units' weights held low) take at most X MB (2**20 bytes); "
+                             "inference with --weights low (default: no budget)")
+    search.add_argument("--max-peak-mb", type=_number, metavar="X",
+                        help="a plan is feasible only when the device's peak memory while it runs is at most X MB; "
+                             "CUDA only (the CPU does not report peak memory)")
     search.add_argument("--metric", metavar="MODULE:FUNC",
                         help="your metric FUNC(model, batches) -> float, higher is better")
     search.add_argument("--max-drop", type=_number, metavar="X", help="largest allowed absolute drop of --metric")
@@ -524,6 +574,17 @@ def build_parser() -> argparse.ArgumentParser:
                              "run eager); a finalist whose compiled error is over the limit is dropped, and "
                              "the plan records runtime.compile: true and metrics.compiled_error. If the compiled "
                              "race fails, one warning, and the plan is eager (runtime.compile: false)")
+    search.add_argument("--workload", choices=list(WORKLOADS), default="forward", metavar="forward|generate",
+                        help="what one timed run of a candidate is: " + "; ".join(
+                            f"{name}: {text}" for name, text in WORKLOADS.items()) + " (default: forward). "
+                        "generate also holds each plan to --min-token-agreement; with --compile it generates "
+                        "with a static KV cache and a compiled decode step")
+    search.add_argument("--new-tokens", type=_positive_int, default=None, metavar="N",
+                        help=f"--workload generate: tokens each run generates (default: {DEFAULT_NEW_TOKENS})")
+    search.add_argument("--min-token-agreement", type=_fraction_or_one, default=None, metavar="X",
+                        help=f"--workload generate: a plan is feasible only when at least this fraction of its "
+                             f"greedy tokens on --data equal FP32's at the same position (default: "
+                             f"{DEFAULT_MIN_TOKEN_AGREEMENT})")
     search.add_argument("--holdout", type=_fraction, default=None, metavar="FRACTION",
                         help="share of the batches the search never sees, used to score the chosen and the "
                              "Pareto plans (metrics.holdout_error). Default: 0.25 with 8 batches or more, else 0 "
@@ -587,6 +648,13 @@ def _fraction(text: str) -> float:
     value = _number(text)
     if value >= 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be a fraction >= 0 and < 1")
+    return value
+
+
+def _fraction_or_one(text: str) -> float:
+    value = _number(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a fraction from 0 to 1")
     return value
 
 

@@ -6,18 +6,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from precsearch import batches as _batches
 from precsearch.accuracy import METRICS, Fidelity
 from precsearch.bench import speedup, time_interleaved
 from precsearch.errors import InputError
+from precsearch.evaluate import without_plan
 from precsearch.ops import model_device_type
 from precsearch.plan import Plan
 from precsearch.precisions import NAMES
 from precsearch.runtime import apply_plan
 from precsearch.weights import find_weight_uses, weight_bytes
+from precsearch.workload import TokenGate, stats_of
 
 
 def check_distinct(paths: list[Path], plans: list[Plan]) -> None:
@@ -102,7 +102,15 @@ def remeasure(model: nn.Module, batches: list[Any], names: list[str], plans: lis
     The model runs in the mode it is given: pass it in ``eval()`` mode to measure inference.
 
     ``compiled``: every plan and the FP32 model run compiled, each on its own copy; speedups
-    are then against compiled FP32 (the eager FP32 row is timed in the same run)."""
+    are then against compiled FP32 (the eager FP32 row is timed in the same run).
+
+    A run is the plans' workload (``runtime.workload``, which they must share): generating plans
+    are timed generating, with prefill, decode and tokens/s and their greedy tokens' agreement
+    with FP32's in each row."""
+    from precsearch.compiled import workload_of
+
+    workload = workload_of(plans)
+    workload.check(model, batches[0])
     device_type = model_device_type(model)
     metric = next((p.constraint["metric"] for p in plans if p.constraint and p.constraint.get("metric")
                    in METRICS), "rel_l2")
@@ -115,31 +123,47 @@ def remeasure(model: nn.Module, batches: list[Any], names: list[str], plans: lis
     def apply(plan: Plan) -> Any:
         return apply_plan(model, plan, fingerprint_mismatch="ignore", modules=modules, weight_uses=uses)
 
-    def run() -> None:
-        with torch.no_grad():
-            _batches.call(model, batches[0])
+    gate = TokenGate(model, batches, workload, 0.0) if workload.generates else None
 
     if compiled:
         from precsearch.compiled import time_compiled
 
         times = time_compiled(model, batches[0], dict(zip(names, plans)), device_type, repeats)
         timings = {**times.timings, "fp32 baseline": times.timings["fp32 compiled"]}
+        generation = {**times.generation, "fp32 baseline": times.generation.get("fp32 compiled")}
     else:
-        candidates = {"fp32 baseline": run}
-        candidates.update({name: ((lambda plan=plan: apply(plan)), run) for name, plan in zip(names, plans)})
+        fp32 = Plan(runtime=plans[0].runtime)   # the FP32 turn is prepared as each plan's is
+        candidates = {"fp32 baseline": ((lambda: without_plan(apply(fp32))), workload.runner(model, batches[0]))}
+        candidates.update({name: ((lambda plan=plan: apply(plan)), workload.runner(model, batches[0]))
+                           for name, plan in zip(names, plans)})
         timings = time_interleaved(candidates, device_type=device_type, repeats=repeats, warmup=2)
+        generation = {name: stats for name, run in candidates.items()
+                      if (stats := stats_of(run[1] if isinstance(run, tuple) else run,
+                                            len(timings[name].samples_ms))) is not None}
     base = timings["fp32 baseline"].median_ms
     rows = [{"plan": "fp32 baseline", "latency_ms": round(base, 3), "speedup": 1.0, "interval": "-", f"{metric}": 0.0,
              "weight_mb": round(sum(weight_bytes(model).values()) / 2**20, 3),
-             "peak_memory_mb": timings["fp32 baseline"].peak_memory_mb}]
+             "peak_memory_mb": timings["fp32 baseline"].peak_memory_mb,
+             **_generation_columns(generation.get("fp32 baseline"), 1.0 if gate else None)}]
     for name, plan in zip(names, plans):
         with apply(plan) as handle:
             error = fidelity.error(model)
+            agreement = gate.agreement(model) if gate else None
             weight_mb = sum(handle.weight_bytes().values()) / 2**20
         timing = timings[name]
         estimate = speedup(timings["fp32 baseline"].samples_ms, timing.samples_ms)
         rows.append({"plan": name, "latency_ms": round(timing.median_ms, 3),
                      "speedup": round(estimate.median, 3), "interval": f"[{estimate.low:.2f}, {estimate.high:.2f}]",
                      f"{metric}": error,
-                     "weight_mb": round(weight_mb, 3), "peak_memory_mb": timing.peak_memory_mb})
+                     "weight_mb": round(weight_mb, 3), "peak_memory_mb": timing.peak_memory_mb,
+                     **_generation_columns(generation.get(name), agreement)})
     return rows
+
+
+def _generation_columns(stats: Any, agreement: float | None) -> dict[str, Any]:
+    """A generating row's prefill ms, decode ms per token, tokens/s and token agreement."""
+    if stats is None:
+        return {}
+    decode = stats.decode_ms_per_token
+    return {"prefill_ms": round(stats.prefill_ms, 3), "decode_ms_per_token": None if decode is None else round(decode, 3),
+            "tokens_per_s": round(stats.tokens_per_s, 1), "token_agreement": agreement}

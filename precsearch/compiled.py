@@ -18,12 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from precsearch import batches as _batches
 from precsearch.accuracy import Fidelity
 from precsearch.bench import Timing, time_interleaved
 from precsearch.errors import InputError, described
 from precsearch.plan import Plan
 from precsearch.runtime import apply_plan
+from precsearch.workload import GenerationStats, Workload, stats_of, with_token_gate
 
 RECOMPILE_LIMIT = 64   # each plan is one cache entry on the shared code; never the limit
 
@@ -43,6 +43,7 @@ class CompiledTimes:
     timings: dict[str, Timing]
     compile_s: dict[str, float]
     errors: dict[str, float] = dataclasses.field(default_factory=dict)
+    generation: dict[str, GenerationStats] = dataclasses.field(default_factory=dict)  # generating runs'
 
     @property
     def ms(self) -> dict[str, float]:
@@ -55,8 +56,11 @@ def time_compiled(model: nn.Module, batch: Any, plans: dict[str, Plan], device_t
 
     With ``fidelity``, each compiled plan's error is measured first, over the fidelity's batches
     against its FP32 reference, and a plan over the fidelity's limit is left out of the timing.
-    Raises ``NotCompilable`` when a plan cannot run compiled.
+    A run is the plans' workload (``runtime.workload``; they share one): generating, each copy
+    generates with a static cache and a compiled decode step. Raises ``NotCompilable`` when a
+    plan cannot run compiled.
     """
+    workload = workload_of(plans.values())
     runners: dict[str, Any] = {}
     compile_s: dict[str, float] = {}
     errors: dict[str, float] = {}
@@ -64,26 +68,38 @@ def time_compiled(model: nn.Module, batch: Any, plans: dict[str, Plan], device_t
     try:
         with _compiled_only(), _failures_named("the model"):
             for name, plan in [("fp32 compiled", None), *plans.items()]:
-                runner, compile_s[name], error = _compiled_runner(model, name, plan, batch, device_type, fidelity)
+                runner, compile_s[name], error = _compiled_runner(model, name, plan, batch, device_type, fidelity,
+                                                                  workload)
                 if error is not None:
                     errors[name] = error
                 if error is None or error <= fidelity.limit:  # type: ignore[union-attr]
                     runners[name] = runner
-            runners["fp32 eager"] = _runner(model, batch)
+            runners["fp32 eager"] = workload.runner(model, batch)
             with torch._dynamo.config.patch(error_on_recompile=True):
                 timings = time_interleaved(runners, device_type=device_type, repeats=repeats, warmup=1)
+        generation = {name: stats for name, run in runners.items()
+                      if (stats := stats_of(run, len(timings[name].samples_ms))) is not None}
     finally:
         runners.clear()
         torch._dynamo.reset()
-    return CompiledTimes(timings, {name: compile_s[name] for name in plans if name in timings}, errors)
+    return CompiledTimes(timings, {name: compile_s[name] for name in plans if name in timings}, errors, generation)
+
+
+def workload_of(plans: Any) -> Workload:
+    """The workload plans were measured under (``runtime.workload``): they must share one."""
+    workloads = {plan.resolved_runtime.run for plan in plans}
+    if len(workloads) > 1:
+        raise InputError("the plans were measured under different workloads (" + ", ".join(
+            sorted(w.describe() for w in workloads)) + "): time them apart")
+    return workloads.pop() if workloads else Workload()
 
 
 def _compiled_runner(model: nn.Module, name: str, plan: Plan | None, batch: Any, device_type: str,
-                     fidelity: Fidelity | None) -> tuple[Any, float, float | None]:
+                     fidelity: Fidelity | None, workload: Workload) -> tuple[Any, float, float | None]:
     """One plan (None: the FP32 model) compiled on its own copy: its runner on ``batch``, its
     compile time (s), and its compiled error under ``fidelity`` (None without one, or for FP32)."""
-    replica = compiled_replica(model, plan, batch, device_type)
-    runner = _runner(replica, batch)
+    replica = compiled_replica(model, plan, batch, device_type, workload)
+    runner = workload.runner(replica, batch)
     with _failures_named("the FP32 model" if plan is None else f"plan {name!r}"):
         started = time.perf_counter()
         runner()  # compiles
@@ -115,6 +131,7 @@ def check_compiled(model: nn.Module, plan: Plan, batches: list[Any], device_type
         raise InputError("--compile: compiled checking is for inference plans")
     with eval_mode(model):
         fidelity = Fidelity.of_constraint(model, batches, plan.constraint)  # FP32 reference, computed once
+        fidelity = with_token_gate(fidelity, model, batches, plan)
         with apply_plan(model, plan, device_type=device_type, fingerprint_mismatch="ignore"):
             eager = fidelity.error(model)
         started = time.perf_counter()
@@ -172,18 +189,14 @@ def _failures_named(what: str) -> Iterator[None]:
                             f"{described(error)}") from error
 
 
-def compiled_replica(model: nn.Module, plan: Plan | None, example_inputs: Any, device_type: str) -> Any:
-    """A copy of ``model`` with ``plan`` applied (None: as it is), compiled: each plan on its own
-    copy, so that interleaving plans never makes dynamo recompile."""
+def compiled_replica(model: nn.Module, plan: Plan | None, example_inputs: Any, device_type: str,
+                     workload: Workload | None = None) -> Any:
+    """A copy of ``model`` with ``plan`` applied (None: as it is), compiled for ``workload``
+    (default: the plan's): each plan on its own copy, so that interleaving plans never makes
+    dynamo recompile."""
     replica = copy.deepcopy(model)
     if plan is not None:
         apply_plan(replica, plan, device_type=device_type, example_inputs=example_inputs,
                    fingerprint_mismatch="ignore")
-    return torch.compile(replica)
-
-
-def _runner(model: Any, batch: Any) -> Any:
-    def run() -> None:
-        with torch.no_grad():
-            _batches.call(model, batch)
-    return run
+    workload = workload or (plan.resolved_runtime.run if plan is not None else Workload())
+    return workload.compile(replica)

@@ -17,6 +17,7 @@ from typing import Any
 
 from precsearch.accuracy import METRICS, Fidelity, check_limit
 from precsearch.errors import InputError, PlanError
+from precsearch.memory import MemoryBudget
 from precsearch.plan import MODES, Runtime
 from precsearch.precisions import PRECISIONS
 from precsearch.space import SearchSpace
@@ -39,7 +40,8 @@ class SearchConfig:
     metric). ``mode="training"`` times full training steps on ``(inputs, target)`` batches and
     bounds the gradients' rel_l2 against FP32 (``loss_fn(output, target)``, default cross
     entropy). ``trials`` is the study's total budget over all workers and resumes.
-    ``drop_slow_dtypes`` leaves out a low precision whose all-low plan ran clearly slower than FP32.
+    ``drop_slow_dtypes`` leaves out a low precision whose all-low plan ran clearly slower than FP32
+    (under a ``max_weight_mb`` budget, which only low precisions can meet, the fastest one stays).
 
     Unseen data (inference, built-in metrics): ``holdout`` is the fraction of the batches kept
     from the search and used only to score the chosen and the Pareto plans (their
@@ -48,6 +50,10 @@ class SearchConfig:
     the error the search decides on, and one or two held-out batches say little. ``holdout_data``
     gives the held-out batches instead. ``margin`` leaves headroom: the chosen plan is the fastest
     whose search error is at most ``max_error * (1 - margin)`` (default 0: the limit is yours).
+
+    Memory budget (``precsearch.memory``), a second constraint beside the accuracy limit: a plan
+    is feasible only when its weights as it runs (``metrics.weight_mb``, low weights held) take at
+    most ``max_weight_mb`` MB (2**20 bytes), and, on CUDA, its peak memory at most ``max_peak_mb``.
     """
 
     space: SearchSpace | str = "default"
@@ -73,6 +79,11 @@ class SearchConfig:
     holdout: float | None = None   # fraction of the batches held out; None: AUTO_HOLDOUT from 8 batches on
     holdout_data: Sequence[Any] | None = dataclasses.field(default=None, repr=False, compare=False)
     margin: float = 0.0            # choose within max_error * (1 - margin)
+    max_weight_mb: float | None = None   # memory budget: the plan's weights as it runs, MB (2**20 bytes)
+    max_peak_mb: float | None = None     # the device's peak memory while the plan runs (CUDA only)
+    workload: str = "forward"      # what a timed run is: "forward", or "generate" (precsearch.workload)
+    new_tokens: int | None = None  # generate: tokens each run generates (default 32)
+    min_token_agreement: float | None = None   # generate: share of greedy tokens equal to FP32's (default 0.9)
 
     def __post_init__(self) -> None:
         if isinstance(self.strategy, str):
@@ -113,6 +124,28 @@ class SearchConfig:
         if not isinstance(self.study_name, str) or not self.study_name:
             raise InputError(f"--study {self.study_name!r}: must be a non-empty name")
         self._check_unseen_data()
+        self._check_workload()
+        if self.memory.max_weight_mb is not None and runtime.weights == "fp32":
+            raise InputError(f"--max-weight-mb {self.max_weight_mb:g}: with FP32 weights (--weights fp32, or "
+                             f"--mode train) every plan holds the same weights; use --weights low (inference)")
+
+    def _check_workload(self) -> None:
+        """``workload``, ``new_tokens`` and ``min_token_agreement``: generation is an inference
+        workload, timed eager or compiled; the agreement is a fraction and needs generation."""
+        from precsearch.workload import DEFAULT_MIN_TOKEN_AGREEMENT
+
+        run = self.run   # checks the name and the token count
+        object.__setattr__(self, "new_tokens", run.new_tokens)
+        if not run.generates:
+            if self.min_token_agreement is not None:
+                raise InputError("--min-token-agreement: applies to --workload generate")
+            return
+        if self.training:
+            raise InputError("--workload generate: generation is timed for inference; drop it with --mode train")
+        agreement = DEFAULT_MIN_TOKEN_AGREEMENT if self.min_token_agreement is None else self.min_token_agreement
+        if not (_is_real(agreement) and 0 <= agreement <= 1):
+            raise InputError(f"--min-token-agreement {agreement!r}: must be a fraction from 0 to 1")
+        object.__setattr__(self, "min_token_agreement", float(agreement))
 
     def _check_unseen_data(self) -> None:
         """``holdout``, ``holdout_data`` and ``margin``: numbers in range, one source of held-out batches."""
@@ -156,9 +189,26 @@ class SearchConfig:
         return self.mode == "training"
 
     @property
+    def memory(self) -> MemoryBudget:
+        """The memory budget (validated: a positive finite number per limit set)."""
+        return MemoryBudget(max_weight_mb=self.max_weight_mb, max_peak_mb=self.max_peak_mb)
+
+    def constraint(self, fidelity: Fidelity) -> dict[str, Any]:
+        """Every limit of the search, as a plan's and a study's ``constraint`` record it:
+        ``{metric, limit}`` and the memory budget's fields when set."""
+        return {**fidelity.describe(), **self.memory.describe()}
+
+    @property
     def runtime(self) -> Runtime:
         """How every candidate is measured: as it will be deployed."""
-        return Runtime(weights=self.weights, compile=self.compile)
+        return Runtime(weights=self.weights, compile=self.compile, **self.run.plan_fields())
+
+    @property
+    def run(self) -> Any:
+        """The ``precsearch.workload.Workload`` every candidate is timed on."""
+        from precsearch.workload import Workload
+
+        return Workload(self.workload, self.new_tokens)
 
 
 def _is_real(value: object) -> bool:

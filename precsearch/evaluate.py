@@ -4,23 +4,24 @@ order each measurement draws afresh (``bench.round_orders``)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from precsearch import batches as _batches
 from precsearch.accuracy import Fidelity
 from precsearch.bench import Speedup, speedup, time_interleaved
 from precsearch.errors import InputError, described
 from precsearch.plan import Plan, Runtime
 from precsearch.runtime import PlanHandle, apply_plan
 from precsearch.weights import find_weight_uses
+from precsearch.workload import DEFAULT_MIN_TOKEN_AGREEMENT, GenerationStats, TokenGate, stats_of
 
 MIN_ROUNDS = 5               # timed rounds before the intervals may stop a measurement
 TARGET_HALF_WIDTH = 0.02     # a speedup known to +-2% needs no more rounds
@@ -43,6 +44,7 @@ class Measurement:
     weight_mb: float | None = None   # the model's weights as the candidate runs (low ones held)
     speedup_low: float | None = None
     speedup_high: float | None = None
+    generation: GenerationStats | None = None   # --workload generate: prefill, decode, tokens/s, agreement
 
     @classmethod
     def timed(cls, error: float, estimate: Speedup, baseline_ms: float, **fields: Any) -> Measurement:
@@ -61,15 +63,25 @@ class Measurement:
 
 
 class Evaluator:
-    """Runs candidates on one model: accuracy over all batches, latency on the first batch."""
+    """Runs candidates on one model: accuracy over all batches, latency on the first batch.
+
+    What one timed run is, the runtime's workload decides (``precsearch.workload``): a forward
+    pass, or greedy generation; generating, a candidate must also agree with FP32's greedy
+    tokens (generated once, here) at least ``min_token_agreement`` of the time."""
 
     mode = "inference"
 
     def __init__(self, model: nn.Module, batches: list[Any], fidelity: Fidelity, device_type: str,
-                 repeats: int = 10, runtime: Runtime | None = None) -> None:
+                 repeats: int = 10, runtime: Runtime | None = None, min_token_agreement: float | None = None) -> None:
         self.model, self.batches, self.fidelity = model, batches, fidelity
         self.device_type, self.repeats = device_type, repeats
         self.runtime = runtime or Runtime.default_for(self.mode)
+        self.workload = self.runtime.run
+        self.workload.check(model, batches[0])
+        if self.workload.generates and fidelity.gate is None:
+            minimum = DEFAULT_MIN_TOKEN_AGREEMENT if min_token_agreement is None else min_token_agreement
+            self.fidelity = dataclasses.replace(fidelity, gate=TokenGate(model, batches, self.workload, minimum))
+        self.generation: dict[str, GenerationStats] = {}   # the last race's, by plan name
         self.order_seeds = itertools.count()  # each timing draws its own round orders, reproducibly
         # Once, not once per candidate: the module walk, and which weights may be held low.
         self.modules = list(model.named_modules())
@@ -80,13 +92,10 @@ class Evaluator:
         """The plan a candidate is measured as: it runs as it will be deployed."""
         return Plan.compact(layers, mode=self.mode, runtime=self.runtime)
 
-    def _run(self) -> None:
-        with torch.no_grad():
-            _batches.call(self.model, self.batches[0])
-
     def step(self, plan: Plan | None) -> Callable[[], None]:
-        """What is timed for ``plan`` (None: the FP32 model): one forward pass on the first batch."""
-        return self._run
+        """What is timed for ``plan`` (None: the FP32 model): the workload's run on the first
+        batch (a new one each time: a generating run notes its own prefill and decode times)."""
+        return self.workload.runner(self.model, self.batches[0])
 
     def apply(self, layers: dict[str, str]) -> PlanHandle:
         return apply_plan(self.model, self.plan(layers), device_type=self.device_type, modules=self.modules,
@@ -103,11 +112,16 @@ class Evaluator:
         try:
             with self.apply(layers) as handle:
                 weight_mb = sum(handle.weight_bytes().values()) / 2**20
-                error = self.fidelity.error(self.model)
+                verdict = self.fidelity.judge(self.model)
+                error = verdict.constrained   # inf when its generated tokens stray from FP32's
                 feasible = error <= self.fidelity.limit
                 cap = repeats or (self.repeats if feasible else INFEASIBLE_ROUNDS)
+                candidate = self.step(handle.plan)
+                # Equal preparation: the candidate's turn goes through the same swap as FP32's
+                # (allocations and bookkeeping just before a turn slow it measurably).
                 timings = time_interleaved(
-                    {"baseline": (handle.suspended, self.step(None)), "candidate": self.step(handle.plan)},
+                    {"baseline": (handle.suspended, self.step(None)),
+                     "candidate": (lambda: _after_swap(handle), candidate)},
                     device_type=self.device_type, repeats=cap, warmup=1, max_seconds=max_seconds,
                     min_repeats=min(MIN_ROUNDS, cap), until=lambda samples: settled(samples, incumbent),
                     seed=next(self.order_seeds))
@@ -120,23 +134,45 @@ class Evaluator:
             reason = described(failure, width=200)
             return Measurement(math.inf, math.nan, math.nan, None, reason)
         estimate = speedup(timings["baseline"].samples_ms, timings["candidate"].samples_ms)
+        failure = verdict.failure and f"{verdict.failure} ({self.fidelity.name} {verdict.error:.4g})"
         return Measurement.timed(error, estimate, timings["baseline"].median_ms,
                                  peak_memory_mb=timings["candidate"].peak_memory_mb, weight_mb=weight_mb,
-                                 failure=None if math.isfinite(error) else "non-finite outputs (NaN or inf)")
+                                 failure=failure or (None if math.isfinite(error) else "non-finite outputs (NaN or inf)"),
+                                 generation=stats_of(candidate, len(timings["candidate"].samples_ms),
+                                                     verdict.agreement))
 
     def race(self, plans: dict[str, dict[str, str]], repeats: int, min_repeats: int = MIN_ROUNDS
              ) -> dict[str, tuple[Speedup, float, float | None]]:
         """Several plans and the FP32 model timed in one interleaved run, until the leader is
         clearly faster than every other plan or ``repeats`` rounds are spent:
         ``{name: (speedup over FP32, FP32 median ms, peak memory MB or None)}``."""
-        turns: dict[str, Any] = {"fp32": self.step(None)}
+        fp32 = {}  # the FP32 turn is prepared like every other: a plan applied (then suspended)
+        turns: dict[str, Any] = {"fp32": (lambda: without_plan(self.apply(fp32)), self.step(None))}
         for name, layers in plans.items():
             turns[name] = (lambda layers=layers: self.apply(layers), self.step(self.plan(layers)))
         timings = time_interleaved(turns, device_type=self.device_type, repeats=repeats, warmup=1,
                                    min_repeats=min(min_repeats, repeats), until=decided, seed=next(self.order_seeds))
+        self.generation = {name: stats for name in plans
+                           if (stats := stats_of(turns[name][1], len(timings[name].samples_ms))) is not None}
         base = timings["fp32"]
         return {name: (speedup(base.samples_ms, timings[name].samples_ms), base.median_ms,
                        timings[name].peak_memory_mb) for name in plans}
+
+
+@contextlib.contextmanager
+def _after_swap(handle: PlanHandle) -> Iterator[None]:
+    """The plan as it is, after the swap to FP32 and back that the FP32 turn makes."""
+    with handle.suspended():
+        pass
+    yield
+
+
+@contextlib.contextmanager
+def without_plan(handle: PlanHandle) -> Iterator[None]:
+    """The FP32 model's turn, prepared as a plan's turn is (work done just before a turn slows
+    it): ``handle`` just applied, then suspended for the turn and removed after it."""
+    with handle, handle.suspended():
+        yield
 
 
 def settled(samples: dict[str, list[float]], incumbent: Speedup | None) -> bool:

@@ -1,13 +1,15 @@
 """The graph walker: a model's precision units and the data flow between them.
 
-A *unit* is a module that directly owns at least one autocast-eligible op on the target device;
-ops owned by a child belong to the child's unit. Discovery tries ``torch.export`` (non-strict),
+A *unit* is a module that directly owns at least one autocast-eligible op on the target device
+(a *compute* unit), or a storage module (an embedding table) whose table is read (a *storage*
+unit: its precision is the dtype its weights are held in); ops owned by a child belong to the
+child's unit. Discovery tries ``torch.export`` (non-strict),
 then ``torch.fx.symbolic_trace``, then forward hooks with a dispatch-mode recording, which works
 with any Python control flow. ``LayerGraph.method`` says which one succeeded.
 
 >>> graph = walk(model, example_inputs)      # doctest: +SKIP
 >>> graph.units[:2], graph.method
-(['embeddings.word_embeddings', 'encoder.layer.0.attention.self.query'], 'export')
+(['embeddings.word_embeddings', 'embeddings.token_type_embeddings'], 'export')
 """
 
 from __future__ import annotations
@@ -28,7 +30,17 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from precsearch import batches as _batches
 from precsearch.errors import InputError, described
-from precsearch.ops import device_type_of, estimate_flops, is_eligible, model_device_type, module_op, op_name
+from precsearch.ops import (
+    STORAGE_OPS,
+    device_type_of,
+    estimate_flops,
+    is_storage_module,
+    is_unit_op,
+    model_device_type,
+    module_op,
+    op_name,
+    storage_op,
+)
 from precsearch.precisions import FP32, PRECISIONS
 from precsearch.recording import OpRecorder
 
@@ -46,13 +58,20 @@ class _Op:
 class LayerGraph:
     """Precision units as nodes of a ``networkx.DiGraph``; edges are data flow between units.
 
-    Node attributes: ``type`` (module class), ``ops`` (eligible ops owned, with counts),
-    ``params`` (own parameter count), ``flops`` (estimated, one pass over the example inputs),
-    ``input_shapes`` / ``output_shapes``, ``order`` (first execution order).
+    Node attributes: ``type`` (module class), ``kind`` (``"compute"``, or ``"storage"`` for an
+    embedding table that runs no eligible op), ``ops`` (the ops that make it a unit, with counts:
+    eligible ops, or a storage unit's table reads), ``params`` (own parameter count), ``flops``
+    (estimated, one pass over the example inputs; 0 for a storage unit), ``input_shapes`` /
+    ``output_shapes``, ``order`` (first execution order).
+
+    ``weight_ties`` maps a unit to the first unit (in execution order) holding one of its weights
+    (GPT-2's ``lm_head`` -> ``transformer.wte``): such units are one choice, the tensor held once.
     """
 
-    def __init__(self, graph: nx.DiGraph, method: str, device_type: str) -> None:
+    def __init__(self, graph: nx.DiGraph, method: str, device_type: str,
+                 weight_ties: dict[str, str] | None = None) -> None:
         self.graph, self.method, self.device_type = graph, method, device_type
+        self.weight_ties = dict(weight_ties or {})
 
     @property
     def units(self) -> list[str]:
@@ -74,10 +93,16 @@ class LayerGraph:
 
     def rows(self) -> list[dict[str, Any]]:
         """One plain dict per unit, in execution order (for tables and ``--json``)."""
-        return [{"name": name, "type": node["type"], "ops": dict(node["ops"]), "params": node["params"],
+        return [{"name": name, "type": node["type"], "kind": node["kind"], "ops": dict(node["ops"]),
+                 "params": node["params"],
                  "flops": node["flops"], "input_shapes": node["input_shapes"],
                  "output_shapes": node["output_shapes"]}
                 for name in self.units for node in [self.graph.nodes[name]]]
+
+    def streamed_params(self) -> dict[str, int]:
+        """Parameters each unit reads whole on every call (the latency model's bytes): a compute
+        unit's own, none for a storage unit, whose op reads only the rows it gathers."""
+        return {name: node["params"] if node["kind"] == "compute" else 0 for name, node in self.graph.nodes.items()}
 
     def __repr__(self) -> str:
         return f"LayerGraph({len(self)} units, {self.graph.number_of_edges()} edges, method={self.method!r})"
@@ -103,7 +128,8 @@ def walk(model: nn.Module, example_inputs: Any, *, device: str | torch.device | 
         # The hooks run the model as it is: their failure is the model's own.
         raise InputError(f"the model cannot be walked on the example inputs: {described(failure)}")
     shapes = _unit_shapes(model, {op.unit for op in ops}, args, kwargs)
-    return LayerGraph(_build(ops, modules, shapes), method, device_type)
+    graph = _build(ops, modules, shapes)
+    return LayerGraph(graph, method, device_type, _weight_ties(graph, modules))
 
 
 # -- discovery ----------------------------------------------------------------------------------
@@ -149,7 +175,7 @@ def _via_export(model, modules, args, kwargs, device_type) -> list[_Op]:
         return path if path in modules else ""
 
     return _flow(program.graph, owner, lambda node: op_name(node.target), device_type,
-                 lambda node: [_node_shape(arg) for arg in node.args])
+                 lambda node: [_node_shape(arg) for arg in node.args], _storage_names(modules))
 
 
 def _via_fx(model, modules, args, kwargs, device_type) -> list[_Op]:
@@ -170,7 +196,7 @@ def _via_fx(model, modules, args, kwargs, device_type) -> list[_Op]:
 
     def name(node: torch.fx.Node) -> str:
         if node.op == "call_module":
-            return module_op(modules[node.target]) or ""
+            return module_op(modules[node.target]) or storage_op(modules[node.target]) or ""
         return op_name(node.target)
 
     def shapes(node: torch.fx.Node) -> list:
@@ -178,7 +204,7 @@ def _via_fx(model, modules, args, kwargs, device_type) -> list[_Op]:
         weight = getattr(modules[node.target], "weight", None) if node.op == "call_module" else None
         return found[:1] + [tuple(weight.shape)] if isinstance(weight, torch.Tensor) else found
 
-    return _flow(traced.graph, owner, name, device_type, shapes)
+    return _flow(traced.graph, owner, name, device_type, shapes, _storage_names(modules))
 
 
 def _node_shape(value: Any) -> tuple[int, ...] | None:
@@ -193,15 +219,19 @@ def _node_shape(value: Any) -> tuple[int, ...] | None:
         return None
 
 
-def _flow(graph: torch.fx.Graph, owner, name, device_type, shapes) -> list[_Op]:
-    """Walk an FX graph: eligible nodes become ops; each node carries the set of units whose
-    outputs reach it through non-eligible ops."""
+def _storage_names(modules: dict[str, nn.Module]) -> frozenset[str]:
+    return frozenset(name for name, module in modules.items() if is_storage_module(module))
+
+
+def _flow(graph: torch.fx.Graph, owner, name, device_type, shapes, storage: frozenset[str]) -> list[_Op]:
+    """Walk an FX graph: nodes that make their module a unit become ops; each node carries the
+    set of units whose outputs reach it through other ops."""
     frontier: dict[torch.fx.Node, frozenset[str]] = {}
     ops: list[_Op] = []
     for node in graph.nodes:
         reaching = frozenset().union(*(frontier.get(arg, frozenset()) for arg in node.all_input_nodes))
-        if node.op in ("call_function", "call_method", "call_module") and is_eligible(name(node), device_type):
-            unit = owner(node)
+        unit = owner(node) if node.op in ("call_function", "call_method", "call_module") else None
+        if unit is not None and is_unit_op(name(node), device_type, unit in storage):
             flops = estimate_flops(name(node), shapes(node), _node_shape(node))
             ops.append(_Op(unit, name(node), flops, reaching))
             frontier[node] = frozenset({unit})
@@ -216,12 +246,13 @@ def _via_hooks(model, modules, args, kwargs, device_type) -> list[_Op]:
     """Run the model once, recording kernels and which units' outputs feed them."""
     produced_by: WeakIdKeyDictionary = WeakIdKeyDictionary()
     ops: list[_Op] = []
+    storage = _storage_names(modules)
 
     def on_op(func, op_args, output, unit) -> None:
         tensors = [a for a in torch.utils._pytree.tree_leaves((op_args,)) if isinstance(a, torch.Tensor)]
         reaching = frozenset().union(*(produced_by.get(t, frozenset()) for t in tensors))
         name = op_name(func)
-        if is_eligible(name, device_type):
+        if is_unit_op(name, device_type, unit in storage):
             shapes = [tuple(a.shape) if isinstance(a, torch.Tensor) else None for a in op_args]
             first = output[0] if isinstance(output, (tuple, list)) else output
             ops.append(_Op(unit, name, estimate_flops(name, shapes, getattr(first, "shape", None)), reaching))
@@ -233,7 +264,7 @@ def _via_hooks(model, modules, args, kwargs, device_type) -> list[_Op]:
     with torch.no_grad(), OpRecorder(model, device_type, on_op=on_op):
         model(*args, **kwargs)
     if not ops:
-        raise RuntimeError("the model ran no autocast-eligible op on these inputs")
+        raise RuntimeError("the model ran no autocast-eligible op (nor read a table) on these inputs")
     return ops
 
 
@@ -268,14 +299,31 @@ def _build(ops: Iterable[_Op], modules: dict[str, nn.Module], shapes) -> nx.DiGr
         if op.unit not in graph:
             module = modules[op.unit]
             inputs, outputs = shapes.get(op.unit, ([], []))
-            graph.add_node(op.unit, type=type(module).__name__, ops=Counter(), flops=0, order=len(graph),
+            graph.add_node(op.unit, type=type(module).__name__, kind="storage", ops=Counter(), flops=0,
+                           order=len(graph),
                            params=sum(p.numel() for p in module.parameters(recurse=False)),
                            input_shapes=inputs, output_shapes=outputs,
                            unsuited=tuple(name for name, p in PRECISIONS.items() if p.unsuitable(module)))
         node = graph.nodes[op.unit]
         node["ops"][op.op] += 1
         node["flops"] += op.flops
+        if op.op not in STORAGE_OPS:
+            node["kind"] = "compute"
         for source in op.sources:
             if source != op.unit:
                 graph.add_edge(source, op.unit)
     return graph
+
+
+def _weight_ties(graph: nx.DiGraph, modules: dict[str, nn.Module]) -> dict[str, str]:
+    """Each unit holding a floating weight that a unit before it (in execution order) holds too
+    -> that first holder: an embedding tied to its output projection."""
+    first: dict[int, str] = {}
+    ties: dict[str, str] = {}
+    for unit in sorted(graph.nodes, key=lambda name: graph.nodes[name]["order"]):
+        for tensor in modules[unit].parameters(recurse=False):
+            if tensor.is_floating_point():
+                holder = first.setdefault(id(tensor), unit)
+                if holder != unit:
+                    ties.setdefault(unit, holder)
+    return ties

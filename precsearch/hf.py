@@ -139,6 +139,22 @@ def load_tokenizer(spec: str) -> Any:
                          f"save one there with tokenizer.save_pretrained") from None
 
 
+def load_image_processor(spec: str) -> Any:
+    """The checkpoint's own image processor (``AutoImageProcessor``, local files only)."""
+    path = directory(spec)
+    transformers = transformers_module()
+    logging = transformers.utils.logging
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # not "requires torchvision; falling back to ...Pil": it works without
+    try:
+        return transformers.AutoImageProcessor.from_pretrained(str(path), local_files_only=True)
+    except Exception as error:
+        raise InputError(f"--model {spec!r}: no image processor loads from {path} ({described(error)}); "
+                         f"save one there with image_processor.save_pretrained") from None
+    finally:
+        logging.set_verbosity(verbosity)
+
+
 def study_name(spec: str) -> str:
     """``"hf:ckpt/bert-sst2"`` -> ``"hf-bert-sst2"``."""
     return "hf-" + (Path(spec[len(PREFIX):]).expanduser().resolve().name or "model")

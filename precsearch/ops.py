@@ -5,6 +5,10 @@ autocast casts to FP16/BF16), plus the kernels those ops reach below the autocas
 (``linear`` becomes ``mm``/``addmm``, ``conv2d`` becomes ``convolution``, ...). One set therefore
 serves a ``torch.export`` graph (op level), an FX graph (function and module level) and a
 dispatch-mode recording (kernel level).
+
+Storage modules (``nn.Embedding``, ``nn.EmbeddingBag``) hold floating weights but run no eligible
+op: their one op reads rows of their table (``STORAGE_OPS``), and makes them *storage* units,
+whose precision is the dtype their weights are held in.
 """
 
 from __future__ import annotations
@@ -59,6 +63,10 @@ _MODULE_OPS: dict[type[nn.Module], str] = {
     nn.MultiheadAttention: "_native_multi_head_attention",
 }
 
+# Storage modules and the ops that read their tables (the export / FX / kernel spellings).
+_STORAGE_MODULES: dict[type[nn.Module], str] = {nn.Embedding: "embedding", nn.EmbeddingBag: "embedding_bag"}
+STORAGE_OPS = frozenset({"embedding", "embedding_bag", "_embedding_bag", "_embedding_bag_forward_only"})
+
 
 def device_type_of(device: str | torch.device) -> str:
     """``"cuda:1"`` -> ``"cuda"``; only cpu and cuda have autocast lists here."""
@@ -101,9 +109,26 @@ def is_eligible(name: str, device_type: str) -> bool:
     return name in ELIGIBLE_OPS[device_type]
 
 
+def is_storage_module(module: nn.Module) -> bool:
+    """An embedding table read by rows. Not one that ``max_norm`` renormalises in place as it runs."""
+    return isinstance(module, tuple(_STORAGE_MODULES)) and getattr(module, "max_norm", None) is None
+
+
+def storage_op(module: nn.Module) -> str | None:
+    """The table read a storage module stands for (where FX keeps it opaque), or None."""
+    return next((op for cls, op in _STORAGE_MODULES.items() if isinstance(module, cls)), None) \
+        if is_storage_module(module) else None
+
+
+def is_unit_op(name: str, device_type: str, storage: bool) -> bool:
+    """Whether an op makes the module that runs it a unit: an eligible op, or a table read by a
+    storage module (``storage``)."""
+    return is_eligible(name, device_type) or (storage and name in STORAGE_OPS)
+
+
 def estimate_flops(name: str, inputs: Sequence[Sequence[int] | None], output: Sequence[int] | None) -> int:
     """Multiply-add count x2 of one op from its input/output shapes; 0 when unknown."""
-    if not output:
+    if not output or name in STORAGE_OPS:  # a table read computes nothing
         return 0
     out = math.prod(output)
     first = inputs[0] if inputs else None

@@ -1,4 +1,7 @@
-"""Precision plans: the ``precsearch-plan/1`` YAML format, validated once at the edge.
+"""Precision plans: the ``precsearch-plan/2`` YAML format, validated once at the edge.
+
+``precsearch-plan/1`` files still load: they were written before embedding tables were units,
+so their tables stay FP32 (``storage_default: fp32``) whatever the default.
 
 >>> plan = Plan(default="fp32", layers={"encoder.layer.0.attention.self.query": "bf16"})
 >>> plan.precision("encoder.layer.0.attention.self.query"), plan.precision("pooler.dense")
@@ -24,12 +27,14 @@ from torch import nn
 
 from precsearch.credentials import mask_credentials as mask_password  # the old name, kept for callers
 from precsearch.errors import PlanError
+from precsearch.memory import LIMITS as MEMORY_LIMITS
 from precsearch.precisions import AUTOCAST, FP32, PRECISIONS, choices_text, is_precision, needs_loss_scaling
 from precsearch.yamlio import load_yaml_file
 
-FORMAT = "precsearch-plan/1"
+FORMAT = "precsearch-plan/2"
+BEFORE_STORAGE_UNITS = "precsearch-plan/1"   # read too: its tables stay FP32
 MODES = ("inference", "training")
-_SECTIONS = ("format", "created", "model", "target", "mode", "default", "layers", "ties", "runtime",
+_SECTIONS = ("format", "created", "model", "target", "mode", "default", "storage_default", "layers", "ties", "runtime",
              "loss_scaling", "constraint", "metrics", "search")
 
 
@@ -75,16 +80,41 @@ class Runtime:
     applied (inference only: no per-call cast, less memory, the same outputs). ``"fp32"``: FP32
     weights, cast by autocast on every call (training keeps FP32 master weights). ``compile``:
     the plan was measured compiled with ``torch.compile`` and should be deployed so.
+    ``workload``: what a timed run was (``precsearch.workload.WORKLOADS``): one forward pass, or
+    greedy generation of ``new_tokens`` tokens with the KV cache.
     """
 
     weights: str = "low"
     compile: bool = False
+    workload: str = "forward"
+    new_tokens: int | None = None
 
     def __post_init__(self) -> None:
+        from precsearch.workload import WORKLOADS, Workload
+
         if self.weights not in WEIGHTS:
             raise PlanError(f"runtime.weights: {self.weights!r} must be one of {', '.join(WEIGHTS)}")
         if not isinstance(self.compile, bool):
             raise PlanError(f"runtime.compile: {self.compile!r} must be true or false")
+        if self.workload not in WORKLOADS:
+            raise PlanError(f"runtime.workload: {self.workload!r} must be one of {', '.join(WORKLOADS)}")
+        generates = self.workload == "generate"
+        if (self.new_tokens is not None or generates) and not (
+                generates and isinstance(self.new_tokens, int) and not isinstance(self.new_tokens, bool)
+                and self.new_tokens >= 1):
+            wanted = "a positive integer (the tokens each run generates)" if generates else \
+                "absent: it applies to workload: generate"
+            raise PlanError(f"runtime.new_tokens: {self.new_tokens!r} must be {wanted}")
+        object.__setattr__(self, "_workload", Workload(self.workload, self.new_tokens))
+
+    @property
+    def run(self) -> Any:
+        """The ``precsearch.workload.Workload`` one timed run of the plan is."""
+        return self._workload  # type: ignore[attr-defined]
+
+    def to_dict(self) -> dict[str, Any]:
+        """As a plan writes it: the workload only when it is not the default (``forward``)."""
+        return {"weights": self.weights, "compile": self.compile, **self.run.plan_fields()}
 
     @classmethod
     def default_for(cls, mode: str) -> Runtime:
@@ -105,6 +135,14 @@ def _is_count(value: object) -> bool:
 
 def _is_limit(value: object) -> bool:
     return _is_finite(value) and value >= 0  # type: ignore[operator]
+
+
+def _is_budget(value: object) -> bool:
+    return _is_finite(value) and value > 0  # type: ignore[operator]
+
+
+def _is_fraction(value: object) -> bool:
+    return _is_finite(value) and 0 <= value <= 1  # type: ignore[operator]
 
 
 def _is_fingerprint(value: object) -> bool:
@@ -134,7 +172,9 @@ _SECTION_RULES: dict[str, tuple[dict[str, _Rule], _Rule | None]] = {
     "model": ({"name": _STRING, "fingerprint": (_is_fingerprint, "a string 'sha256:...'"), "units": _COUNT},
               _SCALAR),
     "target": ({}, _STRING),
-    "constraint": ({"metric": _STRING, "limit": (_is_limit, "a finite number >= 0")}, None),
+    "constraint": ({"metric": _STRING, "limit": (_is_limit, "a finite number >= 0"),
+                    **{limit.key: (_is_budget, "a finite number > 0 (MB)") for limit in MEMORY_LIMITS},
+                    "min_token_agreement": (_is_fraction, "a number from 0 to 1")}, None),
     "metrics": ({}, (_is_metric, "a number or null")),
     "search": ({"space": _STRING, "trials": _COUNT, "sampler": _STRING, "study": _STRING,
                 "storage": (_is_str_or_null, "a storage URL string or null")}, _SCALAR),
@@ -198,11 +238,16 @@ class Plan:
     metrics: dict[str, Any] | None = None
     search: dict[str, Any] | None = None
     ties: dict[str, str] = dataclasses.field(default_factory=dict)  # unit -> the unit it must share a precision with
+    storage_default: str | None = None   # storage units (embedding tables) not named: this dtype; None: default
     created: str = dataclasses.field(
         default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
 
     def __post_init__(self) -> None:
         check_precision(self.default, "default")
+        if self.storage_default is not None and not PRECISIONS[check_precision(
+                self.storage_default, "storage_default")].autocast:
+            raise PlanError(f"storage_default: {self.storage_default} cannot hold a table; use one of "
+                            f"{', '.join(AUTOCAST)}")
         if not isinstance(self.layers, dict):
             raise PlanError(f"layers: must be a mapping of unit name -> one of {choices_text()}")
         for name, precision in self.layers.items():
@@ -252,9 +297,23 @@ class Plan:
         default = min(AUTOCAST, key=lambda d: (-counts.get(d, 0), d != FP32)) if counts else FP32
         return cls(default=default, layers={u: d for u, d in layers.items() if d != default}, **fields)
 
-    def precision(self, unit: str) -> str:
-        """The precision of ``unit``: its own entry, else the plan's default."""
-        return self.layers.get(unit, self.default)
+    def precision(self, unit: str, storage: bool = False) -> str:
+        """The precision of ``unit``: its own entry, else the plan's default (for a storage unit,
+        ``storage``, its ``storage_default`` if the plan has one)."""
+        if unit in self.layers:
+            return self.layers[unit]
+        return self.storage_default if storage and self.storage_default else self.default
+
+    def for_model(self, model: nn.Module) -> Plan:
+        """The plan with ``storage_default`` spelled out for each of ``model``'s storage modules
+        it does not name: the form the applier and the audit read."""
+        if self.storage_default is None:
+            return self
+        from precsearch.ops import is_storage_module
+
+        tables = {name: self.storage_default for name, module in model.named_modules()
+                  if is_storage_module(module) and name not in self.layers}
+        return dataclasses.replace(self, layers={**self.layers, **tables}, storage_default=None)
 
     @property
     def needs_loss_scaling(self) -> bool:
@@ -315,9 +374,10 @@ class Plan:
             "target": dict(self.target),
             "mode": self.mode,
             "default": self.default,
+            **({"storage_default": self.storage_default} if self.storage_default else {}),
             "layers": dict(self.layers),
             **({"ties": dict(self.ties)} if self.ties else {}),
-            "runtime": dataclasses.asdict(self.runtime) if self.runtime else None,
+            "runtime": self.runtime.to_dict() if self.runtime else None,
             "loss_scaling": dataclasses.asdict(self.loss_scaling) if self.loss_scaling else None,
             "constraint": self.constraint,
             "metrics": self.metrics,
@@ -336,7 +396,7 @@ class Plan:
         if not isinstance(data, dict):
             raise PlanError(f"{source}: not a precsearch plan (expected a YAML mapping)")
         version = data.get("format")
-        if version != FORMAT:
+        if version not in (FORMAT, BEFORE_STORAGE_UNITS):
             if isinstance(version, str) and version.startswith("precsearch-plan/"):
                 raise PlanError(f"{source}: format {version!r} is not supported by this precsearch "
                                 f"(it reads {FORMAT}); upgrade precsearch")
@@ -349,6 +409,7 @@ class Plan:
                 layers=_given(data, "layers", {}),
                 ties=_given(data, "ties", {}),
                 default=data.get("default", FP32),
+                storage_default=FP32 if version == BEFORE_STORAGE_UNITS else data.get("storage_default"),
                 mode=data.get("mode", "inference"),
                 model=_given(data, "model", {}),
                 target=_given(data, "target", {}),
@@ -375,9 +436,9 @@ def _runtime(raw: object) -> Runtime | None:
         return None
     if not isinstance(raw, dict):
         raise PlanError(f"runtime: expected a mapping such as {{weights: low, compile: false}}, found {_found(raw)}")
-    extra = sorted(set(raw) - {"weights", "compile"}, key=str)
+    extra = sorted(set(raw) - {"weights", "compile", "workload", "new_tokens"}, key=str)
     if extra:
-        raise PlanError(f"runtime: unknown field {extra[0]!r}; it has weights and compile")
+        raise PlanError(f"runtime: unknown field {extra[0]!r}; it has weights, compile, workload and new_tokens")
     return Runtime(**raw)
 
 

@@ -23,8 +23,10 @@ def _pyplot():
 
 
 def tradeoff(trials: Any, limit: float, baseline_ms: float, chosen_trial: int | None, path: Path,
-             metric: str) -> Path:
-    """Error vs latency of every trial, the feasible Pareto front, the limit and the baseline."""
+             metric: str, budget: str = "") -> Path:
+    """Error vs latency of every trial, the feasible Pareto front, the limit and the baseline;
+    weight memory as the feasible points' colour (the third axis), and the trials within the
+    accuracy limit but over the memory ``budget`` (its text, e.g. ``weight memory <= 40 MB``) marked."""
     plt = _pyplot()
     done = trials[trials["state"] == "COMPLETE"]
     finite = done[done["error"].notna() & done["error"].map(lambda e: e is not None and math.isfinite(e))]
@@ -34,10 +36,22 @@ def tradeoff(trials: Any, limit: float, baseline_ms: float, chosen_trial: int | 
     top = max(finite["error"].max() if len(finite) else limit, limit) * 3
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
     feasible, infeasible = finite[finite["feasible"]], finite[~finite["feasible"]]
+    over_budget = infeasible[infeasible["error"] <= limit]   # accurate enough, infeasible: over the memory budget
+    infeasible = infeasible[infeasible["error"] > limit]
     ax.scatter(infeasible["latency_ms"], infeasible["error"].clip(lower=floor), s=28, facecolors="none",
                edgecolors="#c0392b", label="violates the limit")
-    ax.scatter(feasible["latency_ms"], feasible["error"].clip(lower=floor), s=28, color="#27ae60",
-               label="meets the limit")
+    if len(over_budget):
+        ax.scatter(over_budget["latency_ms"], over_budget["error"].clip(lower=floor), s=34, marker="s",
+                   facecolors="none", edgecolors="#e67e22", label=f"over the memory budget ({budget or 'memory'})")
+    weights = feasible["weight_mb"] if "weight_mb" in feasible else None
+    if weights is not None and len(feasible) and weights.notna().all():
+        points = ax.scatter(feasible["latency_ms"], feasible["error"].clip(lower=floor), s=28, c=weights,
+                            cmap="viridis", edgecolors="#27ae60", linewidths=0.8,
+                            label="meets the limit (colour: weight memory)")
+        fig.colorbar(points, ax=ax, label="weight memory as the plan runs (MB)")
+    else:
+        ax.scatter(feasible["latency_ms"], feasible["error"].clip(lower=floor), s=28, color="#27ae60",
+                   label="meets the limit")
     if "speedup_low" in feasible and feasible["speedup_low"].notna().any():
         # latency on the FP32 basis is baseline / speedup: the speedup's interval, mapped
         scale = feasible["latency_ms"] * feasible["speedup"]

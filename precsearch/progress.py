@@ -8,7 +8,7 @@ from typing import IO
 
 import optuna
 
-from precsearch.records import TrialRecord
+from precsearch.records import TrialRecord, is_feasible
 
 
 class Progress:
@@ -27,7 +27,7 @@ class Progress:
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         record = TrialRecord.of(trial)
-        improved = (record is not None and record.error is not None and record.error <= self.limit
+        improved = (record is not None and record.error is not None and is_feasible(trial)  # memory budget too
                     and record.speedup is not None
                     and (self.best is None or record.speedup > (self.best.speedup or 0.0)))
         if improved:

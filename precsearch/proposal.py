@@ -147,7 +147,7 @@ class LatencyModel:
     """``relative latency = 1 - sum (alpha[d] flops + beta[d] bytes) + gamma * boundary share``."""
 
     flops: dict[str, float]       # each choice's share of the model's FLOPs
-    bytes: dict[str, float]       # each choice's share of the model's parameters
+    bytes: dict[str, float]       # each choice's share of the parameters the model reads whole per call
     order: list[str]              # choices in execution order
     alpha: dict[str, float]
     beta: dict[str, float]

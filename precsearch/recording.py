@@ -1,8 +1,9 @@
 """Which unit ran which op, in which dtype: the recording the graph walker and the audit share.
 
 ``ModuleStack`` follows the innermost executing module through global forward hooks;
-``OpRecorder`` (a dispatch mode) records every autocast-eligible kernel with that unit and the
-dtype it computed in; during backward, ops are attributed to the unit whose forward created the
+``OpRecorder`` (a dispatch mode) records every autocast-eligible kernel, and every table read of
+a storage unit (an embedding: the dtype its table is held in), with that unit and the dtype it
+computed in; during backward, ops are attributed to the unit whose forward created the
 autograd node that runs them.
 """
 
@@ -16,7 +17,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from precsearch.ops import is_eligible, op_name
+from precsearch.ops import is_storage_module, is_unit_op, op_name
 from precsearch.precisions import OPERAND_OPS
 
 
@@ -88,7 +89,8 @@ def _shape(value: Any) -> tuple[int, ...] | None:
 
 
 class OpRecorder(TorchDispatchMode):
-    """Records every autocast-eligible kernel that runs, with its unit and computed dtype.
+    """Records every autocast-eligible kernel that runs, and every storage unit's table read (in
+    the dtype of the table it read), with its unit and computed dtype.
 
     ``on_op(func, args, output, unit)`` is called for every op (eligible or not), which lets
     the graph walker follow data flow with the same recording.
@@ -99,6 +101,7 @@ class OpRecorder(TorchDispatchMode):
         super().__init__()
         self.device_type = device_type
         self.modules = ModuleStack(model)
+        self.storage = frozenset(name for name, module in model.named_modules() if is_storage_module(module))
         self.nodes = _NodeOwners(self.modules) if backward else None
         self.records: list[OpRecord] = []
         self.on_op = on_op
@@ -129,7 +132,7 @@ class OpRecorder(TorchDispatchMode):
         if self.nodes is not None and self.phase == "backward":
             unit = self.nodes.owner.get(torch._C._current_autograd_node(), unit)
         name = op_name(func)
-        if is_eligible(name, self.device_type):
+        if is_unit_op(name, self.device_type, unit in self.storage):
             # Most kernels compute in their output's dtype; an FP8 GEMM outputs BF16/FP32 from
             # float8 operands, and is known by those.
             outputs = args if name in OPERAND_OPS else (output if isinstance(output, (tuple, list)) else (output,))

@@ -26,7 +26,7 @@ class Settings:
     model: str
     space: str
     mode: str
-    constraint: dict[str, Any]   # {"metric": name, "limit": number}
+    constraint: dict[str, Any]   # {"metric": name, "limit": number, + memory.MemoryBudget.describe()}
     device: str
     device_name: str
     torch: str
@@ -38,8 +38,11 @@ class Settings:
     weights: str | None = None   # runtime.weights the candidates were measured with (None: older studies)
 
     def describe(self) -> str:
+        from precsearch.memory import MemoryBudget
+
+        budget = MemoryBudget.of(self.constraint).text()
         return (f"model {self.model}, space {self.space}, {self.constraint['metric']} <= "
-                f"{self.constraint['limit']}, mode {self.mode}")
+                f"{self.constraint['limit']}{', ' + budget if budget else ''}, mode {self.mode}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +118,19 @@ class TrialRecord:
     weight_mb: float | None = None  # the model's weights while the candidate ran
     speedup_low: float | None = None   # the speedup's 95% confidence interval
     speedup_high: float | None = None
+    # --workload generate (``workload.GenerationStats.record``): this trial's own medians
+    prefill_ms: float | None = None
+    decode_ms_per_token: float | None = None
+    tokens_per_s: float | None = None
+    generated_tokens: int | None = None
+    token_agreement: float | None = None   # share of greedy tokens equal to FP32's, all batches
+
+    @property
+    def generation(self) -> Any:
+        """The trial's ``workload.GenerationStats``, None when it did not generate."""
+        from precsearch.workload import GenerationStats
+
+        return GenerationStats.of(dataclasses.asdict(self))
 
     @property
     def speedup(self) -> float | None:
@@ -135,6 +151,17 @@ class TrialRecord:
         if "plan" not in attrs or "latency_ms" not in attrs:
             return None
         return cls(**{field.name: attrs.get(field.name) for field in dataclasses.fields(cls)})
+
+
+def is_feasible(trial: optuna.trial.FrozenTrial) -> bool:
+    """A completed trial within every constraint (the error's and the memory budget's)."""
+    return (trial.state == optuna.trial.TrialState.COMPLETE and "error" in trial.constraints
+            and all(value <= 0 for value in trial.constraints.values()))
+
+
+def violated(trial: optuna.trial.FrozenTrial) -> list[str]:
+    """The names of the constraints ``trial`` violates (``error``, ``weight_mb``, ...)."""
+    return [name for name, value in trial.constraints.items() if value > 0]
 
 
 @dataclasses.dataclass(frozen=True)

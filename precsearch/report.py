@@ -12,8 +12,19 @@ from pathlib import Path
 from typing import Any
 
 from precsearch.errors import InputError
+from precsearch.memory import MemoryBudget, label_of
 from precsearch.precisions import NAMES, PRECISIONS, low_precisions
-from precsearch.records import Prediction, StudySetup, TrialRecord, is_surplus, lead_of, load_diagnostics
+from precsearch.records import (
+    Prediction,
+    Settings,
+    StudySetup,
+    TrialRecord,
+    is_feasible,
+    is_surplus,
+    lead_of,
+    load_diagnostics,
+    violated,
+)
 
 LOW = [p.name for p in low_precisions()]
 
@@ -98,13 +109,16 @@ def trials_frame(study: Any) -> Any:
             "speedup_high": record.speedup_high if record else None,
             "error": (float("inf") if record.error is None else record.error) if record else None,
             "constraint": constraint,
-            "feasible": constraint is not None and constraint <= 0 and trial.state.name == "COMPLETE",
+            "feasible": is_feasible(trial),
+            "violates": ", ".join(label_of(name) for name in violated(trial)) or None,
             "peak_memory_mb": record.peak_memory_mb if record else None,
             "weight_mb": record.weight_mb if record else None, "duration_s": duration,
             "failure": record.failure if record else None,
             "lead": lead[0] if lead else None,
             "predicted_error": predicted.predicted_error if predicted else None,
             "predicted_speedup": predicted.predicted_speedup if predicted else None,
+            **({column: getattr(record, column) for column in TRIAL_GENERATION_COLUMNS}
+               if record is not None and record.generation is not None else {}),
         })
     return pd.DataFrame(rows)
 
@@ -153,11 +167,12 @@ def write_report(directory: str | Path, study: Any) -> dict[str, Path]:
     trials = trials_frame(study)
     write_atomic(directory / "trials.csv", trials.to_csv(index=False))
     constraint = settings.constraint
+    budget = MemoryBudget.of(constraint)
     baseline = setup.baseline_ms
     chosen = (plan.metrics or {}).get("trial") if plan else None
     files = {
         "tradeoff": plots.tradeoff(trials, constraint["limit"], baseline, chosen,
-                                   directory / "tradeoff.png", constraint["metric"]),
+                                   directory / "tradeoff.png", constraint["metric"], budget.text()),
         "progress": plots.progress(trials, baseline, directory / "progress.png"),
     }
     precision = {u: plan.precision(u) for u in units} if plan else {}
@@ -173,6 +188,8 @@ def write_report(directory: str | Path, study: Any) -> dict[str, Path]:
         {"setting": "search space", "value": settings.space},
         {"setting": "mode", "value": settings.mode},
         {"setting": "constraint", "value": f"{constraint['metric']} <= {constraint['limit']:g}"},
+        *([{"setting": "memory budget", "value": f"{budget.text()} (FP32's weights: {_mb(setup.weight_mb)})"}]
+          if budget else []),
         {"setting": "budget", "value": f"{settings.trials} trials ({len(finished)} finished)"},
         {"setting": "strategy", "value": f"{settings.strategy}: {settings.sampler} "
                                          f"(seed {settings.seed}), {settings.parametrisation} parametrisation"},
@@ -180,15 +197,17 @@ def write_report(directory: str | Path, study: Any) -> dict[str, Path]:
     ])]
     blocks.append(("h2", "Result"))
     extra = _error_columns([plan, *(p for _, p in others)])   # the error columns beside the search's own
+    extra += _generation_columns([plan, *(p for _, p in others)])
     if plan is None:
-        blocks.append(("p", f"No plan met {constraint['metric']} <= {constraint['limit']:g}."))
+        blocks.append(("p", f"No plan met {constraint['metric']} <= {constraint['limit']:g}"
+                            f"{' and ' + budget.text() if budget else ''}.{_budget_shortfall(trials, budget)}"))
     else:
         metrics = plan.metrics or {}
         memory = metrics.get("peak_memory_mb")
         runtime = plan.resolved_runtime
         blocks.append(("table", [
             {"plan": "fp32 baseline", "latency_ms": round(baseline, 3), "speedup": "1.00x", "error": 0.0,
-             **{column: 0.0 if column == "holdout_error" else None for column in extra},
+             **{column: _fp32_cell(column, plan) for column in extra},
              "weight_mb": setup.weight_mb, "peak_memory_mb": "-" if memory is None else "measured per plan"},
             {"plan": "chosen (plan.yaml)", "latency_ms": metrics.get("latency_ms"),
              "speedup": _metrics_speedup(metrics), "error": metrics.get("error"),
@@ -198,15 +217,20 @@ def write_report(directory: str | Path, study: Any) -> dict[str, Path]:
         blocks.append(("p", f"Measured as deployed: weights {runtime.weights}"
                             f"{' (each low unit holds its own weights in its dtype)' if runtime.weights == 'low' else ''}, "
                             f"{_compile_note(metrics, constraint) if runtime.compile else 'eager'}."))
+        if runtime.run.generates:
+            blocks.append(("p", _generation_note(plan)))
         blocks.append(("p", _unseen_data_note(plan, constraint)))
         blocks.append(("p", _race_note(plan, trials)))
+        if budget:
+            blocks.append(("p", _budget_note(plan, budget, trials)))
         counts = plan.counts(units)
         blocks.append(("p", "Units per dtype: " + ", ".join(f"{d} {counts.get(d, 0)}" for d in NAMES)
                        + f" (of {len(units)})."))
-    blocks += [("img", files["tradeoff"].name, "error vs latency of every trial"),
+    blocks += [("img", files["tradeoff"].name, "error vs latency of every trial, weight memory as colour"),
                ("img", files["units"].name, "precision of every unit")]
     blocks += [("h2", "Pareto-optimal feasible plans"),
-               ("p", "No plan is both faster and more accurate than any of these."),
+               ("p", "No plan is both faster and more accurate than any of these."
+                     + (f" Each is within the memory budget, {budget.text()} (weight_mb)." if budget else "")),
                ("table", [_plan_row(name, p, units, extra) for name, p in
                           ([("plan.yaml", plan)] if plan else []) + [(f"pareto/{path.name}", p) for path, p in others]]
                 or [{"plan": "none"}])]
@@ -292,7 +316,7 @@ def _prediction_blocks(trials: Any) -> list[tuple]:
                         "median measured / predicted error": quality["error_ratio"]}])]
 
 
-def _training_blocks(diagnostics: dict | None, settings: dict) -> list[tuple]:
+def _training_blocks(diagnostics: dict | None, settings: Settings) -> list[tuple]:
     """Loss scaling and gradient health of the chosen plan, for training searches."""
     if settings.mode != "training" or diagnostics is None:
         return []
@@ -349,6 +373,38 @@ def _race_note(plan: Any, trials: Any) -> str:
     return " ".join(sentences)
 
 
+def _mb(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g} MB"
+
+
+def _over_budget(trials: Any) -> Any:
+    """The finished trials within the accuracy limit but over the memory budget."""
+    if "violates" not in trials:
+        return trials.iloc[0:0]
+    done = trials[(trials["state"] == "COMPLETE") & trials["violates"].notna()]
+    return done[~done["violates"].str.contains("error")]
+
+
+def _budget_note(plan: Any, budget: MemoryBudget, trials: Any) -> str:
+    """The chosen plan against the memory budget, and how many accurate plans the budget ruled out."""
+    over = _over_budget(trials)
+    weight = (plan.metrics or {}).get("weight_mb")
+    return (f"Memory budget ({budget.text()}): the chosen plan's weights take {_mb(weight)} as it runs; "
+            f"{len(over)} trial{'s' if len(over) != 1 else ''} within the accuracy limit "
+            f"{'were' if len(over) != 1 else 'was'} over the budget, so infeasible.")
+
+
+def _budget_shortfall(trials: Any, budget: MemoryBudget) -> str:
+    """Why no plan was feasible when the budget is to blame ("" otherwise)."""
+    over = _over_budget(trials)
+    if not budget or over.empty:
+        return ""
+    lightest = over.sort_values("weight_mb").iloc[0] if "weight_mb" in over else None
+    least = f" (the lightest: {_mb(_value(lightest['weight_mb']))})" if lightest is not None else ""
+    return (f" {len(over)} trial{'s' if len(over) != 1 else ''} met the accuracy limit but "
+            f"{'were' if len(over) != 1 else 'was'} over the memory budget{least}.")
+
+
 def _fmt(value: float | None) -> str:
     if value is None:
         return "-"
@@ -368,6 +424,38 @@ def _plan_row(name: str, plan: Any, units: list[str], extra: Sequence[str] = ())
 ERROR_COLUMNS = ("holdout_error", "compiled_error")   # beside the search error, when a plan has them
 
 
+# --workload generate: a trial's own medians (trials.csv), and the plans' (result tables)
+TRIAL_GENERATION_COLUMNS = ("prefill_ms", "decode_ms_per_token", "tokens_per_s", "token_agreement")
+GENERATION_COLUMNS = ("tokens_per_s", "prefill_ms", "decode_ms_per_token", "token_agreement")
+
+
+def _generation_columns(plans: Sequence[Any]) -> list[str]:
+    """The generation columns, when any of ``plans`` was measured generating."""
+    generating = any(plan is not None and (plan.metrics or {}).get("prefill_ms") is not None for plan in plans)
+    return list(GENERATION_COLUMNS) if generating else []
+
+
+def _fp32_cell(column: str, plan: Any) -> Any:
+    """The FP32 baseline's value in an extra column: no error, FP32's own tokens, its tokens/s."""
+    if column in ("holdout_error", "token_agreement"):
+        return 0.0 if column == "holdout_error" else 1.0
+    return (plan.metrics or {}).get("baseline_tokens_per_s") if column == "tokens_per_s" else None
+
+
+def _generation_note(plan: Any) -> str:
+    """What a generating plan's run was, and what judged its tokens."""
+    runtime, constraint = plan.resolved_runtime, plan.constraint or {}
+    minimum = constraint.get("min_token_agreement")
+    form = ("with a static KV cache, the decode step compiled (the prefill eager)" if runtime.compile
+            else "with the model's KV cache, eager")
+    return (f"Timed as generation: prefill and {runtime.new_tokens} greedy tokens in all (a decode step each after "
+            f"the first), {form}; latency is a whole generation. tokens_per_s counts the tokens of all the "
+            f"batch's sequences; prefill_ms and decode_ms_per_token are medians of the same runs. Beside "
+            f"{constraint.get('metric', 'the metric')}, every plan's greedy tokens on the data had to equal FP32's "
+            f"at the same position at least {minimum if minimum is not None else '?'} of the time "
+            f"(token_agreement); trials under it are listed as failed, with their agreement.")
+
+
 def _error_columns(plans: Sequence[Any]) -> list[str]:
     """The error columns beyond the search's own that any of ``plans`` records."""
     return [column for column in ERROR_COLUMNS
@@ -379,8 +467,13 @@ def _compile_note(metrics: dict[str, Any], constraint: dict[str, Any]) -> str:
     compiled = metrics.get("compiled_error")
     if compiled is None:
         return "compiled with torch.compile"
-    return (f"compiled with torch.compile, where its {constraint['metric']} against FP32 is {compiled:.4g} "
+    note = (f"compiled with torch.compile, where its {constraint['metric']} against FP32 is {compiled:.4g} "
             f"(limit {constraint['limit']:g}; finalists over the limit compiled were dropped)")
+    agreement = metrics.get("compiled_rank_agreement")
+    if agreement is not None:   # the search ranks eager; the finalists race compiled
+        note += (f"; the {metrics['compiled_raced']} plans that raced compiled kept their eager order with "
+                 f"Spearman {agreement:.2f} (1: the same order)")
+    return note
 
 
 def _unseen_data_note(plan: Any, constraint: dict[str, Any]) -> str:

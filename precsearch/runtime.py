@@ -11,7 +11,10 @@ FP32 modules disable it and cast floating inputs to float32. Wrapping against ev
 not only the parent, keeps a unit's dtype when whatever calls it skips its container (a root
 that calls the layers of an ``nn.ModuleList`` directly). A low-precision module returning into
 an FP32 module casts its floating results to float32, so every op an FP32 unit owns computes in
-float32. Modules that own no eligible op are unaffected by their own precision.
+float32. Modules that own no eligible op are unaffected by their own precision, except storage
+modules (embedding tables): a low one runs with its own weights in its dtype (held so, or cast for
+the call as autocast casts an eligible op's weight), so it returns rows of the low table, cast to
+float32 like any low unit's results when it returns into an FP32 module.
 
 Applying a plan never runs the model. Inference plans (``runtime.weights: low``) hold each low
 unit's own weights in its dtype from the end of the first call on: that call runs the plan with
@@ -37,7 +40,7 @@ import torch
 from torch import nn
 
 from precsearch.errors import PlanError
-from precsearch.ops import model_device_type
+from precsearch.ops import is_storage_module, model_device_type
 from precsearch.plan import Plan
 from precsearch.precisions import PRECISIONS, low_precisions
 from precsearch.weights import LowWeights, WeightUseRecorder, WeightUses, find_weight_uses_aside, weight_bytes
@@ -117,12 +120,58 @@ class _LowForward(_Forward):
         return cast_low_to_fp32(output) if self.cast_output else output
 
 
-def _wrap(original: Any, device_type: str, precision: str, parent: str | None) -> _Forward:
+class _StorageForward(_LowForward):
+    """A low storage module's ``forward``: its own floating weights, and floating inputs (an
+    ``EmbeddingBag``'s ``per_sample_weights``), in the unit's dtype for the call. Held weights
+    are that already; others (FP32 weights at run time, the first call) are cast for the call,
+    as autocast casts an eligible op's weight, so the rows are the same either way."""
+
+    __slots__ = ("dtype", "module")
+
+    def __init__(self, original: Any, enforce: Any, device_type: str, cast_output: bool,
+                 module: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__(original, enforce, device_type, cast_output)
+        self.module, self.dtype = module, dtype
+
+    def __deepcopy__(self, memo: dict) -> _StorageForward:
+        return type(self)(copy.deepcopy(self.original, memo), self.enforce, self.device_type, self.cast_output,
+                          copy.deepcopy(self.module, memo), self.dtype)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        args, kwargs = torch.utils._pytree.tree_map_only(torch.Tensor, self._to_unit, (args, kwargs))
+        with _weights_in(self.module, self.dtype):
+            return super().__call__(*args, **kwargs)
+
+    def _to_unit(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(self.dtype) if tensor.dtype == torch.float32 else tensor
+
+
+@contextmanager
+def _weights_in(module: nn.Module, dtype: torch.dtype) -> Iterator[None]:
+    """``module``'s own floating parameters and buffers in ``dtype`` for a block: those held in it
+    stay, the others are cast (a differentiable cast: gradients reach the FP32 masters)."""
+    with torch._C.DisableTorchFunction():  # the applier's own look is no dtype read of the model's code
+        swapped = [(table, key, tensor) for table in (module._parameters, module._buffers)
+                   for key, tensor in table.items()
+                   if tensor is not None and tensor.is_floating_point() and tensor.dtype != dtype]
+    for table, key, tensor in swapped:
+        table[key] = tensor.to(dtype)
+    try:
+        yield
+    finally:
+        for table, key, tensor in swapped:
+            table[key] = tensor
+
+
+def _wrap(module: nn.Module, original: Any, device_type: str, precision: str, parent: str | None) -> _Forward:
     """``precision``'s wrapper. A low unit inside an FP32 parent returns float32 outputs, so
     that every op the parent owns computes in float32; an FP32 unit's outputs stay float32 (its
     precision is what protects the rest of the model)."""
     low = PRECISIONS[precision].low
     to_fp32 = parent is not None and low and not PRECISIONS[parent].low
+    if low and is_storage_module(module):
+        return _StorageForward(original, PRECISIONS[precision].enforce, device_type, to_fp32, module,
+                               PRECISIONS[precision].dtype)
     kind = _LowForward if low else _Fp32Forward
     return kind(original, PRECISIONS[precision].enforce, device_type, to_fp32)
 
@@ -157,8 +206,10 @@ def _is_container(module: nn.Module) -> bool:
 
 
 def _to_wrap(modules: list[tuple[str, nn.Module]], precision: dict[str, str]) -> list[tuple[str, str | None]]:
-    """``(name, precision of the module it returns into)`` for every module to wrap: the root,
-    and each module whose precision differs from that of any ancestor."""
+    """``(name, precision of the module it returns into)`` for every module to wrap: the root
+    and its children (code may call a child directly: a seq2seq ``generate`` runs
+    ``get_encoder()``), each module whose precision differs from that of any ancestor, and each
+    low storage module (no autocast reaches its table)."""
     above: dict[str, frozenset[str]] = {}      # the precisions of a module and its ancestors
     caller: dict[str, str | None] = {}         # the nearest ancestor that can be called
     kind = dict(modules)
@@ -168,7 +219,9 @@ def _to_wrap(modules: list[tuple[str, nn.Module]], precision: dict[str, str]) ->
         above[name] = (above[parent] if parent is not None else frozenset()) | {precision[name]}
         caller[name] = None if parent is None else (
             parent if not _is_container(kind[parent]) else caller[parent])
-        if parent is None or above[parent] - {precision[name]}:
+        entry = parent == "" and not _is_container(kind[name])   # may be called past the root: get_encoder()
+        if parent is None or entry or above[parent] - {precision[name]} or (
+                PRECISIONS[precision[name]].low and is_storage_module(kind[name])):
             wrap.append((name, None if caller[name] is None else precision[caller[name]]))
     return wrap
 
@@ -193,7 +246,7 @@ class PlanHandle:
         for name, caller in _to_wrap(modules, precision):
             module = named[name]
             own = PRECISIONS[precision[name]].replace_forward
-            wrapper = _wrap(own(module) if own else module.forward, device_type, precision[name], caller)
+            wrapper = _wrap(module, own(module) if own else module.forward, device_type, precision[name], caller)
             if not name:
                 wrapper = _RootMethod(self, "forward", wrapper)
             self._saved.append((module, module.__dict__.get("forward"), wrapper))
@@ -437,6 +490,7 @@ def apply_plan(model: nn.Module, plan: Plan, *, device_type: str | None = None,
         raise PlanError("a plan is already applied to this model: call handle.remove() first")
     plan.validate_for(model, fingerprint_mismatch=fingerprint_mismatch,
                       names={name for name, _ in modules} if modules is not None else None)
+    plan = plan.for_model(model)
     _check_ties(plan)
     device_type = device_type or model_device_type(model, plan.target.get("device", "cpu"))
     if weight_uses is None and example_inputs is not None and plan.resolved_runtime.weights == "low":

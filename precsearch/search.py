@@ -5,7 +5,8 @@ Each trial applies its plan to the one model (no copies), measures the error aga
 FP32 reference, and times the candidate interleaved with the FP32 model. The default strategy's
 first trials are greedy's answer and the model-based proposals (``strategies.Lead``), then the
 FP32 baseline, the all-low-precision plans and sensitivity-ordered plans; the study is stored
-(SQLite by default) so that rerunning the same command resumes it.
+(``SearchConfig.storage``; the CLI's default is SQLite in the output folder) so that rerunning
+the same command resumes it.
 
 >>> result = optimize(model, batches, SearchConfig(max_error=0.01, trials=40))   # doctest: +SKIP
 >>> result.plan.save("plan.yaml")                                                # doctest: +SKIP
@@ -32,6 +33,7 @@ from precsearch.config import SearchConfig
 from precsearch.decisions import Decisions, encode
 from precsearch.evaluate import Evaluator, Measurement, TrainingEvaluator
 from precsearch.graph import LayerGraph, walk
+from precsearch.memory import MemoryBudget
 from precsearch.ops import model_device_type
 from precsearch.plan import Plan
 from precsearch.precisions import FP32, NAMES
@@ -52,7 +54,14 @@ from precsearch.storage import (
     wait_for_setup,
 )
 from precsearch.strategies import Lead, lead_plan
-from precsearch.study_setup import check_same_search, decisions_for, find_ties, set_up, study_fingerprint
+from precsearch.study_setup import (
+    check_same_search,
+    decisions_for,
+    find_ties,
+    held_weights,
+    set_up,
+    study_fingerprint,
+)
 
 FAILED_OBJECTIVE = 10.0   # a candidate that could not run scores this many FP32 latencies
 _CAP = 1e9                # constraint value stored for non-finite errors
@@ -69,6 +78,25 @@ class SearchResult:
     decisions: Decisions
     setup: StudySetup
     set_up_here: bool = False   # this process did the study's one-time setup
+
+    def shortfall(self) -> str | None:
+        """Why no plan was feasible when the memory budget is to blame, in one clause; None when
+        there is no budget or no trial met the accuracy limit (the limit is then the problem)."""
+        budget = MemoryBudget.of(self.setup.settings.constraint)
+        records = [(record, trial.constraints.get("error", 1.0) <= 0)
+                   for trial in self.study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE])
+                   if (record := TrialRecord.of(trial)) is not None]
+        accurate = [record for record, within in records if within]
+        if not budget or not accurate:
+            return None
+        limits = budget.limits()
+        lightest = min(accurate, key=lambda r: [getattr(r, limit.measured) or math.inf for limit, _ in limits])
+        within = sum(budget.allows(record) for record, _ in records)
+        inaccurate = f", and the {within} within the budget {'was' if within == 1 else 'were'} over the accuracy limit"
+        return (f"{len(accurate)} trial{'s' if len(accurate) > 1 else ''} met the accuracy limit, each over the "
+                f"memory budget (the lightest: {'; '.join(budget.violations(lightest))})"
+                f"{inaccurate if within else ''}; "
+                f"raise {' or '.join(limit.flag for limit, _ in limits)} or loosen the accuracy limit")
 
     def summary(self) -> list[dict[str, Any]]:
         """Rows for a table: FP32 baseline vs the chosen plan."""
@@ -95,6 +123,7 @@ def optimize(model: nn.Module, batches: list[Any], config: SearchConfig | None =
     inputs = ([_batches.split_training(b, f"--data batch {i}")[0] for i, b in enumerate(batches)]
               if config.training else batches)
     device_type = model_device_type(model)
+    config.memory.check_device(device_type)
     storage = open_storage(config.storage, config.heartbeat)
     study, created = open_study(config.study_name, storage, config.strategy.sampler(config.seed))
     if created:
@@ -111,7 +140,7 @@ def optimize(model: nn.Module, batches: list[Any], config: SearchConfig | None =
                 optuna.delete_study(study_name=config.study_name, storage=storage)
             raise
         data = _batches.fingerprint(batches)
-        fingerprint = study_fingerprint(model, config, evaluator.fidelity.describe(), data)
+        fingerprint = study_fingerprint(model, config, config.constraint(evaluator.fidelity), data)
         if must_set_up:
             ties = find_ties(model, inputs[0], graph, config, device_type)
             choices = config.space.choices(graph, device_type, ties)
@@ -122,8 +151,8 @@ def optimize(model: nn.Module, batches: list[Any], config: SearchConfig | None =
             choices = config.space.choices(graph, device_type, setup.ties)
         decisions = decisions_for(setup, graph, choices, config, evaluator.fidelity.limit)
         recover_dead_trials(study)
-        lead = Lead(decisions, {u: graph[u]["params"] for u in graph.units}, evaluator.fidelity.limit,
-                    graph.units) if config.strategy.leads else None
+        lead = Lead(decisions, graph.streamed_params(), evaluator.fidelity.limit,
+                    graph.units, held_weights(graph, config)) if config.strategy.leads else None
         _run_trials(study, decisions, evaluator, graph.units, config, setup.baseline_ms, lead)
         fp32_allowed = all(FP32 in choice.dtypes for choice in choices)
         plan, pareto = choose(model, study, graph, evaluator, config, setup, fp32_allowed, holdout)
@@ -142,7 +171,7 @@ def _evaluator(model: nn.Module, batches: list[Any], device_type: str, config: S
         fidelity = config.fidelity or gradient_fidelity(model, batches, loss_fn, config.max_error)
         return TrainingEvaluator(model, batches, fidelity, device_type, config.repeats, loss_fn)
     fidelity = config.fidelity or Fidelity.builtin(model, batches, config.metric, config.max_error)
-    return Evaluator(model, batches, fidelity, device_type, config.repeats, config.runtime)
+    return Evaluator(model, batches, fidelity, device_type, config.repeats, config.runtime, config.min_token_agreement)
 
 
 @contextmanager
@@ -165,7 +194,7 @@ def _run_trials(study: optuna.Study, decisions: Decisions, evaluator: Evaluator,
     """Run trials until the budget is spent; with a strategy's proposer, its plans instead of
     the sampler's, until it has its answer; with a ``lead``, the plans it enqueues (each trial
     records the model's prediction of its plan, made before measuring it)."""
-    limit = evaluator.fidelity.limit
+    limit, budget = evaluator.fidelity.limit, config.memory
     seen: dict[str, Measurement] = {}
     best: list[Speedup] = []   # the fastest feasible speedup so far: slower candidates stop early
     proposer = config.strategy.proposer(decisions, limit) if config.strategy.proposer else None
@@ -181,7 +210,8 @@ def _run_trials(study: optuna.Study, decisions: Decisions, evaluator: Evaluator,
         code = encode(layers, units)
         measured = seen.get(code) or evaluator.measure(layers, incumbent=best[0] if best else None)
         seen[code] = measured
-        if measured.error <= limit and measured.interval and (not best or measured.speedup > best[0].median):
+        feasible = measured.error <= limit and budget.allows(measured)
+        if feasible and measured.interval and (not best or measured.speedup > best[0].median):
             best[:] = [measured.interval]
         if proposer is not None:
             try:
@@ -190,8 +220,11 @@ def _run_trials(study: optuna.Study, decisions: Decisions, evaluator: Evaluator,
                 study.stop()
         TrialRecord(code, measured.error if math.isfinite(measured.error) else None, measured.latency_ms,
                     measured.baseline_ms, measured.peak_memory_mb, measured.failure, measured.weight_mb,
-                    measured.speedup_low, measured.speedup_high).save(trial)
+                    measured.speedup_low, measured.speedup_high,
+                    **(measured.generation.record() if measured.generation else {})).save(trial)
         trial.set_constraint("error", min(measured.error - limit, _CAP))
+        for name, value in budget.constraints(measured).items():  # over the memory budget: infeasible too
+            trial.set_constraint(name, value)
         if lead is not None:
             lead.after_trial(study)
         if not math.isfinite(measured.latency_ms):

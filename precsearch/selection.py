@@ -6,6 +6,7 @@ reproducible, and their scores on held-out batches the search never saw."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import warnings
 from collections.abc import Callable
@@ -21,11 +22,15 @@ from precsearch.decisions import decode, encode
 from precsearch.errors import described
 from precsearch.evaluate import Evaluator, Measurement
 from precsearch.graph import LayerGraph
+from precsearch.memory import MemoryBudget, MemoryUse
 from precsearch.plan import LossScaling, Plan, model_fingerprint
 from precsearch.records import StudySetup, TrialRecord, lead_of, pareto_front
 from precsearch.storage import COUNTED
 
 FINALISTS, FINALIST_MARGIN = 4, 1.10   # plans within 10% of the fastest re-timed together
+# Compiled, the eager order of plans is only a rough guide (compiling a plan costs ~10 s on a
+# 6-layer BERT, several eager trials): more of the eager front races in the deployed form.
+COMPILED_FINALISTS, COMPILED_FINALIST_MARGIN = 6, 1.25
 RACE_REPEATS = 15                       # at least this many rounds in the final race
 
 
@@ -64,11 +69,13 @@ def front(candidates: list[Candidate]) -> list[Candidate]:
     return pareto_front(candidates, key=lambda c: (c.relative, c.error))
 
 
-def finalists(candidates: list[Candidate], headroom: float) -> list[Candidate]:
+def finalists(candidates: list[Candidate], headroom: float, compiled: bool = False) -> list[Candidate]:
     """The close finalists, fastest first: candidates whose search error is within ``headroom``
-    (the limit less the margin) and whose latency is within ``FINALIST_MARGIN`` of the fastest."""
+    (the limit less the margin) and whose latency is within ``FINALIST_MARGIN`` of the fastest
+    (``COMPILED_FINALIST_MARGIN``, more of them, when they race compiled)."""
+    count, margin = (COMPILED_FINALISTS, COMPILED_FINALIST_MARGIN) if compiled else (FINALISTS, FINALIST_MARGIN)
     eligible = sorted((c for c in candidates if c.error <= headroom), key=lambda c: c.relative)
-    return [c for c in eligible if c.relative <= FINALIST_MARGIN * eligible[0].relative][:FINALISTS]
+    return [c for c in eligible if c.relative <= margin * eligible[0].relative][:count]
 
 
 def best_leads(candidates: list[Candidate], headroom: float) -> list[Candidate]:
@@ -111,17 +118,24 @@ def choose(model: nn.Module, study: optuna.Study, graph: LayerGraph, evaluator: 
     units = graph.units
     candidates = feasible_candidates(study)
     headroom = evaluator.fidelity.limit * (1 - config.margin)
-    close = finalists(candidates, headroom)
+    close = finalists(candidates, headroom, config.compile)
     if not close:
         return None, []
     pareto = front(candidates)
     fp32_code = encode({}, units)
+    budget = config.memory   # the candidates are within it; the FP32 plan races only when it is too
+    fp32_races = fp32_allowed and (budget.max_weight_mb is None or setup.weight_mb <= budget.max_weight_mb)
     codes = list(dict.fromkeys([c.record.plan for c in close + best_leads(candidates, headroom)]
-                               + ([fp32_code] if fp32_allowed else [])))
+                               + ([fp32_code] if fp32_races else [])))
     repeats = max(3 * evaluator.repeats, RACE_REPEATS)
     race = final_race(evaluator, {code: decode(code, units) for code in codes}, repeats, config.compile)
     by_code = {c.record.plan: c for c in candidates}
+    race = _within_budget(race, budget, by_code, setup.weight_mb)
     write = _PlanWriter(model, study, units, evaluator, config, setup)
+    if race.over_budget and not race.estimates:
+        warnings.warn(f"no finalist holds {budget.text()} in the final race ({race.over_budget[0]}): no plan "
+                      f"is recommended; loosen the budget", stacklevel=3)
+        return None, []
     if race.over_limit and not race.estimates:
         warnings.warn(f"no finalist holds {evaluator.fidelity.name} <= {evaluator.fidelity.limit:g} compiled "
                       f"(lowest compiled error {min(race.over_limit.values()):.4g}): no plan is recommended for "
@@ -134,8 +148,10 @@ def choose(model: nn.Module, study: optuna.Study, graph: LayerGraph, evaluator: 
         estimate, base, memory = race.estimates[code]
         chosen = by_code.get(code)
         weight_mb = chosen.record.weight_mb if chosen else setup.weight_mb
-        plan = write(code, Measurement.timed(error[code], estimate, base, peak_memory_mb=memory, weight_mb=weight_mb),
-                     chosen.trial if chosen else None, {**race.extra.get(code, {}), "race_ties": len(ties) - 1},
+        plan = write(code, Measurement.timed(error[code], estimate, base, peak_memory_mb=memory, weight_mb=weight_mb,
+                                             generation=_raced_generation(evaluator, code, chosen)),
+                     chosen.trial if chosen else None, {**race.extra.get(code, {}), "race_ties": len(ties) - 1,
+                                                        **_eager_vs_compiled(race, by_code, fp32_code)},
                      compiled=race.compiled)
     else:
         chosen = close[0]
@@ -159,6 +175,7 @@ class Race:
     extra: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     over_limit: dict[str, float] = dataclasses.field(default_factory=dict)
     compiled: bool = False
+    over_budget: list[str] = dataclasses.field(default_factory=list)   # why raced plans were dropped
 
 
 def final_race(evaluator: Evaluator, plans: dict[str, dict[str, str]], repeats: int, compile: bool) -> Race:
@@ -176,6 +193,24 @@ def final_race(evaluator: Evaluator, plans: dict[str, dict[str, str]], repeats: 
         warnings.warn(f"the final race failed ({described(failure)}); using the trials' measurements",
                       stacklevel=3)
         return Race({})
+
+
+def _within_budget(race: Race, budget: MemoryBudget, by_code: dict[str, Candidate],
+                   fp32_weight_mb: float | None) -> Race:
+    """The race without the plans its own measurement puts over the memory budget (the peak
+    memory it measured on CUDA; the weights the plan's trial measured, FP32's for the FP32 plan)."""
+    if not budget or not race.estimates:
+        return race
+    kept, dropped = {}, []
+    for code, estimate in race.estimates.items():
+        record = by_code[code].record if code in by_code else None
+        measured = MemoryUse(record.weight_mb if record else fp32_weight_mb,
+                            estimate[2] if estimate[2] is not None else record and record.peak_memory_mb)
+        if budget.allows(measured):
+            kept[code] = estimate
+        else:
+            dropped.extend(f"{code}: {reason}" for reason in budget.violations(measured))
+    return dataclasses.replace(race, estimates=kept, over_budget=dropped)
 
 
 def _holdout_scorer(model: nn.Module, holdout: list[Any], evaluator: Evaluator, units: list[str]
@@ -221,6 +256,7 @@ def _race_compiled(evaluator: Evaluator, plans: dict[str, dict[str, str]], repea
                           evaluator.device_type, repeats, fidelity=evaluator.fidelity)
     eager, compiled_fp32 = times.timings["fp32 eager"], times.timings["fp32 compiled"]
     raced = [code for code in plans if code in times.compile_s]
+    evaluator.generation = {code: times.generation[code] for code in raced if code in times.generation}
     estimates = {code: (speedup(eager.samples_ms, times.timings[code].samples_ms), eager.median_ms, None)
                  for code in raced}
     extra = {code: {"compiled_error": times.errors[code],
@@ -234,9 +270,39 @@ def _race_compiled(evaluator: Evaluator, plans: dict[str, dict[str, str]], repea
     return Race(estimates, extra, over, compiled=True)
 
 
+def _eager_vs_compiled(race: Race, by_code: dict[str, Candidate], fp32: str) -> dict[str, Any]:
+    """How well the eager trials ranked the plans that raced compiled: the Spearman rank
+    correlation of their eager and compiled speedups (``compiled_rank_agreement``; 1: the same
+    order), over ``compiled_raced`` plans. Nothing for an eager race or fewer than three plans."""
+    eager = {code: 1.0 if code == fp32 else by_code[code].record.speedup
+             for code in race.estimates if code == fp32 or code in by_code}
+    if not race.compiled or len(eager) < 3:
+        return {}
+    compiled = {code: race.estimates[code][0].median for code in eager}
+    agreement = _spearman([eager[c] for c in eager], [compiled[c] for c in eager])
+    return {"compiled_raced": len(eager), "compiled_rank_agreement": None if agreement is None else round(agreement, 3)}
+
+
+def _spearman(a: list[float], b: list[float]) -> float | None:
+    """Pearson's correlation of the ranks; None if one side is constant."""
+    import pandas as pd
+
+    value = pd.Series(a).rank().corr(pd.Series(b).rank())
+    return None if math.isnan(value) else float(value)
+
+
 def _measurement(record: TrialRecord) -> Measurement:
     return Measurement(record.error or 0.0, record.latency_ms, record.baseline_ms, record.peak_memory_mb,
-                       weight_mb=record.weight_mb, speedup_low=record.speedup_low, speedup_high=record.speedup_high)
+                       weight_mb=record.weight_mb, speedup_low=record.speedup_low, speedup_high=record.speedup_high,
+                       generation=record.generation)
+
+
+def _raced_generation(evaluator: Evaluator, code: str, chosen: Candidate | None) -> Any:
+    """A generating plan's prefill and decode times in the final race, with its trial's token
+    agreement (the FP32 plan's is 1); None when the plans do not generate."""
+    raced = evaluator.generation.get(code) or (chosen.record.generation if chosen else None)
+    agreement = chosen.record.token_agreement if chosen else 1.0
+    return dataclasses.replace(raced, token_agreement=agreement) if raced is not None else None
 
 
 def _mb(value: float | None) -> float | None:
@@ -255,7 +321,7 @@ class _PlanWriter:
         from precsearch.study_setup import target
 
         self.units, self.config, self.setup = units, config, setup
-        self.constraint = evaluator.fidelity.describe()
+        self.constraint = config.constraint(evaluator.fidelity)
         reference = evaluator.fidelity.reference_value   # the FP32 model's accuracy, perplexity...
         self.fp32_metric = {} if reference is None else {"fp32_metric": round(reference, 6)}
         self.model = {"name": config.model_name or type(model).__name__, "fingerprint": model_fingerprint(model),
@@ -281,6 +347,7 @@ class _PlanWriter:
             "speedup_high": _round(measured.speedup_high), "error": measured.error,
             "peak_memory_mb": measured.peak_memory_mb, "weight_mb": _mb(measured.weight_mb),
             "baseline_weight_mb": _mb(self.setup.weight_mb), "trial": trial, **self.fp32_metric,
+            **(measured.generation.plan_metrics(baseline / measured.speedup, baseline) if measured.generation else {}),
             **(extra or {})}
         return dataclasses.replace(
             plan, mode=self.config.mode, runtime=dataclasses.replace(self.runtime, compile=compiled),

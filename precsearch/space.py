@@ -115,12 +115,13 @@ class SearchSpace:
         """The decisions for ``graph``'s units, in execution order of their first unit.
 
         ``ties`` maps a unit to the unit whose precision it must share (found by the search's
-        setup: the model fails when they differ), so they join one choice.
+        setup: units holding one weight, or the model fails when they differ), so they join one
+        choice; ties chain (a unit tied to a unit tied to a third joins the third's choice).
         """
         usable = usable_dtypes(self.dtypes, device_type)
         members: dict[str, list[str]] = {}
         for unit in graph.units:
-            members.setdefault(self.group_of((ties or {}).get(unit, unit)), []).append(unit)
+            members.setdefault(self.group_of(_tied_to(unit, ties or {})), []).append(unit)
         choices = []
         for name, units in members.items():
             allowed = set.intersection(*(set(self.unit_dtypes(u, graph[u]["type"], tuple(
@@ -136,6 +137,15 @@ class SearchSpace:
             if match and match.group(1) is not None:
                 return match.group(1)
         return unit
+
+
+def _tied_to(unit: str, ties: dict[str, str]) -> str:
+    """The end of ``unit``'s chain of ties (``unit`` when it has none)."""
+    seen = {unit}
+    while unit in ties and ties[unit] not in seen:
+        unit = ties[unit]
+        seen.add(unit)
+    return unit
 
 
 def usable_dtypes(dtypes: tuple[str, ...], device_type: str) -> tuple[str, ...]:

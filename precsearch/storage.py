@@ -122,7 +122,7 @@ def recover_dead_trials(study: optuna.Study, grace: float = UNCLAIMED_GRACE_S) -
     for trial in study.get_trials(deepcopy=False, states=[TrialState.RUNNING]):
         worker = worker_of(trial)
         if (worker and worker != WORKER and _dead_local_worker(worker)) or (not worker and _older_than(trial, grace)):
-            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            study.tell(trial.number, state=TrialState.FAIL)
             if trial.params:
                 study.enqueue_trial(trial.params, user_attrs=retry_marks(trial))
             recovered += 1

@@ -126,7 +126,8 @@ PROPOSALS = 8        # at most this many trials of model-based proposals
 
 def proposal_for(decisions: Decisions, params: dict[str, int]) -> Proposal:
     """The model-based proposal over the decisions' choices, before any trial: the probe's error
-    gain and all-low latency are the priors. ``params``: parameter count per unit."""
+    gain and all-low latency are the priors. ``params``: parameters each unit reads per call
+    (``LayerGraph.streamed_params``: none for a storage unit, which reads only rows)."""
     choices = decisions.choices
     flops = {c.name: float(sum(decisions.flops.get(u, 0) for u in c.units)) for c in choices}
     sizes = {c.name: float(sum(params.get(u, 0) for u in c.units)) for c in choices}
@@ -149,12 +150,20 @@ class Lead:
     along the predicted front, the sensitivity seeds; then the proposal re-solved as the
     calibration learns, while TPE samples the rest."""
 
-    def __init__(self, decisions: Decisions, params: dict[str, int], limit: float, units: list[str]) -> None:
+    def __init__(self, decisions: Decisions, params: dict[str, int], limit: float, units: list[str],
+                 held: dict[str, int] | None = None) -> None:
         self.decisions, self.limit, self.units = decisions, limit, units
         self.prior = proposal_for(decisions, params)
         dtype = decisions.preferred_low
         lowered = [c for c in decisions.choices if dtype in c.dtypes and len(c.dtypes) > 1] if dtype else []
-        riskiest = sorted(lowered, key=lambda c: -decisions.errors[dtype][c.name])
+
+        def risk(choice) -> float:
+            # ``held`` (parameters each unit holds; given under a weight budget): greedy returns to
+            # FP32 first the choices with the most error per weight held, so its plans stay light.
+            error = decisions.errors[dtype][choice.name]
+            return error if held is None else error / max(sum(held.get(u, 0) for u in choice.units), 1)
+
+        riskiest = sorted(lowered, key=lambda c: -risk(c))
         # greedy's plans: all low, then the k riskiest back in FP32
         self.greedy = [decisions.expand({c.name: dtype for c in riskiest[k:]}) for k in range(len(riskiest) + 1)]
 

@@ -21,6 +21,7 @@ from precsearch.decisions import Decisions
 from precsearch.errors import InputError
 from precsearch.evaluate import Evaluator
 from precsearch.graph import LayerGraph
+from precsearch.memory import MemoryBudget
 from precsearch.plan import Plan, Runtime, model_fingerprint
 from precsearch.precisions import FP32, PRECISIONS
 from precsearch.records import Settings, StudySetup
@@ -38,12 +39,12 @@ NOISY = 0.10             # above this half-width (relative) at the cap, plans ca
 
 def study_fingerprint(model: nn.Module, config: SearchConfig, constraint: dict[str, Any], data: str) -> str:
     """What workers of one study must agree on: model, space, constraint, mode, strategy, how
-    candidates run (``--weights``) and the data (``batches.fingerprint``)."""
+    candidates run (``--weights``, ``--workload``) and the data (``batches.fingerprint``)."""
     space = config.space
     text = repr((model_fingerprint(model), space.dtypes,
                  [(r.dtypes, r.name and r.name.pattern, r.types) for r in space.rules],
                  [g.pattern for g in space.groups], constraint, config.mode, config.strategy.name,
-                 config.weights, data))
+                 config.weights, data, *([config.run.plan_fields()] if config.run.generates else [])))
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -55,6 +56,14 @@ def check_same_search(study: optuna.Study, setup: StudySetup, fingerprint: str, 
         raise InputError(f"--study {name!r} was measured with --weights {setup.settings.weights}, not "
                          f"--weights {config.weights}: their trials cannot be ranked together; give this search "
                          f"its own --study, or the study's --weights")
+    stored = MemoryBudget.of(setup.settings.constraint)
+    if stored != config.memory:
+        def given(budget: MemoryBudget) -> str:
+            return f"with {budget.flags()}" if budget else "without a memory budget"
+
+        raise InputError(f"--study {name!r} was searched {given(stored)}, this search is {given(config.memory)}: "
+                         f"its trials' feasibility was decided under its budget; give this search its own --study, "
+                         f"or the study's budget")
     if setup.data not in (None, data):
         raise InputError(f"--study {name!r} was made on other --data (the batches' shapes, dtypes or values differ): "
                          f"their errors cannot be compared; give this search its own --study, or the study's --data")
@@ -65,22 +74,24 @@ def check_same_search(study: optuna.Study, setup: StudySetup, fingerprint: str, 
 
 def find_ties(model: nn.Module, example_inputs: Any, graph: LayerGraph, config: SearchConfig,
               device_type: str) -> dict[str, str]:
-    """Units that must share the precision of the unit around them: the model fails when such a
-    unit alone runs in FP32 inside a low one (e.g. DeBERTa's attention fills a mask with
+    """Units that must share the precision of another: units holding one weight (``graph.weight_ties``:
+    a tied embedding and head, held as one tensor), and units the model fails with when one alone
+    runs in FP32 inside a low one (e.g. DeBERTa's attention fills a mask with
     ``finfo(query.dtype).min``, which overflows its BF16 scores when the query is FP32).
 
-    One forward pass per unit, for models within ``END_TO_END_BUDGET`` units; larger models are
-    not probed (their failing candidates are still recorded infeasible, with the reason)."""
+    One forward pass per unit not tied by its weights, for models within ``END_TO_END_BUDGET``
+    units; larger models are not probed (their failing candidates are still recorded infeasible,
+    with the reason)."""
     units = graph.units
+    ties = dict(graph.weight_ties)
     low = sorted((PRECISIONS[d] for d in usable_dtypes(config.space.dtypes, device_type) if PRECISIONS[d].low),
                  key=lambda p: p.preference)
     if not low or len(units) > END_TO_END_BUDGET:
-        return {}
+        return ties
     modules = list(model.named_modules())
-    ties = {}
     for unit in units:
         outer = next((u for u in _ancestors(unit) if u in graph), None)
-        if outer is None:
+        if outer is None or unit in ties:
             continue
         plan = Plan(default=low[0].name, layers={unit: FP32}, runtime=Runtime(weights="fp32"))
         try:
@@ -115,7 +126,7 @@ def set_up(study: optuna.Study, model: nn.Module, example_inputs: Any, graph: La
     ranked = strategy.seeded and len(choices) > config.max_categorical
     setup = StudySetup(
         settings=Settings(model=config.model_name or type(model).__name__, space=config.space.name,
-                          mode=config.mode, constraint=evaluator.fidelity.describe(),
+                          mode=config.mode, constraint=config.constraint(evaluator.fidelity),
                           **target(evaluator.device_type), trials=config.trials, seed=config.seed,
                           strategy=strategy.name, sampler=strategy.sampler_name,
                           parametrisation="ranked" if ranked else "categorical", weights=config.weights),
@@ -132,13 +143,18 @@ def set_up(study: optuna.Study, model: nn.Module, example_inputs: Any, graph: La
     )
     decisions = decisions_for(setup, graph, choices, config, evaluator.fidelity.limit, announce=False)
     if strategy.leads:  # greedy's predicted answer first; the rest follows the measurements
-        Lead(decisions, {u: graph[u]["params"] for u in graph.units}, evaluator.fidelity.limit,
-             graph.units).after_trial(study)
+        Lead(decisions, graph.streamed_params(), evaluator.fidelity.limit,
+             graph.units, held_weights(graph, config)).after_trial(study)
     elif strategy.seeded:
         for params in decisions.seeds():
             study.enqueue_trial(params, skip_if_exists=True)
     setup.save(study)
     return setup
+
+
+def held_weights(graph: LayerGraph, config: SearchConfig) -> dict[str, int] | None:
+    """Under a weight budget, the parameters each unit holds (the lead's greedy weighs by them)."""
+    return {u: graph[u]["params"] for u in graph.units} if config.memory.max_weight_mb is not None else None
 
 
 def decisions_for(setup: StudySetup, graph: LayerGraph, choices: list[Choice], config: SearchConfig,
@@ -147,7 +163,8 @@ def decisions_for(setup: StudySetup, graph: LayerGraph, choices: list[Choice], c
     with a warning unless ``announce`` is false)."""
     probe = setup.dtype_probe
     if config.drop_slow_dtypes:
-        choices = without_slow_dtypes(choices, probe, graph.device_type, announce)
+        choices = without_slow_dtypes(choices, probe, graph.device_type, announce,
+                                      keep_one=config.memory.max_weight_mb is not None)
     return Decisions(choices, setup.sensitivity, {u: graph[u]["flops"] for u in graph.units},
                      ranked=config.strategy.seeded and len(choices) > config.max_categorical, limit=limit,
                      calibration={d: p["error_gain"] for d, p in probe.items() if p.get("error_gain")},
@@ -191,11 +208,14 @@ def probe_layers(choices: list[Choice], sensitivity: dict[str, dict[str, float |
 
 
 def without_slow_dtypes(choices: list[Choice], probe: dict[str, dict[str, Any]], device_type: str,
-                        announce: bool = True) -> list[Choice]:
+                        announce: bool = True, keep_one: bool = False) -> list[Choice]:
     """Drop a low precision that made the whole model clearly slower than FP32 on this device
     (FP16 on most CPUs): its whole speedup interval is below 1. Trials spent on it cannot win.
-    A choice keeps it if it has no other option."""
+    A choice keeps it if it has no other option. ``keep_one`` (a weight budget, which only low
+    precisions can meet): when every probed one is slow, the fastest of them stays."""
     slow = {d for d, p in probe.items() if is_clearly_slower(p)}
+    if keep_one and slow and slow >= set(probe):
+        slow.discard(min(slow, key=lambda d: probe[d]["relative_latency"]))
     for dtype in sorted(slow) if announce else ():
         warnings.warn(f"{dtype} left out of the search: the model with its units in {dtype} ran "
                       f"{1 / probe[dtype]['relative_latency']:.2f}x [{probe[dtype]['speedup_low']:.2f}, "

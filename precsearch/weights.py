@@ -3,12 +3,13 @@
 Autocast casts an FP32 weight to the unit's dtype on every call, with the same rounding each
 time: holding the cast weight instead gives bit-identical outputs without the per-call cast,
 and with less memory. That holds only for a tensor that nothing but its unit's autocast-eligible
-ops read, and whose dtype nobody looks at. ``WeightUseRecorder`` finds out while the model runs
+ops (or a storage unit's table reads, which read it in the unit's dtype: see ``runtime``) read,
+and whose dtype nobody looks at. ``WeightUseRecorder`` finds out while the model runs
 once (in FP32, or under the plan with FP32 weights, which autocast casts per call): a tensor read
-by a non-eligible op (an embedding, a norm), by a module that does not own it (a parent reading a
-child's ``.weight``), or whose ``.dtype`` is read (``x.to(self.proj.weight.dtype)``) stays FP32.
-A tensor tied between modules (GPT-2's ``lm_head`` and ``wte``) gets a low copy of its own in
-each low unit that may hold one.
+by a non-eligible op (a norm, or an embedding op outside a storage unit), by a module that does
+not own it (a parent reading a child's ``.weight``), or whose ``.dtype`` is read (``x.to(self.proj.weight.dtype)``) stays FP32.
+A tensor tied between modules (GPT-2's ``lm_head`` and ``wte``) is held as one low copy per dtype:
+units tied at one precision share it, and ``restore()`` ties them to the master again.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from precsearch import batches as _batches
-from precsearch.ops import is_eligible, op_name
+from precsearch.ops import is_storage_module, is_unit_op, op_name
 from precsearch.recording import OpRecorder
 
 _DTYPE = torch._C.TensorBase.dtype   # the descriptor whose ``__get__`` reads a tensor's dtype
@@ -92,7 +93,8 @@ class WeightUseRecorder:
     Under a plan with FP32 weights, a low unit's eligible op reads its weight through autocast's
     cast to the unit's dtype (``low_dtype_of``): holding the weight in that dtype replaces exactly
     that cast, so a cast to the unit's own dtype counts as an eligible read (an explicit one in
-    the model's code casts the same way, so it gives the same tensor too).
+    the model's code casts the same way, so it gives the same tensor too). A storage unit's table
+    read counts too: a low storage unit reads its table in its dtype, held or cast per call.
     """
 
     def __init__(self, model: nn.Module, device_type: str,
@@ -101,6 +103,7 @@ class WeightUseRecorder:
         for module, _, tensor in _weights(model):
             self.owners[_storage(tensor)].add(module)
         self.low_dtype_of = low_dtype_of or {}
+        self.storage = frozenset(name for name, module in model.named_modules() if is_storage_module(module))
         self.device_type = device_type
         self.reads: dict[int, dict[str, set[bool]]] = defaultdict(lambda: defaultdict(set))
         self.ops = OpRecorder(model, device_type, on_op=self._on_op)
@@ -110,7 +113,7 @@ class WeightUseRecorder:
         if getattr(func, "is_view", False):
             return  # a view computes nothing; the op that consumes it is the read
         name = op_name(func)
-        eligible = is_eligible(name, self.device_type) or (
+        eligible = is_unit_op(name, self.device_type, unit in self.storage) or (
             name == "_to_copy" and isinstance(output, torch.Tensor) and output.dtype == self.low_dtype_of.get(unit))
         for arg in torch.utils._pytree.tree_leaves(args):
             if isinstance(arg, torch.Tensor) and _storage(arg) in self.owners:
@@ -202,10 +205,17 @@ class LowWeights:
     def __init__(self, model: nn.Module, dtype_of: dict[str, torch.dtype | None], uses: WeightUses) -> None:
         self.held: list[_Held] = []
         modules = dict(model.named_modules())
-        low: dict[tuple[int, torch.dtype], torch.Tensor] = {}
-        for name, attribute, tensor in _weights(model):
+        weights = _weights(model)
+        holders: dict[int, dict[str, torch.dtype]] = defaultdict(dict)  # tensor -> module -> the dtype it holds
+        for name, _, tensor in weights:
             dtype = dtype_of.get(name)
-            if dtype is None or tensor.dtype == torch.float64 or not uses.may_hold_low(_storage(tensor), name):
+            if dtype is not None and tensor.dtype != torch.float64 and uses.may_hold_low(_storage(tensor), name):
+                holders[id(tensor)][name] = dtype
+        low: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+        for name, attribute, tensor in weights:
+            dtype = holders[id(tensor)].get(name) or _as_its_readers(
+                holders[id(tensor)], uses.readers.get(_storage(tensor), frozenset()), name)
+            if dtype is None:
                 continue
             key = (id(tensor), dtype)
             if key not in low:
@@ -262,6 +272,16 @@ class LowWeights:
             held.master = held.low
             held.cast_from = _cast_key(held.low)
         self.materialized = True
+
+
+def _as_its_readers(holders: dict[str, torch.dtype], readers: frozenset[str], module: str) -> torch.dtype | None:
+    """The dtype a module that registers a tensor but never reads it holds it in: its readers'
+    one dtype, when every reader holds it (T5's ``shared``, whose table only the ``embed_tokens``
+    of encoder and decoder read); otherwise it alone would keep the FP32 tensor alive."""
+    dtypes = set(holders.values())
+    if module in readers or not readers or not readers <= holders.keys() or len(dtypes) != 1:
+        return None
+    return dtypes.pop()
 
 
 def _low_copy(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -136,7 +136,10 @@ def test_remeasure_rows(demo_case):
                for row in rows)
     baseline = rows[0]
     assert baseline["speedup"] == 1.0 and baseline["rel_l2"] == 0.0 and baseline["peak_memory_mb"] is None
-    assert all(row["latency_ms"] >= 0 and row["speedup"] > 0 for row in rows)
+    for row in rows[1:]:   # each speedup is the median of its rounds' ratios, inside its own interval
+        low, high = (float(x) for x in row["interval"].strip("[]").split(","))
+        assert 0 < low - 0.005 <= row["speedup"] <= high + 0.005 and row["latency_ms"] > 0, row   # 2 decimals
+    assert rows[1]["weight_mb"] < baseline["weight_mb"]   # the bf16 units hold their weights low
     assert all(0 < row["rel_l2"] < 0.05 for row in rows[1:3])
     assert rows[3]["rel_l2"] == math.inf
     # the model is left as it was: no plan applied, the same weights

@@ -24,7 +24,8 @@ from precsearch.examples import demo
 from precsearch.precisions import AUTOCAST, NAMES
 from precsearch.space import SearchSpace
 
-PLAN_FORMAT, SPACE_FORMAT = "precsearch-plan/1", "precsearch-space/1"
+PLAN_FORMAT, SPACE_FORMAT = "precsearch-plan/2", "precsearch-space/1"
+BEFORE_STORAGE_UNITS = "precsearch-plan/1"   # read too
 PLAN_FIELDS = {"format", "created", "model", "target", "mode", "default", "layers", "loss_scaling", "constraint",
                "metrics", "search"}
 SPACE_FIELDS = {"format", "name", "dtypes", "rules", "groups"}
@@ -110,7 +111,7 @@ NOT_A_MAPPING = st.one_of(st.lists(values, max_size=3), text(max_size=8), st.int
 NOT_A_FIELD_NAME = st.one_of(text(max_size=10), st.integers(), st.booleans(), st.none())
 NOT_THE_PLAN_FORMAT = st.one_of(values, st.sampled_from(
     ["precsearch-plan/2", "precsearch-plan/0", "precsearch-space/1", "precsearch-plan/1 ", "PRECSEARCH-PLAN/1",
-     "precsearch-plan", "1"])).filter(lambda value: value != PLAN_FORMAT)
+     "precsearch-plan", "1"])).filter(lambda value: value not in (PLAN_FORMAT, BEFORE_STORAGE_UNITS))
 NOT_THE_SPACE_FORMAT = st.one_of(values, st.sampled_from(
     ["precsearch-space/2", "precsearch-plan/1", "precsearch-space", " precsearch-space/1"])).filter(
     lambda value: value != SPACE_FORMAT)

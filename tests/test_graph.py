@@ -15,9 +15,13 @@ def test_bert_units_include_attention_that_owns_sdpa():
     assert graph[attention]["ops"] == {"scaled_dot_product_attention": 1}
     for projection in ("query", "key", "value"):
         assert graph.graph.has_edge(f"{attention}.{projection}", attention)
-    # 2 layers x (q, k, v, sdpa, attention out, intermediate, output) + pooler
-    assert len(graph) == 15
-    assert "embeddings.word_embeddings" not in graph  # embedding is not autocast-eligible
+    # 3 embedding tables (storage units) + 2 layers x (q, k, v, sdpa, attention out, intermediate,
+    # output) + pooler
+    assert len(graph) == 18
+    embeddings = ["embeddings.word_embeddings", "embeddings.token_type_embeddings", "embeddings.position_embeddings"]
+    assert graph.units[:3] == embeddings  # no eligible op: storage units, which run first
+    assert [graph[u]["kind"] for u in embeddings] == ["storage"] * 3 and graph[attention]["kind"] == "compute"
+    assert graph["embeddings.word_embeddings"]["flops"] == 0 and graph["embeddings.word_embeddings"]["params"] == 512 * 64
     assert graph[f"{attention}.query"]["params"] == 64 * 64 + 64
     assert graph[f"{attention}.query"]["flops"] == 2 * 2 * 16 * 64 * 64
     assert graph[f"{attention}.query"]["input_shapes"] == [[2, 16, 64]]
@@ -28,8 +32,10 @@ def test_gpt2_units_follow_execution_order():
     graph = walk(build_gpt2(), token_batches(1)[0]["input_ids"])
     assert graph.method == "export"  # the DynamicCache output no longer defeats torch.export
     units = graph.units
-    assert units[:3] == ["transformer.h.0.attn.c_attn", "transformer.h.0.attn", "transformer.h.0.attn.c_proj"]
+    assert units[:5] == ["transformer.wte", "transformer.wpe", "transformer.h.0.attn.c_attn", "transformer.h.0.attn",
+                         "transformer.h.0.attn.c_proj"]
     assert units[-1] == "lm_head"
+    assert graph.weight_ties == {"lm_head": "transformer.wte"}  # the tied head: one tensor
     assert graph["transformer.h.0.attn"]["ops"] == {"scaled_dot_product_attention": 1}
     assert graph.graph.has_edge("transformer.h.1.mlp.c_proj", "lm_head")
 

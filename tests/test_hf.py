@@ -60,7 +60,21 @@ def _feature(vocab: int):
         max_position_embeddings=64))
 
 
-BUILDERS = {"bert": _bert, "gpt2": _gpt2, "t5": _t5, "feature": _feature}
+def _token(vocab: int):
+    return transformers.BertForTokenClassification(transformers.BertConfig(
+        vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=64, num_labels=3))
+
+
+def _vit(path):
+    """A ViT classifier of 3 classes on 32x32 images, with its own image processor saved beside it."""
+    transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
+    return transformers.ViTForImageClassification(transformers.ViTConfig(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, num_labels=3))
+
+
+BUILDERS = {"bert": _bert, "gpt2": _gpt2, "t5": _t5, "feature": _feature, "token": _token}
 
 
 @pytest.fixture(scope="module")
@@ -74,13 +88,45 @@ def checkpoints(tmp_path_factory):
         torch.manual_seed(0)
         build(vocab).save_pretrained(path)
         specs[kind] = f"hf:{path}"
+    torch.manual_seed(0)
+    _vit(root / "vit").save_pretrained(root / "vit")
+    specs["vit"] = f"hf:{root / 'vit'}"
     return specs
 
 
 @pytest.fixture
 def examples_jsonl(tmp_path):
+    """Each sentence with a class ``label`` and, for token classification, one ``labels`` entry a word."""
     path = tmp_path / "examples.jsonl"
-    path.write_text("".join(json.dumps({"text": text, "label": i % 2}) + "\n" for i, text in enumerate(SENTENCES)))
+    rows = [{"text": text, "label": i % 2, "labels": [len(word) % 3 for word in text.split()]}
+            for i, text in enumerate(SENTENCES)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def _save_images(folder, count: int, seed: int = 0) -> list:
+    """``count`` small random PNG images (sizes and a grey one vary) in ``folder``."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    paths = []
+    for i in range(count):
+        pixels = torch.randint(0, 256, (20 + 4 * i, 30, 3), generator=generator, dtype=torch.uint8).numpy()
+        image = Image.fromarray(pixels).convert("L" if i == 1 else "RGB")
+        paths.append(folder / f"{i}.png")
+        image.save(paths[-1])
+    return paths
+
+
+@pytest.fixture
+def images_jsonl(tmp_path):
+    """Six images under ``img/`` and an examples.jsonl naming them, relative to its folder, with labels."""
+    pytest.importorskip("PIL")
+    paths = _save_images(tmp_path / "img", 6)
+    path = tmp_path / "images.jsonl"
+    path.write_text("".join(json.dumps({"image": f"img/{p.name}", "label": i % 3}) + "\n"
+                            for i, p in enumerate(paths)))
     return path
 
 
@@ -268,14 +314,42 @@ def _one_error_line(capsys) -> str:
     return err[0]
 
 
-@pytest.mark.parametrize("case", ["hub_id", "no_transformers", "empty", "wrong_field", "bad_bytes", "long_line",
-                                  "unknown_task", "factory_data_options", "file_with_factory_model"])
+BAD_INPUT_WORDS = {
+    "hub_id": "download it first", "no_transformers": "precsearch[hf]", "empty": "no examples",
+    "wrong_field": "'text' field", "bad_bytes": "not UTF-8", "long_line": "over the limit",
+    "unknown_task": "--task", "factory_data_options": "--batch-size", "file_with_factory_model": "hf:DIR",
+    "missing_image": "image 'img/none.png' not found", "broken_image": "not an image Pillow can read",
+    "empty_image_folder": "holds no image files", "text_for_images": "takes images",
+    "images_for_text": "takes text", "word_label_count": "2 'labels' for 3 words",
+    "unknown_word_label": "label 'B-PER' is not one of the model's 3 classes",
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT_WORDS))
 def test_bad_input_exits_2_with_one_line_and_leaves_nothing(case, checkpoints, examples_jsonl, tmp_path,
                                                             monkeypatch, capsys):
     data = tmp_path / "data.jsonl"
     data.write_bytes({"empty": b"", "wrong_field": b'{"sentence": "x"}\n', "bad_bytes": b'{"text": "\xff"}\n',
-                      "long_line": b"x" * (datafiles.MAX_LINE_BYTES + 1)}.get(case, examples_jsonl.read_bytes()))
-    model = {"hub_id": "hf:bert-base-uncased", "file_with_factory_model": factories.DEMO_MODEL}.get(
+                      "long_line": b"x" * (datafiles.MAX_LINE_BYTES + 1),
+                      "missing_image": b'{"image": "img/none.png"}\n',
+                      "broken_image": b'{"image": "img/0.png"}\n',
+                      "images_for_text": b'{"image": "img/0.png"}\n',
+                      "word_label_count": b'{"text": "the cat sat", "labels": [0, 1]}\n',
+                      "unknown_word_label": b'{"text": "the cat sat", "labels": [0, "B-PER", null]}\n',
+                      }.get(case, examples_jsonl.read_bytes()))
+    if case in ("broken_image", "images_for_text"):
+        (tmp_path / "img").mkdir()
+        (tmp_path / "img" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated" if case == "broken_image" else b"")
+        if case == "images_for_text":
+            _save_images(tmp_path / "img", 1)
+    if case == "empty_image_folder":
+        data = tmp_path / "folder"
+        data.mkdir()
+        (data / "notes.md").write_text("no images here")
+    model = {"hub_id": "hf:bert-base-uncased", "file_with_factory_model": factories.DEMO_MODEL,
+             "broken_image": checkpoints["vit"], "missing_image": checkpoints["vit"],
+             "empty_image_folder": checkpoints["vit"], "text_for_images": checkpoints["vit"],
+             "word_label_count": checkpoints["token"], "unknown_word_label": checkpoints["token"]}.get(
         case, checkpoints["bert"])
     extra = {"unknown_task": ["--task", "speech"],
              "factory_data_options": ["--batch-size", "4"]}.get(case, [])
@@ -287,10 +361,7 @@ def test_bad_input_exits_2_with_one_line_and_leaves_nothing(case, checkpoints, e
     code = main(["optimize", "--model", model, "--data", str(data), "--trials", "1", "--out", str(out), *extra])
     line = _one_error_line(capsys)
     assert code == 2 and not out.exists(), line
-    assert {"hub_id": "download it first", "no_transformers": "precsearch[hf]", "empty": "no examples",
-            "wrong_field": "'text' field", "bad_bytes": "not UTF-8", "long_line": "over the limit",
-            "unknown_task": "--task", "factory_data_options": "--batch-size",
-            "file_with_factory_model": "hf:DIR"}[case] in line
+    assert BAD_INPUT_WORDS[case] in line
 
 
 def test_layers_lists_a_checkpoints_units(checkpoints, examples_jsonl, capsys):
@@ -301,18 +372,25 @@ def test_layers_lists_a_checkpoints_units(checkpoints, examples_jsonl, capsys):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind, metric, fp32", [("bert", "label_accuracy", True), ("gpt2", "perplexity", True),
-                                                ("t5", "token_agreement", False)])
-def test_optimize_a_checkpoint_on_a_data_file(kind, metric, fp32, checkpoints, examples_jsonl, tmp_path, capsys):
+                                                ("t5", "token_agreement", False), ("vit", "label_accuracy", True),
+                                                ("token", "label_accuracy", True)])
+def test_optimize_a_checkpoint_on_a_data_file(kind, metric, fp32, checkpoints, examples_jsonl, tmp_path, capsys,
+                                              request):
+    """Every tiny checkpoint kind, searched on an examples.jsonl with its task's default metric."""
+    data = request.getfixturevalue("images_jsonl") if kind == "vit" else examples_jsonl
+    task = ["--task", "image-classification"] if kind == "vit" else []
     out = tmp_path / "out"
-    code = main(["optimize", "--model", checkpoints[kind], "--data", str(examples_jsonl), "--trials", "3",
-                 "--batch-size", "3", "--out", str(out)])
+    code = main(["optimize", "--model", checkpoints[kind], "--data", str(data), "--trials", "3",
+                 "--batch-size", "3", "--out", str(out), *task])
     assert code == 0, capsys.readouterr().err
     plan = yaml.safe_load((out / "plan.yaml").read_text())
     assert plan["constraint"] == {"metric": metric, "limit": 0.01}
     assert plan["model"]["name"] == checkpoints[kind]
     assert ("fp32_metric" in plan["metrics"]) == fp32
+    if fp32 and metric == "label_accuracy":
+        assert 0.0 <= plan["metrics"]["fp32_metric"] <= 1.0
     assert main(["check", "--plan", str(out / "plan.yaml"), "--model", checkpoints[kind],
-                 "--data", str(examples_jsonl), "--batch-size", "3"]) == 0
+                 "--data", str(data), "--batch-size", "3", *task]) == 0
 
 
 def test_labels_may_be_class_names_of_the_checkpoint(checkpoints, tmp_path):
@@ -331,3 +409,108 @@ def test_a_bad_data_file_fails_before_the_model_loads(tmp_path, monkeypatch, cap
     (tmp_path / "empty.txt").write_text("")
     assert main(["layers", "--model", "hf:bert-base-uncased", "--data", str(tmp_path / "empty.txt")]) == 2
     assert "has no examples" in _one_error_line(capsys)
+
+
+# --- images and token labels -----------------------------------------------------------------------
+
+def test_an_image_folder_is_labeled_by_its_class_subfolders(tmp_path):
+    pytest.importorskip("PIL")
+    _save_images(tmp_path / "flat", 2)
+    assert read_examples(tmp_path / "flat") == [Example(image=tmp_path / "flat" / "0.png"),
+                                                Example(image=tmp_path / "flat" / "1.png")]
+    _save_images(tmp_path / "classes" / "LABEL_2", 2)
+    _save_images(tmp_path / "classes" / "0", 1)
+    (tmp_path / "classes" / "0" / "notes.txt").write_text("not an image: skipped")
+    assert [(e.label, e.image.name) for e in read_examples(tmp_path / "classes")] == [
+        ("0", "0.png"), ("LABEL_2", "0.png"), ("LABEL_2", "1.png")]
+    _save_images(tmp_path / "classes", 1)
+    with pytest.raises(InputError, match="both at its top and in class subfolders"):
+        read_examples(tmp_path / "classes")
+
+
+def test_image_paths_in_a_jsonl_are_relative_to_its_folder(images_jsonl, tmp_path):
+    examples = read_examples(images_jsonl)
+    assert examples[0] == Example(label=0, image=tmp_path / "img" / "0.png")
+    path = tmp_path / "mixed.jsonl"
+    path.write_text('{"image": "img/0.png"}\n{"text": "a"}\n')
+    with pytest.raises(InputError, match="some examples have an image and others not"):
+        read_examples(path)
+    path = tmp_path / "pics.csv"
+    path.write_text("picture,label\nimg/1.png,2\n")
+    assert read_examples(path, image_field="picture") == [Example(label="2", image=tmp_path / "img" / "1.png")]
+
+
+def test_images_are_batched_by_the_checkpoints_image_processor(checkpoints, images_jsonl):
+    model = hf.load_model(checkpoints["vit"])
+    options = DataOptions(batch_size=4, samples=5)
+    examples = factories.read_data_file(str(images_jsonl), checkpoints["vit"], options)
+    batches = factories.load_data(str(images_jsonl), model=model, model_spec=checkpoints["vit"], options=options,
+                                  examples=examples)
+    assert [tuple(b["pixel_values"].shape) for b in batches] == [(4, 3, 32, 32), (1, 3, 32, 32)]
+    assert set(batches[0]) == {"pixel_values"} and batches[0].labels.tolist() == [0, 1, 2, 0]
+    assert accuracy.task_metric(hf.task_of(model), batches) == "label_accuracy"
+    fidelity = accuracy.Fidelity.builtin(model, batches, "label_accuracy", 0.01)
+    assert fidelity.error(model) == 0.0 and 0.0 <= fidelity.reference_value <= 1.0
+    folder = images_jsonl.parent / "img"   # the same images as a folder: no labels, so top-1 agreement
+    batches = factories.load_data(str(folder), model=model, model_spec=checkpoints["vit"], options=options)
+    assert batches[0].labels is None and accuracy.task_metric("image-classification", batches) == "top1"
+
+
+def test_word_labels_score_the_first_token_of_each_word(checkpoints, tmp_path):
+    model = hf.load_model(checkpoints["token"])
+    path = tmp_path / "ner.jsonl"
+    path.write_text('{"text": "the cat   zebra", "labels": [1, "LABEL_2", null]}\n'
+                    '{"text": "a dog", "labels": [0, -100]}\n')
+    assert read_examples(path)[0].word_labels == (1, "LABEL_2", None)
+    batches = factories.load_data(str(path), model=model, model_spec=checkpoints["token"], options=DataOptions())
+    # [CLS]-free word-level tokenizer: one token a word; padding and unscored words are -100
+    assert batches[0].labels.tolist() == [[1, 2, -100], [0, -100, -100]]
+    assert accuracy.task_metric("token-classification", batches) == "label_accuracy"
+    fidelity = accuracy.Fidelity.builtin(model, batches, "label_accuracy", 0.01)
+    predicted = model(**batches[0]).logits.argmax(-1)
+    hits = int(predicted[0, 0] == 1) + int(predicted[0, 1] == 2) + int(predicted[1, 0] == 0)
+    assert fidelity.reference_value == hits / 3
+
+
+def test_a_token_classifier_without_labels_is_judged_by_token_agreement(checkpoints, tmp_path):
+    path = tmp_path / "x.txt"
+    path.write_text("\n".join(SENTENCES))
+    _, batches = _batches_for(checkpoints, "token", path)
+    assert batches[0].labels is None
+    assert accuracy.task_metric("token-classification", batches) == "token_agreement"
+
+
+def test_label_accuracy_skips_unscored_tokens():
+    batch = datafiles.LabeledBatch(input_ids=torch.zeros(1, 3))
+    batch.labels = torch.tensor([[0, -100, 1]])
+    logits = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]]])
+    assert accuracy.label_accuracy_value([[logits]], [batch]) == 0.5
+
+
+def test_the_example_checkpoint_is_a_directory_and_a_data_file(tmp_path):
+    from precsearch.examples import checkpoint
+
+    spec = f"hf:{checkpoint.build(tmp_path, steps=1)}"
+    examples = read_examples(tmp_path / "examples.jsonl")
+    assert len(examples) == len(checkpoint.sentences(0)) // 2
+    assert {example.label for example in examples} == set(checkpoint.LABELS)
+    model = hf.load_model(spec)
+    batches = factories.load_data(str(tmp_path / "examples.jsonl"), model=model, model_spec=spec,
+                                  options=DataOptions(batch_size=16, samples=32))
+    assert accuracy.task_metric(hf.task_of(model), batches) == "label_accuracy"
+
+
+@pytest.mark.slow
+def test_export_a_checkpoint_on_a_data_file_and_check_the_package(checkpoints, examples_jsonl, tmp_path, capsys):
+    from precsearch import Plan
+
+    plan = tmp_path / "plan.yaml"
+    Plan(mode="inference", default="bf16", layers={"classifier": "fp32"},
+         constraint={"metric": "label_accuracy", "limit": 0.5}).save(plan)
+    package = tmp_path / "model.pt2"
+    given = ["--plan", str(plan), "--model", checkpoints["bert"], "--data", str(examples_jsonl), "--batch-size", "3"]
+    assert main(["export", *given, "--out", str(package), "--dynamic"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "input_ids dims [0, 1]" in out and "package: ok, label_accuracy" in out
+    assert main(["check", *given, "--package", str(package)]) == 0
+    assert capsys.readouterr().out.startswith("package: ok, label_accuracy")

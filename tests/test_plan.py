@@ -18,7 +18,7 @@ def test_round_trip_keeps_every_field(tmp_path):
     path = plan.save(tmp_path / "plan.yaml")
     assert load_plan(path) == plan
     text = path.read_text()
-    assert text.startswith("format: precsearch-plan/1\n")
+    assert text.startswith("format: precsearch-plan/2\n")
     assert list(yaml.safe_load(text)) == ["format", "created", "model", "target", "mode", "default", "layers",
                                           "runtime", "loss_scaling", "constraint", "metrics", "search"]
 
@@ -52,8 +52,8 @@ def _write(tmp_path, text):
 @pytest.mark.parametrize("text,message", [
     ("format: precsearch-plan/1\nlayers: {stem: int8}\n", "layers.stem: unknown dtype 'int8'"),
     ("format: precsearch-plan/1\ndefault: fp64\n", "default: unknown dtype 'fp64'"),
-    ("format: precsearch-plan/2\n", "format 'precsearch-plan/2' is not supported"),
-    ("format: something\n", "format must be 'precsearch-plan/1'"),
+    ("format: precsearch-plan/3\n", "format 'precsearch-plan/3' is not supported"),
+    ("format: something\n", "format must be 'precsearch-plan/2'"),
     ("- a\n- b\n", "not a precsearch plan"),
     ("format: precsearch-plan/1\nlayers: [1, 2]\n", "layers: must be a mapping"),
     ("format: precsearch-plan/1\nmode: serving\n", "mode: 'serving'"),

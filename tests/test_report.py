@@ -118,14 +118,14 @@ def test_compare_warns_in_one_line_per_difference(tmp_path, capsys):
 
 @pytest.mark.parametrize("case,message", [
     ("self", "compares a plan with itself"),
-    ("newer", "format 'precsearch-plan/2' is not supported"),
+    ("newer", "format 'precsearch-plan/3' is not supported"),
     ("model-only", "--model and --data go together"),
     ("one", "compare needs at least two plans"),
 ])
 def test_compare_bad_input(tmp_path, capsys, case, message):
     a = Plan(default="bf16").save(tmp_path / "a.yaml")
     newer = tmp_path / "new.yaml"
-    newer.write_text("format: precsearch-plan/2\n")
+    newer.write_text("format: precsearch-plan/3\n")
     argv = {"self": [str(a), str(a)], "newer": [str(a), str(newer)],
             "model-only": [str(a), str(Plan().save(tmp_path / "b.yaml")), "--model", "precsearch.examples.demo:model"],
             "one": [str(a)]}[case]
@@ -160,3 +160,12 @@ def test_report_says_what_was_held_out_and_never_claims_compiled_for_an_eager_pl
     assert "No batch was held out of the search (optimize --holdout or --holdout-data)." in report
     assert "compiled with torch.compile" not in report and ", eager." in report
     assert "holdout_error" not in report and "compiled_error" not in report
+
+
+def test_the_compiled_note_says_how_well_eager_trials_ranked_the_compiled_finalists():
+    from precsearch.report import _compile_note
+
+    constraint = {"metric": "rel_l2", "limit": 0.01}
+    note = _compile_note({"compiled_error": 0.004, "compiled_raced": 5, "compiled_rank_agreement": 0.6}, constraint)
+    assert "the 5 plans that raced compiled kept their eager order with Spearman 0.60" in note
+    assert "Spearman" not in _compile_note({"compiled_error": 0.004}, constraint)

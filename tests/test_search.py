@@ -189,7 +189,7 @@ def test_cli_optimize_then_check(tmp_path, capsys):
     assert code == 0
     assert "fp32 baseline" in printed and "chosen" in printed
     plan = load_plan(out / "plan.yaml")
-    assert plan.metrics["error"] <= 0.01 and plan.metrics["speedup"] > 0
+    assert plan.metrics["error"] <= 0.01 and _never_clearly_slower_than_fp32(plan)
     assert plan.precision("shift") != "bf16" and plan.precision("amplify") != "fp16"
     assert plan.search["storage"] == f"sqlite:///{out / 'study.db'}"
     assert (out / "trials.csv").read_text().count("\n") == 13
@@ -222,7 +222,12 @@ def test_cli_optimize_bad_input(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err
     assert code == 2, err
     assert message in err and "hunter2" not in err
-    assert len(err.strip().splitlines()) == 1 or err.startswith("precsearch: searching")
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def _never_clearly_slower_than_fp32(plan) -> bool:
+    """The chosen plan's race interval reaches 1, unless it is the FP32 plan itself."""
+    return plan.metrics["speedup_high"] >= 1 or (plan.default == "fp32" and not plan.layers)
 
 
 @pytest.mark.slow
@@ -233,10 +238,10 @@ def test_cli_optimize_transformers_bert_then_check(tmp_path, capsys):
     assert main(["optimize", *model, "--space", "transformer", "--max-error", "0.0005", "--trials", "8",
                  "--out", str(out)]) == 0
     plan = load_plan(out / "plan.yaml")
-    assert plan.metrics["error"] <= 0.0005 and plan.metrics["speedup"] >= 0.9  # never one clearly slower than FP32
+    assert plan.metrics["error"] <= 0.0005 and _never_clearly_slower_than_fp32(plan)
     capsys.readouterr()
     assert main(["check", "--plan", str(out / "plan.yaml"), *model]) == 0
-    assert "audit ok: 58 eligible ops in 29 units" in capsys.readouterr().out
+    assert "audit ok: 64 eligible ops in 32 units" in capsys.readouterr().out  # 29 compute + 3 embedding tables
 
 
 def test_expected_trial_failures_print_no_traceback():

@@ -153,3 +153,31 @@ def test_held_out_batches_are_a_seeded_split_the_search_never_sees():
     assert len(split_holdout(data[:4], SearchConfig(holdout=0.25, progress=False))[1]) == 1
     unseen = batches(3)
     assert split_holdout(data, SearchConfig(holdout_data=unseen, progress=False)) == (data, unseen)
+
+
+# -- compiled finalists: more of the eager front races as deployed ---------------------------------
+def _candidates(relatives: list[float]) -> list:
+    from precsearch.selection import Candidate
+
+    return [Candidate(i, TrialRecord(f"p{i}", 0.001, r * 10.0, 10.0)) for i, r in enumerate(relatives)]
+
+
+def test_compiled_finalists_reach_further_down_the_eager_order():
+    from precsearch.selection import finalists
+
+    candidates = _candidates([0.50, 0.53, 0.58, 0.60, 0.61, 0.62, 0.70, 0.80])
+    eager = [c.relative for c in finalists(candidates, headroom=0.01)]
+    compiled = [c.relative for c in finalists(candidates, headroom=0.01, compiled=True)]
+    assert eager == [0.50, 0.53]                               # within 10% of the fastest
+    assert compiled == [0.50, 0.53, 0.58, 0.60, 0.61, 0.62]    # within 25%, at most six
+
+
+def test_the_compiled_race_says_how_well_the_eager_trials_ranked_its_plans():
+    from precsearch.selection import Race, _eager_vs_compiled
+
+    candidates = {c.record.plan: c for c in _candidates([0.5, 0.6, 0.7])}   # eager speedups 2.0, 1.67, 1.43
+    compiled = {"p0": 1.5, "p1": 1.7, "p2": 1.2, "fp32": 1.05}               # the first two swap places compiled
+    race = Race({code: (Speedup(s, s, s, 9), 10.0, None) for code, s in compiled.items()}, compiled=True)
+    found = _eager_vs_compiled(race, candidates, "fp32")
+    assert found == {"compiled_raced": 4, "compiled_rank_agreement": 0.8}
+    assert _eager_vs_compiled(dataclasses.replace(race, compiled=False), candidates, "fp32") == {}

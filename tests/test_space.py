@@ -23,7 +23,8 @@ def test_transformer_space_groups_blocks_and_restricts_heads():
     assert set(choices["encoder.layer.0"].units) == {"encoder.layer.0.intermediate.dense",
                                                      "encoder.layer.0.output.dense"}
     assert choices["pooler.dense"].dtypes == ("bf16", "fp32")
-    assert len(choices) == 5  # 2 layers x (attention, mlp) + pooler
+    assert len(choices) == 8  # 3 embedding tables (storage units) + 2 layers x (attention, mlp) + pooler
+    assert choices["embeddings.word_embeddings"].dtypes == ("fp16", "bf16", "fp32")
 
     gpt = {c.name: c for c in SearchSpace.load("transformer").choices(walk(build_gpt2(), token_batches(1)[0]), "cpu")}
     assert "transformer.h.0.attn" in gpt["transformer.h.0.attn"].units

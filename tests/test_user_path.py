@@ -307,3 +307,26 @@ def test_a_plan_that_splits_a_tie_is_refused_naming_both_units(tmp_path):
     with pytest.raises(PlanError, match="ties.conv1: the model has no module 'conv8'"):
         apply_plan(model, Plan(ties={"conv1": "conv8"}))
     apply_plan(model, Plan(default="bf16", ties={"conv1": "conv2"})).remove()
+
+
+def test_a_seq2seq_generate_runs_its_encoder_past_the_root_in_the_plans_dtype():
+    # transformers' generate calls model.get_encoder()(...), not model(...): with the weights held
+    # low, the encoder ran outside the plan's autocast and crashed on a dtype mismatch.
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=96, d_model=32, d_ff=64, num_layers=2, num_heads=2, d_kv=16, decoder_start_token_id=0,
+        pad_token_id=0, eos_token_id=1)).eval()
+    ids = torch.randint(2, 96, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", torch.bfloat16):   # the same rounding (tables FP32), with FP32 weights cast per call
+        expected = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False)
+    example = {"input_ids": ids, "decoder_input_ids": ids[:, :2]}
+    with apply_plan(model, Plan(default="bf16", storage_default="fp32"), example_inputs=example):
+        assert model.encoder.block[0].layer[0].SelfAttention.q.weight.dtype == torch.bfloat16   # held low
+        seen = []
+        hook = model.encoder.block[0].layer[0].SelfAttention.q.register_forward_hook(
+            lambda module, args, output: seen.append(output.dtype))
+        model.get_encoder()(input_ids=ids)
+        hook.remove()
+        assert seen == [torch.bfloat16]
+        assert torch.equal(model.generate(input_ids=ids, max_new_tokens=6, do_sample=False), expected)

@@ -69,9 +69,14 @@ def test_a_weight_read_outside_its_unit_stays_fp32():
 
 def test_a_tied_weight_gets_a_low_copy_of_its_own_and_is_tied_again():
     model, batch = build_gpt2(), token_batches(1)[0]
-    with apply_plan(model, Plan(default="bf16"), example_inputs=batch):
+    # The embedding (a storage unit) kept FP32: the head holds a low copy of its own.
+    with apply_plan(model, Plan(default="bf16", layers={"transformer.wte": "fp32"}), example_inputs=batch):
         assert model.lm_head.weight.dtype == torch.bfloat16           # its own low copy
         assert model.transformer.wte.weight.dtype == torch.float32    # the embedding reads FP32
+    assert model.lm_head.weight is model.transformer.wte.weight
+    # Both in BF16: one low tensor, shared as the FP32 one was.
+    with apply_plan(model, Plan(default="bf16"), example_inputs=batch):
+        assert model.lm_head.weight is model.transformer.wte.weight and model.lm_head.weight.dtype == torch.bfloat16
     assert model.lm_head.weight is model.transformer.wte.weight
 
 

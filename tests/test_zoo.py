@@ -27,13 +27,15 @@ DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", 
 
 class DtypeWitness(TorchDispatchMode):
     """A second, independent recorder: the innermost module from per-module hooks, and the dtype
-    of each eligible kernel's first floating output."""
+    of each eligible kernel's first floating output (and of each embedding table's rows)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.stack: list[str] = []
         self.seen: list[tuple[str, str, str]] = []
         self.hooks = []
+        self.tables = {name for name, module in model.named_modules()
+                       if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.max_norm is None}
         for name, module in model.named_modules():
             self.hooks.append(module.register_forward_pre_hook(self._enter(name)))
             self.hooks.append(module.register_forward_hook(self._leave, always_call=True))
@@ -48,7 +50,9 @@ class DtypeWitness(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         output = func(*args, **(kwargs or {}))
-        if is_eligible(op_name(func), "cpu"):
+        table = op_name(func) in ("embedding", "_embedding_bag", "_embedding_bag_forward_only") and (
+            self.stack and self.stack[-1] in self.tables)
+        if is_eligible(op_name(func), "cpu") or table:
             leaves = output if isinstance(output, (tuple, list)) else (output,)
             first = next((t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()), None)
             if first is not None:
@@ -107,8 +111,8 @@ def test_architecture_under_mixed_plans(name):
         assert all(torch.equal(a, b) for a, b in zip(_run(model, batch), reference)), f"{name}: not restored"
 
 
-def test_the_zoo_covers_twenty_architectures_across_families():
-    assert len(zoo.NAMES) >= 20 and len(zoo.FAMILIES) == 5
+def test_the_zoo_covers_25_architectures_across_five_families():
+    assert len(zoo.NAMES) == 25 and len(zoo.FAMILIES) == 5
 
 
 def test_the_fused_encoder_layer_runs_its_units_and_recording_changes_nothing():
