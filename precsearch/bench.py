@@ -135,6 +135,7 @@ class Speedup:
         return (self.high - self.low) / 2 / self.median if self.median > 0 else math.inf
 
     def clearly_faster_than(self, other: Speedup) -> bool:
+        """Unpaired: the intervals do not overlap (``clearly_faster`` uses the rounds' pairing)."""
         return self.low > other.high
 
     def __str__(self) -> str:
@@ -148,6 +149,13 @@ def speedup(baseline_ms: Sequence[float], candidate_ms: Sequence[float], confide
         return Speedup(math.nan, math.nan, math.nan, 0)
     low, high = median_interval(ratios, confidence)
     return Speedup(ratio_median(ratios), low, high, len(ratios))
+
+
+def clearly_faster(a_ms: Sequence[float], b_ms: Sequence[float], confidence: float = CONFIDENCE) -> bool:
+    """``a`` is clearly faster than ``b``, timed in the same rounds: the interval of the per-round
+    ratios b / a lies above 1. Pairing the rounds cancels the noise they share, which two
+    intervals against a common baseline cannot: plans 9% apart can both overlap FP32's noise."""
+    return speedup(b_ms, a_ms, confidence).low > 1.0
 
 
 def ratio_median(ratios: Sequence[float]) -> float:

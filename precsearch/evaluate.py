@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from precsearch.accuracy import Fidelity
-from precsearch.bench import Speedup, speedup, time_interleaved
+from precsearch.bench import Speedup, clearly_faster, speedup, time_interleaved
 from precsearch.errors import InputError, described
 from precsearch.plan import Plan, Runtime
 from precsearch.runtime import PlanHandle, apply_plan
@@ -60,6 +60,18 @@ class Measurement:
         if self.speedup_low is None or self.speedup_high is None:
             return None
         return Speedup(self.speedup, self.speedup_low, self.speedup_high, 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Raced:
+    """One plan in a race: its speedup over FP32, FP32's median ms and the plan's peak memory
+    (CUDA) in the same run, and its per-round times (round i of every plan of a race is the same
+    round, so two plans compare pairwise: ``bench.clearly_faster``)."""
+
+    speedup: Speedup
+    baseline_ms: float
+    peak_memory_mb: float | None = None
+    samples_ms: tuple[float, ...] = ()
 
 
 class Evaluator:
@@ -142,10 +154,9 @@ class Evaluator:
                                                      verdict.agreement))
 
     def race(self, plans: dict[str, dict[str, str]], repeats: int, min_repeats: int = MIN_ROUNDS
-             ) -> dict[str, tuple[Speedup, float, float | None]]:
+             ) -> dict[str, Raced]:
         """Several plans and the FP32 model timed in one interleaved run, until the leader is
-        clearly faster than every other plan or ``repeats`` rounds are spent:
-        ``{name: (speedup over FP32, FP32 median ms, peak memory MB or None)}``."""
+        clearly faster than every other plan or ``repeats`` rounds are spent."""
         fp32 = {}  # the FP32 turn is prepared like every other: a plan applied (then suspended)
         turns: dict[str, Any] = {"fp32": (lambda: without_plan(self.apply(fp32)), self.step(None))}
         for name, layers in plans.items():
@@ -155,8 +166,8 @@ class Evaluator:
         self.generation = {name: stats for name in plans
                            if (stats := stats_of(turns[name][1], len(timings[name].samples_ms))) is not None}
         base = timings["fp32"]
-        return {name: (speedup(base.samples_ms, timings[name].samples_ms), base.median_ms,
-                       timings[name].peak_memory_mb) for name in plans}
+        return {name: Raced(speedup(base.samples_ms, timings[name].samples_ms), base.median_ms,
+                            timings[name].peak_memory_mb, timings[name].samples_ms) for name in plans}
 
 
 @contextlib.contextmanager
@@ -182,12 +193,13 @@ def settled(samples: dict[str, list[float]], incumbent: Speedup | None) -> bool:
 
 
 def decided(samples: dict[str, list[float]]) -> bool:
-    """In a race: the plan with the best median is clearly faster than each of the others."""
-    estimates = [speedup(samples["fp32"], times) for name, times in samples.items() if name != "fp32"]
-    if len(estimates) < 2:
-        return bool(estimates) and estimates[0].half_width <= TARGET_HALF_WIDTH
-    leader = max(estimates, key=lambda e: e.median)
-    return all(leader.clearly_faster_than(other) for other in estimates if other is not leader)
+    """In a race: the plan with the best median is clearly faster than each of the others,
+    round by round."""
+    plans = {name: times for name, times in samples.items() if name != "fp32"}
+    if len(plans) < 2:
+        return any(speedup(samples["fp32"], times).half_width <= TARGET_HALF_WIDTH for times in plans.values())
+    leader = max(plans, key=lambda name: speedup(samples["fp32"], plans[name]).median)
+    return all(clearly_faster(plans[leader], times) for name, times in plans.items() if name != leader)
 
 
 class TrainingEvaluator(Evaluator):

@@ -16,11 +16,11 @@ import optuna
 from torch import nn
 
 from precsearch.accuracy import Fidelity
-from precsearch.bench import Speedup, speedup
+from precsearch.bench import Speedup, clearly_faster, speedup
 from precsearch.config import SearchConfig
 from precsearch.decisions import decode, encode
 from precsearch.errors import described
-from precsearch.evaluate import Evaluator, Measurement
+from precsearch.evaluate import Evaluator, Measurement, Raced
 from precsearch.graph import LayerGraph
 from precsearch.memory import MemoryBudget, MemoryUse
 from precsearch.plan import LossScaling, Plan, model_fingerprint
@@ -143,9 +143,11 @@ def choose(model: nn.Module, study: optuna.Study, graph: LayerGraph, evaluator: 
         return None, []
     if race.estimates:
         error = {code: by_code[code].error if code in by_code else 0.0 for code in race.estimates}
-        code, ties = race_winner({code: estimate for code, (estimate, _, _) in race.estimates.items()}, error,
-                                 lambda code: graph.cast_boundaries(decode(code, units)), fp32_code)
-        estimate, base, memory = race.estimates[code]
+        code, ties = race_winner({code: raced.speedup for code, raced in race.estimates.items()}, error,
+                                 lambda code: graph.cast_boundaries(decode(code, units)), fp32_code,
+                                 {code: raced.samples_ms for code, raced in race.estimates.items()})
+        estimate, base, memory = (race.estimates[code].speedup, race.estimates[code].baseline_ms,
+                                  race.estimates[code].peak_memory_mb)
         chosen = by_code.get(code)
         weight_mb = chosen.record.weight_mb if chosen else setup.weight_mb
         plan = write(code, Measurement.timed(error[code], estimate, base, peak_memory_mb=memory, weight_mb=weight_mb,
@@ -171,7 +173,7 @@ class Race:
     what the compiled race adds per plan (compiled error, compile time, speedup against compiled
     FP32), the finalists dropped for their compiled error, and whether the race ran compiled."""
 
-    estimates: dict[str, tuple[Speedup, float, float | None]]
+    estimates: dict[str, Raced]
     extra: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     over_limit: dict[str, float] = dataclasses.field(default_factory=dict)
     compiled: bool = False
@@ -204,8 +206,9 @@ def _within_budget(race: Race, budget: MemoryBudget, by_code: dict[str, Candidat
     kept, dropped = {}, []
     for code, estimate in race.estimates.items():
         record = by_code[code].record if code in by_code else None
+        peak = estimate.peak_memory_mb
         measured = MemoryUse(record.weight_mb if record else fp32_weight_mb,
-                            estimate[2] if estimate[2] is not None else record and record.peak_memory_mb)
+                            peak if peak is not None else record and record.peak_memory_mb)
         if budget.allows(measured):
             kept[code] = estimate
         else:
@@ -228,18 +231,25 @@ def _holdout_scorer(model: nn.Module, holdout: list[Any], evaluator: Evaluator, 
 
 
 def race_winner(estimates: dict[str, Speedup], error: dict[str, float], boundaries: Callable[[str], int],
-                fp32: str) -> tuple[str, list[str]]:
+                fp32: str, samples: dict[str, tuple[float, ...]] | None = None) -> tuple[str, list[str]]:
     """The race's winner and the plans tied with the leader (the winner among them).
 
     A plan clearly slower than FP32 (its whole interval below 1) cannot win while the FP32 plan
     races. The leader is the best median; every plan it is not clearly faster than is tied with
-    it, and ties go to the lower error, then fewer cast boundaries, then the median.
+    it, and ties go to the lower error, then fewer cast boundaries, then the median. With the
+    plans' per-round ``samples``, "clearly faster" compares two plans round by round
+    (``bench.clearly_faster``), else by their intervals against FP32.
     """
+    def faster(a: str, b: str) -> bool:
+        if samples and samples.get(a) and samples.get(b):
+            return clearly_faster(samples[a], samples[b])
+        return contenders[a].clearly_faster_than(contenders[b])
+
     contenders = {code: e for code, e in estimates.items() if e.high >= 1.0 or code == fp32}
     if fp32 not in estimates and not contenders:  # the space forbids the FP32 plan: the best there is
         contenders = dict(estimates)
     leader = max(contenders, key=lambda code: contenders[code].median)
-    tied = [code for code, e in contenders.items() if code == leader or not contenders[leader].clearly_faster_than(e)]
+    tied = [code for code in contenders if code == leader or not faster(leader, code)]
     winner = min(tied, key=lambda code: (error[code], boundaries(code), -contenders[code].median))
     return winner, tied
 
@@ -257,8 +267,8 @@ def _race_compiled(evaluator: Evaluator, plans: dict[str, dict[str, str]], repea
     eager, compiled_fp32 = times.timings["fp32 eager"], times.timings["fp32 compiled"]
     raced = [code for code in plans if code in times.compile_s]
     evaluator.generation = {code: times.generation[code] for code in raced if code in times.generation}
-    estimates = {code: (speedup(eager.samples_ms, times.timings[code].samples_ms), eager.median_ms, None)
-                 for code in raced}
+    estimates = {code: Raced(speedup(eager.samples_ms, times.timings[code].samples_ms), eager.median_ms, None,
+                             times.timings[code].samples_ms) for code in raced}
     extra = {code: {"compiled_error": times.errors[code],
                     "speedup_vs_compiled_fp32": round(speedup(compiled_fp32.samples_ms,
                                                               times.timings[code].samples_ms).median, 3),
@@ -278,7 +288,7 @@ def _eager_vs_compiled(race: Race, by_code: dict[str, Candidate], fp32: str) -> 
              for code in race.estimates if code == fp32 or code in by_code}
     if not race.compiled or len(eager) < 3:
         return {}
-    compiled = {code: race.estimates[code][0].median for code in eager}
+    compiled = {code: race.estimates[code].speedup.median for code in eager}
     agreement = _spearman([eager[c] for c in eager], [compiled[c] for c in eager])
     return {"compiled_raced": len(eager), "compiled_rank_agreement": None if agreement is None else round(agreement, 3)}
 

@@ -96,14 +96,15 @@ def test_budget_constraint_values_are_shares_over_the_budget():
 def test_the_final_race_drops_plans_over_the_budget():
     """The race's own peak memory (CUDA) and the trials' weights decide; FP32's weights for the FP32 plan."""
     from precsearch.bench import Speedup
+    from precsearch.evaluate import Raced
     from precsearch.selection import Candidate, Race, _within_budget
 
     def candidate(plan, weight_mb):
         return Candidate(0, TrialRecord(plan, 0.001, 1.0, 2.0, peak_memory_mb=None, weight_mb=weight_mb))
 
     by_code = {"bb": candidate("bb", 5.0), "bf": candidate("bf", 7.0)}
-    race = Race({"bb": (Speedup(2.0, 1.9, 2.1, 0), 2.0, 50.0), "bf": (Speedup(1.5, 1.4, 1.6, 0), 2.0, 90.0),
-                 "ff": (Speedup(1.0, 1.0, 1.0, 0), 2.0, 60.0)})
+    race = Race({"bb": Raced(Speedup(2.0, 1.9, 2.1, 0), 2.0, 50.0), "bf": Raced(Speedup(1.5, 1.4, 1.6, 0), 2.0, 90.0),
+                 "ff": Raced(Speedup(1.0, 1.0, 1.0, 0), 2.0, 60.0)})
     kept = _within_budget(race, MemoryBudget(max_peak_mb=80.0), by_code, 10.0)
     assert set(kept.estimates) == {"bb", "ff"} and kept.over_budget == ["bf: peak memory 90 MB > 80 MB"]
     kept = _within_budget(race, MemoryBudget(max_weight_mb=6.0), by_code, 10.0)

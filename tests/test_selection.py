@@ -1,6 +1,6 @@
 """The final race's decision: statistics, the tie rule, and never a plan slower than FP32."""
 
-from precsearch.bench import Speedup
+from precsearch.bench import Speedup, speedup
 from precsearch.selection import race_winner
 
 
@@ -173,11 +173,40 @@ def test_compiled_finalists_reach_further_down_the_eager_order():
 
 
 def test_the_compiled_race_says_how_well_the_eager_trials_ranked_its_plans():
+    from precsearch.evaluate import Raced
     from precsearch.selection import Race, _eager_vs_compiled
 
     candidates = {c.record.plan: c for c in _candidates([0.5, 0.6, 0.7])}   # eager speedups 2.0, 1.67, 1.43
     compiled = {"p0": 1.5, "p1": 1.7, "p2": 1.2, "fp32": 1.05}               # the first two swap places compiled
-    race = Race({code: (Speedup(s, s, s, 9), 10.0, None) for code, s in compiled.items()}, compiled=True)
+    race = Race({code: Raced(Speedup(s, s, s, 9), 10.0) for code, s in compiled.items()}, compiled=True)
     found = _eager_vs_compiled(race, candidates, "fp32")
     assert found == {"compiled_raced": 4, "compiled_rank_agreement": 0.8}
     assert _eager_vs_compiled(dataclasses.replace(race, compiled=False), candidates, "fp32") == {}
+
+
+# -- plans in one race compare round by round --------------------------------------------------------
+def test_a_plan_faster_in_every_round_wins_though_both_intervals_overlap_fp32s_noise():
+    # The CNN benchmark's seed 0: the default kept a plan 9% slower than greedy's, because their
+    # intervals against FP32 overlapped and the tie went to the lower error.
+    drift = [1.0, 1.3, 0.8, 1.2, 0.9, 1.25, 0.85, 1.1, 0.95, 1.15]    # what every turn of a round shares
+    jitter = [0.85, 1.15, 1.0, 0.9, 1.1, 0.88, 1.12, 0.95, 1.05, 1.0]  # the FP32 turn's own noise
+    fp32 = tuple(10.0 * d * j for d, j in zip(drift, jitter))
+    fast = tuple(2.5 * d for d in drift)
+    slow = tuple(2.7 * d * (1.01 if i % 2 else 0.99) for i, d in enumerate(drift))   # 6-10% slower each round
+    estimates = {"fast": speedup(fp32, fast), "slow": speedup(fp32, slow)}
+    assert not estimates["fast"].clearly_faster_than(estimates["slow"])        # unpaired: a tie
+    error = {"fast": 0.0020, "slow": 0.0016}
+    assert race_winner(estimates, error, lambda code: 0, "ff")[0] == "slow"   # ...that the lower error wins
+    code, tied = race_winner(estimates, error, lambda code: 0, "ff", {"fast": fast, "slow": slow})
+    assert code == "fast" and tied == ["fast"]
+
+
+def test_a_race_is_decided_round_by_round():
+    from precsearch.bench import clearly_faster
+    from precsearch.evaluate import decided
+
+    noise = [1.0, 1.3, 0.8, 1.2, 0.9, 1.25]
+    samples = {"fp32": [10.0 * n for n in noise], "a": [2.5 * n for n in noise], "b": [2.7 * n for n in noise]}
+    assert decided(samples) and clearly_faster(samples["a"], samples["b"])
+    samples["b"] = [2.5 * n for n in reversed(noise)]   # the same times, in other rounds: no clear winner
+    assert not decided(samples)
