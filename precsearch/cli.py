@@ -118,14 +118,16 @@ def cmd_layers(args: argparse.Namespace) -> int:
     graph = walk(model, data[0], device=device)
     rows = graph.rows()
     if args.json:
-        print(json.dumps([{key: row[key] for key in ("name", "type", "ops", "params", "flops")} for row in rows],
-                         indent=2))
+        print(json.dumps([{key: row[key] for key in ("name", "type", "kind", "ops", "params", "flops")}
+                          for row in rows], indent=2))
         return EXIT_OK
-    table = [{"unit": row["name"] or "<root>", "type": row["type"],
+    table = [{"unit": row["name"] or "<root>", "type": row["type"], "kind": row["kind"],
               "ops": ", ".join(f"{op}×{n}" if n > 1 else op for op, n in row["ops"].items()),
               "params": row["params"], "flops": human(row["flops"])} for row in rows]
     print(format_table(table))
-    print(f"\n{len(graph)} precision units, {graph.graph.number_of_edges()} data-flow edges "
+    tables = sum(row["kind"] == "storage" for row in rows)
+    storage = f" ({tables} storage: embedding tables, held in their unit's dtype)" if tables else ""
+    print(f"\n{len(graph)} precision units{storage}, {graph.graph.number_of_edges()} data-flow edges "
           f"(found by {graph.method}, device {device})")
     return EXIT_OK
 
@@ -272,6 +274,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
     from precsearch import factories
     from precsearch.config import SearchConfig
+    from precsearch.ops import device_type_of
     from precsearch.outputs import check_writable, output_directory, write_results
     from precsearch.plan import mask_password
     from precsearch.precisions import FP32
@@ -296,6 +299,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     open_storage(args.storage)  # a bad URL fails before the model is built
     model, data, device, model_spec = _model_and_data(args)
     config.run.check(model, data[0])  # --workload generate needs a language model and token batches
+    config.memory.check_device(device_type_of(device))   # --max-peak-mb needs a device that reports peaks
     fidelity = _user_fidelity(args, model, data)
     metric_name = args.metric_name or _task_metric(model_spec, model, data)
     config = dataclasses.replace(config, metric=metric_name, fidelity=fidelity, storage=storage,
@@ -547,11 +551,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "embedding_cosine for feature extraction)")
     search.add_argument("--max-error", type=_number, default=0.01, metavar="X",
                         help="largest allowed --metric-name value (default: 0.01)")
-    search.add_argument("--max-weight-mb", type=_number, metavar="X",
+    search.add_argument("--max-weight-mb", type=_positive, metavar="X",
                         help="memory budget beside the accuracy limit: a plan is feasible only when the model's "
                              "weights as it runs (low units' weights held low) take at most X MB (2**20 bytes); "
                              "inference with --weights low (default: no budget)")
-    search.add_argument("--max-peak-mb", type=_number, metavar="X",
+    search.add_argument("--max-peak-mb", type=_positive, metavar="X",
                         help="a plan is feasible only when the device's peak memory while it runs is at most X MB; "
                              "CUDA only (the CPU does not report peak memory)")
     search.add_argument("--metric", metavar="MODULE:FUNC",
@@ -630,6 +634,13 @@ def build_parser() -> argparse.ArgumentParser:
                             help="re-measure every plan and FP32 compiled with torch.compile, each on its own copy")
     comparison.set_defaults(run=cmd_compare)
     return parser
+
+
+def _positive(text: str) -> float:
+    value = _number(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number")
+    return value
 
 
 def _number(text: str) -> float:

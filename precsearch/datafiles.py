@@ -52,8 +52,8 @@ class Example:
 
 @dataclasses.dataclass(frozen=True)
 class DataOptions:
-    """How examples become batches: ``--text-field``, ``--batch-size``, ``--max-length``,
-    ``--samples`` and ``--seed``."""
+    """How examples become batches: ``--text-field``, ``--image-field``, ``--batch-size``,
+    ``--max-length``, ``--samples`` and ``--seed``."""
 
     text_field: str = "text"
     image_field: str = "image"

@@ -84,8 +84,8 @@ def load_data(spec: str, what: str = "data", *, model: nn.Module | None = None, 
         return datafiles.load(spec, model_spec, model, options or datafiles.DataOptions(),  # type: ignore[arg-type]
                               device, examples)
     if options is not None and options != datafiles.DataOptions(seed=options.seed):
-        raise InputError(f"--text-field, --batch-size, --max-length and --samples apply to --data FILE, "
-                         f"not to a factory ({spec!r})")
+        raise InputError(f"--text-field, --image-field, --batch-size, --max-length and --samples apply to "
+                         f"--data FILE, not to a factory ({spec!r})")
     data = _call(spec, what)
     try:
         data = _batches.as_list(data)

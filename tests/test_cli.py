@@ -28,8 +28,17 @@ def test_layers_json(capsys):
     code, out, _ = run(capsys, "layers", "--json")
     rows = json.loads(out)
     assert code == 0 and len(rows) == 10
-    assert rows[0] == {"name": "stem", "type": "Linear", "ops": {"linear": 1}, "params": 64 * 512 + 512,
-                       "flops": 2 * 256 * 64 * 512}
+    assert rows[0] == {"name": "stem", "type": "Linear", "kind": "compute", "ops": {"linear": 1},
+                       "params": 64 * 512 + 512, "flops": 2 * 256 * 64 * 512}
+
+
+def test_layers_shows_embedding_tables_as_storage_units(capsys):
+    code, out, _ = run(capsys, "layers", "--model", "precsearch.examples.transformers_models:bert",
+                       "--data", "precsearch.examples.transformers_models:tokens")
+    assert code == 0
+    table = [line.split() for line in out.splitlines() if line.startswith("embeddings.")]
+    assert {row[2] for row in table} == {"storage"} and len(table) == 3
+    assert "(3 storage: embedding tables, held in their unit's dtype)" in out
 
 
 def test_check_passes_a_matching_plan_and_fails_a_missing_layer(capsys, tmp_path):
