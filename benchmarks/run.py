@@ -87,7 +87,7 @@ def _strategies_section(quality: dict) -> list[str]:
              "eager in one interleaved run (20 rounds), and its compiled error measured on the search batches. "
              "Speedups are medians of per-round ratios with 95% intervals; *plans*: distinct plans measured; "
              "*search s*: wall time of the search. `optuna` is the default (TPE from greedy's answer and the "
-             "model-based proposals), `tpe` the seeded TPE it replaced.", ""]
+             "model-based proposals), `tpe` the seeded TPE it replaced. " + quality.get("note", ""), ""]
     for name in ("bert", "gpt2", "cnn"):
         if name in quality:
             lines += _compiled_case(quality[name])

@@ -135,8 +135,8 @@ def bert() -> dict:
     config = BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, intermediate_size=1536)
     model = BertModel(config).eval()
     generator = torch.Generator().manual_seed(1)
-    batches = [{"input_ids": torch.randint(0, config.vocab_size, (16, 32), generator=generator)} for _ in range(3)]
-    return compiled_case("BertModel(hidden=384, layers=6), 3 batches of 16 x 32 tokens", model, batches, trials=24)
+    batches = [{"input_ids": torch.randint(0, config.vocab_size, (16, 32), generator=generator)} for _ in range(2)]
+    return compiled_case("BertModel(hidden=384, layers=6), 2 batches of 16 x 32 tokens", model, batches, trials=16)
 
 
 def gpt2() -> dict:
