@@ -178,6 +178,15 @@ def time_against_itself(run: Callable[[], Any], *, device_type: str = "cpu", rep
     return speedup(timings["a"].samples_ms, timings["a again"].samples_ms), statistics.median(both)
 
 
+def rank_correlation(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Spearman's rank correlation: Pearson's correlation of the ranks (ties share their mean
+    rank); None when either side is constant."""
+    import pandas as pd
+
+    value = pd.Series(list(a)).rank().corr(pd.Series(list(b)).rank())
+    return None if math.isnan(value) else float(value)
+
+
 def median_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float]:
     """A distribution-free confidence interval for the median: ``[x_(k), x_(n+1-k)]`` of the
     sorted values, with the largest ``k`` whose binomial(n, 1/2) coverage is still at least

@@ -297,12 +297,10 @@ class Plan:
         default = min(AUTOCAST, key=lambda d: (-counts.get(d, 0), d != FP32)) if counts else FP32
         return cls(default=default, layers={u: d for u, d in layers.items() if d != default}, **fields)
 
-    def precision(self, unit: str, storage: bool = False) -> str:
-        """The precision of ``unit``: its own entry, else the plan's default (for a storage unit,
-        ``storage``, its ``storage_default`` if the plan has one)."""
-        if unit in self.layers:
-            return self.layers[unit]
-        return self.storage_default if storage and self.storage_default else self.default
+    def precision(self, unit: str) -> str:
+        """The precision of ``unit``: its own entry, else the plan's default (a storage unit's,
+        when the plan has a ``storage_default``, once ``for_model`` spelled it out)."""
+        return self.layers.get(unit, self.default)
 
     def for_model(self, model: nn.Module) -> Plan:
         """The plan with ``storage_default`` spelled out for each of ``model``'s storage modules

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from precsearch.bench import rank_correlation
 from precsearch.errors import InputError
 from precsearch.memory import MemoryBudget, label_of
 from precsearch.precisions import NAMES, PRECISIONS, low_precisions
@@ -292,8 +293,8 @@ def prediction_quality(trials: Any) -> dict[str, Any] | None:
         return None
 
     def spearman(a: Any, b: Any) -> float | None:
-        value = a.rank().corr(b.rank())  # Pearson's correlation of the ranks
-        return None if math.isnan(value) else round(float(value), 3)
+        value = rank_correlation(a, b)
+        return None if value is None else round(value, 3)
 
     positive = finite[finite["predicted_error"] > 0]
     ratio = (positive["error"] / positive["predicted_error"]).median() if len(positive) else math.nan

@@ -6,7 +6,6 @@ reproducible, and their scores on held-out batches the search never saw."""
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
 import warnings
 from collections.abc import Callable
@@ -16,7 +15,7 @@ import optuna
 from torch import nn
 
 from precsearch.accuracy import Fidelity
-from precsearch.bench import Speedup, clearly_faster, speedup
+from precsearch.bench import Speedup, clearly_faster, rank_correlation, speedup
 from precsearch.config import SearchConfig
 from precsearch.decisions import decode, encode
 from precsearch.errors import described
@@ -289,16 +288,8 @@ def _eager_vs_compiled(race: Race, by_code: dict[str, Candidate], fp32: str) -> 
     if not race.compiled or len(eager) < 3:
         return {}
     compiled = {code: race.estimates[code].speedup.median for code in eager}
-    agreement = _spearman([eager[c] for c in eager], [compiled[c] for c in eager])
+    agreement = rank_correlation([eager[c] for c in eager], [compiled[c] for c in eager])
     return {"compiled_raced": len(eager), "compiled_rank_agreement": None if agreement is None else round(agreement, 3)}
-
-
-def _spearman(a: list[float], b: list[float]) -> float | None:
-    """Pearson's correlation of the ranks; None if one side is constant."""
-    import pandas as pd
-
-    value = pd.Series(a).rank().corr(pd.Series(b).rank())
-    return None if math.isnan(value) else float(value)
 
 
 def _measurement(record: TrialRecord) -> Measurement:

@@ -19,39 +19,11 @@ from precsearch.errors import InputError
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-SENTENCES = ["the cat sat on the mat", "a dog ran in the park", "precision search finds fast plans",
-             "bf16 keeps the range of fp32", "the quick brown fox jumps over the lazy dog",
-             "a plan holds each layer in its dtype"]
-
-
-def _save_tokenizer(path) -> int:
-    """A word-level tokenizer trained on SENTENCES, saved as the checkpoint's own; returns its vocabulary size."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.train_from_iterator(SENTENCES, trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "</s>"]))
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]",
-                                                eos_token="</s>")
-    fast.save_pretrained(path)
-    return fast.vocab_size
-
-
-def _bert(vocab: int):
-    return transformers.BertForSequenceClassification(transformers.BertConfig(
-        vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=64, num_labels=2))
-
-
-def _gpt2(vocab: int):
-    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=vocab, n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=2, eos_token_id=2))
-
-
-def _t5(vocab: int):
-    return transformers.T5ForConditionalGeneration(transformers.T5Config(
-        vocab_size=vocab, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0,
-        pad_token_id=0, eos_token_id=2))
+from hf_fixtures import SENTENCES  # noqa: E402  (after the skips: it builds transformers models)
+from hf_fixtures import bert as _bert  # noqa: E402
+from hf_fixtures import gpt2 as _gpt2  # noqa: E402
+from hf_fixtures import save_tokenizer as _save_tokenizer  # noqa: E402
+from hf_fixtures import t5 as _t5  # noqa: E402
 
 
 def _feature(vocab: int):

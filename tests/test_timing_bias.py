@@ -175,10 +175,20 @@ def test_the_setup_noise_check_is_the_same_a_a_measurement(monkeypatch):
 
 
 # -- deterministic: every turn prepared alike -----------------------------------------------------
-def _count_preparations(monkeypatch, evaluator: Evaluator) -> dict[str, list[str]]:
-    """Which preparations each timed turn made: plans applied, suspensions entered."""
+def _count_preparations(monkeypatch, evaluator: Evaluator, names: list[str]) -> dict[str, list[str]]:
+    """Which preparations each timed turn made (plans applied, suspensions entered), by turn:
+    the runs ``evaluator.step`` builds are named ``names``, in the order it builds them."""
     from precsearch import runtime
 
+    labels, step = iter(names), evaluator.step
+
+    def labelled(plan):
+        run = step(plan)
+        labelled_run = lambda: run()  # noqa: E731
+        labelled_run.turn = next(labels)
+        return labelled_run
+
+    monkeypatch.setattr(evaluator, "step", labelled)
     made: list[str] = []
     turns: dict[str, list[str]] = {}
     apply, suspended = evaluator.apply, runtime.PlanHandle.suspended
@@ -199,37 +209,15 @@ def _count_preparations(monkeypatch, evaluator: Evaluator) -> dict[str, list[str
 def test_a_race_prepares_the_fp32_turn_as_it_prepares_each_plan(monkeypatch):
     # Work done just before a turn slows it (allocations, bookkeeping): on a 1.8 ms GPT-2 the
     # all-FP32 plan raced 0.93x [0.90, 0.99] against the unprepared FP32 model.
-    model = compute_model()
-    evaluator = _evaluator(model, torch.randn(8, 256))
-    names = iter(["fp32", "a", "b"])
-    step = evaluator.step
-
-    def labelled(plan):
-        run = step(plan)
-        labelled_run = lambda: run()  # noqa: E731
-        labelled_run.turn = next(names)
-        return labelled_run
-
-    monkeypatch.setattr(evaluator, "step", labelled)
-    turns = _count_preparations(monkeypatch, evaluator)
+    evaluator = _evaluator(compute_model(), torch.randn(8, 256))
+    turns = _count_preparations(monkeypatch, evaluator, ["fp32", "a", "b"])
     evaluator.race({"a": {"0": "bf16"}, "b": {"1": "bf16"}}, repeats=4, min_repeats=4)
     kinds = {name: set(preparations) for name, preparations in turns.items()}
     assert kinds == {"fp32": {"apply,suspend"}, "a": {"apply"}, "b": {"apply"}}  # each turn applies one plan
 
 
 def test_a_trial_swaps_weights_before_the_candidate_turn_as_before_fp32s(monkeypatch):
-    model = compute_model()
-    evaluator = _evaluator(model, torch.randn(8, 256))
-    names = iter(["fp32", "candidate"])
-    step = evaluator.step
-
-    def labelled(plan):
-        run = step(plan)
-        labelled_run = lambda: run()  # noqa: E731
-        labelled_run.turn = next(names)
-        return labelled_run
-
-    monkeypatch.setattr(evaluator, "step", labelled)
-    turns = _count_preparations(monkeypatch, evaluator)
+    evaluator = _evaluator(compute_model(), torch.randn(8, 256))
+    turns = _count_preparations(monkeypatch, evaluator, ["fp32", "candidate"])
     evaluator.measure({"0": "bf16"}, repeats=4)
     assert set(turns["fp32"]) == set(turns["candidate"]) == {"suspend"}
