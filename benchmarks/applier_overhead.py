@@ -16,7 +16,7 @@ import torch
 from transformers import BertConfig, BertModel
 
 from precsearch import Plan, apply_plan, walk
-from precsearch.bench import settings, time_interleaved
+from precsearch.search.bench import settings, time_interleaved
 
 
 def measure(repeats: int = 60) -> dict:

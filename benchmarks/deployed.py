@@ -23,12 +23,12 @@ import torch
 from transformers import BertConfig, BertModel
 
 from precsearch import Plan, apply_plan
-from precsearch.accuracy import Fidelity
-from precsearch.bench import settings, time_interleaved
-from precsearch.config import SearchConfig
-from precsearch.plan import Runtime
-from precsearch.search import optimize
-from precsearch.weights import weight_bytes
+from precsearch.runtime.accuracy import Fidelity
+from precsearch.search.bench import settings, time_interleaved
+from precsearch.search.config import SearchConfig
+from precsearch.runtime.plan import Runtime
+from precsearch.search.loop import optimize
+from precsearch.runtime.weights import weight_bytes
 
 HIDDEN, LAYERS, BATCH, LENGTH = 256, 4, 16, 128
 

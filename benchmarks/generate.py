@@ -30,12 +30,12 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from precsearch import Plan, apply_plan
-from precsearch.bench import settings, speedup, time_interleaved
-from precsearch.compiled import RECOMPILE_LIMIT, compiled_replica
-from precsearch.config import SearchConfig
-from precsearch.plan import Runtime
-from precsearch.search import optimize
-from precsearch.workload import TokenGate, Workload, stats_of
+from precsearch.search.bench import settings, speedup, time_interleaved
+from precsearch.search.compiled import RECOMPILE_LIMIT, compiled_replica
+from precsearch.search.config import SearchConfig
+from precsearch.runtime.plan import Runtime
+from precsearch.search.loop import optimize
+from precsearch.runtime.workload import TokenGate, Workload, stats_of
 
 HIDDEN, LAYERS, BATCH, PROMPT, NEW_TOKENS = 256, 4, 4, 32, 32
 TINY = {"hidden": 64, "layers": 2, "vocab": 2000, "new_tokens": 8}   # --tiny: a smoke run of the whole script
@@ -112,7 +112,7 @@ def forms(model: GPT2LMHeadModel, batch: dict, plan: Plan, new_tokens: int, repe
 def package(model: GPT2LMHeadModel, data: list, plan: Plan, repeats: int) -> dict:
     """(c): the plan exported as an AOTInductor package, its forward pass timed beside the
     compiled plan's (and eager FP32's), interleaved."""
-    from precsearch.export import export_plan
+    from precsearch.search.export import export_plan
 
     forward = Plan.from_dict({**plan.to_dict(), "runtime": {"weights": "low", "compile": True}})
     batch = {**data[0], "use_cache": False}   # a forward pass, as the package runs it

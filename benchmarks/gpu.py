@@ -18,11 +18,11 @@ import optuna
 import torch
 
 from precsearch import Plan, apply_plan
-from precsearch.bench import time_interleaved
-from precsearch.config import SearchConfig
-from precsearch.search import optimize
-from precsearch.training import default_loss, grad_scaler
-from precsearch.weights import find_weight_uses
+from precsearch.search.bench import time_interleaved
+from precsearch.search.config import SearchConfig
+from precsearch.search.loop import optimize
+from precsearch.runtime.training import default_loss, grad_scaler
+from precsearch.runtime.weights import find_weight_uses
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

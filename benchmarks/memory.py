@@ -26,11 +26,11 @@ import torch
 from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
 
 from precsearch import Plan, apply_plan
-from precsearch.accuracy import Fidelity
-from precsearch.bench import settings
-from precsearch.config import SearchConfig
-from precsearch.search import optimize
-from precsearch.weights import weight_bytes
+from precsearch.runtime.accuracy import Fidelity
+from precsearch.search.bench import settings
+from precsearch.search.config import SearchConfig
+from precsearch.search.loop import optimize
+from precsearch.runtime.weights import weight_bytes
 
 BUDGET = 0.6           # of FP32's weight bytes
 BATCH, LENGTH = 8, 64

@@ -27,7 +27,7 @@ import search_overhead  # noqa: E402
 import stability  # noqa: E402
 import strategies  # noqa: E402
 
-from precsearch.study_setup import device_name  # noqa: E402
+from precsearch.search.study_setup import device_name  # noqa: E402
 
 
 def render(applier: dict, quality: dict, overhead: dict, deployed_form: dict, stable: dict,

@@ -13,10 +13,10 @@ import optuna
 import torch
 
 from precsearch import walk
-from precsearch.config import SearchConfig
-from precsearch.evaluate import Evaluator
-from precsearch.records import TrialRecord
-from precsearch.search import optimize
+from precsearch.search.config import SearchConfig
+from precsearch.search.evaluate import Evaluator
+from precsearch.search.trials import TrialRecord
+from precsearch.search.loop import optimize
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

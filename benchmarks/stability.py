@@ -19,11 +19,11 @@ import torch
 from transformers import BertConfig, BertModel
 
 from precsearch import Plan, apply_plan
-from precsearch.accuracy import Fidelity
-from precsearch.bench import settings, speedup, time_interleaved
-from precsearch.config import SearchConfig
-from precsearch.search import optimize
-from precsearch.training import default_loss, training_step
+from precsearch.runtime.accuracy import Fidelity
+from precsearch.search.bench import settings, speedup, time_interleaved
+from precsearch.search.config import SearchConfig
+from precsearch.search.loop import optimize
+from precsearch.runtime.training import default_loss, training_step
 
 HIDDEN, LAYERS, BATCH, LENGTH, VOCAB = 256, 4, 8, 128, 8192
 

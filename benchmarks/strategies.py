@@ -26,19 +26,19 @@ import torch
 from torch import nn
 
 from precsearch import Plan, walk
-from precsearch.accuracy import Fidelity
-from precsearch.bench import settings, speedup, time_interleaved
-from precsearch.compiled import time_compiled
-from precsearch.config import SearchConfig
-from precsearch.decisions import decode, encode
-from precsearch.evaluate import Evaluator
+from precsearch.runtime.accuracy import Fidelity
+from precsearch.search.bench import settings, speedup, time_interleaved
+from precsearch.search.compiled import time_compiled
+from precsearch.search.config import SearchConfig
+from precsearch.search.decisions import decode, encode
+from precsearch.search.evaluate import Evaluator
 from precsearch.examples import demo
-from precsearch.records import TrialRecord
-from precsearch.report import prediction_quality, trials_frame
-from precsearch.runtime import apply_plan
-from precsearch.search import optimize
-from precsearch.strategies import exhaustive
-from precsearch.weights import find_weight_uses
+from precsearch.search.trials import TrialRecord
+from precsearch.report.summary import prediction_quality, trials_frame
+from precsearch.runtime.apply import apply_plan
+from precsearch.search.loop import optimize
+from precsearch.search.strategies import exhaustive
+from precsearch.runtime.weights import find_weight_uses
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

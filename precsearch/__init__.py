@@ -5,31 +5,40 @@
 >>> result = precsearch.optimize(model, batches, precsearch.SearchConfig(max_error=0.01))  # doctest: +SKIP
 >>> with precsearch.apply_plan(model, precsearch.load_plan("plan.yaml")):   # doctest: +SKIP
 ...     outputs = model(batch)
+
+The runtime names (plans, the applier, the audit, the errors) need torch and pyyaml only; the
+search's and the reports' names load on first use and need ``pip install 'precsearch[search]'``.
 """
 
 from typing import Any
 
-from precsearch.audit import AuditReport, audit
-from precsearch.errors import InputError, PlanError
-from precsearch.graph import LayerGraph, walk
-from precsearch.plan import LossScaling, Plan, load_plan, model_fingerprint
-from precsearch.runtime import PlanHandle, apply_plan
+from precsearch.runtime.apply import PlanHandle, apply_plan
+from precsearch.runtime.audit import AuditReport, audit
+from precsearch.runtime.errors import InputError, PlanError, PrecsearchError
+from precsearch.runtime.plan import LossScaling, Plan, load_plan, model_fingerprint
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AuditReport", "InputError", "LayerGraph", "LossScaling", "Plan", "PlanError", "PlanHandle",
-    "SearchConfig", "SearchResult", "SearchSpace", "apply_plan", "audit", "load_plan", "model_fingerprint", "optimize", "walk",
+    "PrecsearchError", "SearchConfig", "SearchResult", "SearchSpace", "apply_plan", "audit", "load_plan",
+    "model_fingerprint", "optimize", "walk",
 ]
 
-_LAZY = {"optimize": "precsearch.search", "SearchResult": "precsearch.search", "SearchSpace": "precsearch.space",
-         "SearchConfig": "precsearch.config"}
+_LAZY = {"optimize": "precsearch.search.loop", "SearchResult": "precsearch.search.loop",
+         "SearchSpace": "precsearch.search.space", "SearchConfig": "precsearch.search.config",
+         "walk": "precsearch.search.graph", "LayerGraph": "precsearch.search.graph"}
 
 
 def __getattr__(name: str) -> Any:
-    """The search pulls in Optuna and SQLAlchemy: import it only when asked for."""
+    """The search's names need its extra (Optuna, networkx, pandas): import them only when asked for."""
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        try:
+            module = importlib.import_module(_LAZY[name])
+        except ModuleNotFoundError as error:
+            raise ModuleNotFoundError(f"precsearch.{name} needs the search extra: pip install 'precsearch[search]' "
+                                      f"({error.name} is missing)", name=error.name) from error
+        return getattr(module, name)
     raise AttributeError(f"module 'precsearch' has no attribute {name!r}")

@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Any, Callable
 
-from precsearch.errors import InputError, described
+from precsearch.runtime.errors import InputError, described
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -42,7 +42,7 @@ def _add_model_args(parser: argparse.ArgumentParser, *, demo: bool = True) -> No
 
 
 def _add_data_file_args(parser: argparse.ArgumentParser) -> None:
-    from precsearch.hf import TASKS
+    from precsearch.runtime.hf import TASKS
 
     parser.add_argument("--task", choices=list(TASKS), metavar="TASK",
                         help="hf:DIR: load the checkpoint with this task's Auto class (default: the class its "
@@ -61,7 +61,7 @@ def _add_data_file_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _data_options(args: argparse.Namespace) -> Any:
-    from precsearch.datafiles import DataOptions
+    from precsearch.search.datafiles import DataOptions
 
     return DataOptions(text_field=args.text_field, image_field=args.image_field, batch_size=args.batch_size,
                        max_length=args.max_length, samples=args.samples, seed=getattr(args, "seed", 0))
@@ -71,8 +71,8 @@ def _model_and_data(args: argparse.Namespace) -> tuple[Any, list[Any], str, str]
     """Load the factories (or the demo), move both to the device; returns the model's name too."""
     import torch
 
-    from precsearch import factories
-    from precsearch.ops import device_type_of
+    from precsearch.search import factories
+    from precsearch.runtime.ops import device_type_of
 
     if (args.model is None) != (args.data is None):
         raise InputError("--model and --data go together: give both, or neither for the built-in demo")
@@ -99,7 +99,7 @@ def _check_runs(model: Any, batch: Any, training: bool, model_spec: str, data_sp
     """The FP32 model must run on the data before anything else is measured against it."""
     import torch
 
-    from precsearch.batches import call, split_training
+    from precsearch.runtime.batches import call, split_training
 
     inputs = split_training(batch, f"--data {data_spec!r}")[0] if training else batch
     try:
@@ -111,8 +111,8 @@ def _check_runs(model: Any, batch: Any, training: bool, model_spec: str, data_sp
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
-    from precsearch.graph import walk
-    from precsearch.report import format_table, human
+    from precsearch.search.graph import walk
+    from precsearch.report.summary import format_table, human
 
     model, data, device, _ = _model_and_data(args)
     graph = walk(model, data[0], device=device)
@@ -133,12 +133,12 @@ def cmd_layers(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from precsearch.audit import audit
-    from precsearch.batches import split_training
-    from precsearch.graph import walk
-    from precsearch.memory import MemoryBudget
-    from precsearch.plan import load_plan
-    from precsearch.runtime import apply_plan
+    from precsearch.runtime.audit import audit
+    from precsearch.runtime.batches import split_training
+    from precsearch.search.graph import walk
+    from precsearch.runtime.memory import MemoryBudget
+    from precsearch.runtime.plan import load_plan
+    from precsearch.runtime.apply import apply_plan
 
     plan = load_plan(args.plan)
     if args.package:
@@ -148,8 +148,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     mismatch = "warn" if args.ignore_fingerprint else "error"
     loss_fn = None
     if plan.mode == "training":
-        from precsearch import factories
-        from precsearch.training import default_loss
+        from precsearch.search import factories
+        from precsearch.runtime.training import default_loss
 
         loss_fn = factories.resolve(args.loss, "loss") if args.loss else default_loss
         model.train()
@@ -167,8 +167,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     compiled = None
     if args.compile:
-        from precsearch.compiled import check_compiled
-        from precsearch.ops import device_type_of
+        from precsearch.search.compiled import check_compiled
+        from precsearch.runtime.ops import device_type_of
 
         compiled = check_compiled(model, plan, data, device_type_of(device))
     budget = MemoryBudget.of(plan.constraint).max_weight_mb
@@ -184,7 +184,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"weights as applied: {weight_mb:.4g} MB, {'within' if weight_mb <= budget else 'OVER'} the plan's "
                   f"memory budget of {budget:g} MB (max_weight_mb)")
         if compiled is not None:
-            from precsearch.compiled import verdict
+            from precsearch.search.compiled import verdict
 
             print(verdict(compiled))
     return EXIT_OK if ok else EXIT_FAILED
@@ -192,8 +192,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def _check_package(args: argparse.Namespace, plan: Any) -> int:
     """``check --package``: the package's error against the FP32 model within the plan's limit."""
-    from precsearch.accuracy import Fidelity
-    from precsearch.export import check_package, load_package
+    from precsearch.runtime.accuracy import Fidelity
+    from precsearch.search.export import check_package, load_package
 
     if plan.mode != "inference":
         raise InputError("--package: packages hold inference plans; this plan is for training")
@@ -211,10 +211,10 @@ def _check_package(args: argparse.Namespace, plan: Any) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from precsearch.export import checked_out, export_plan
-    from precsearch.ops import device_type_of
-    from precsearch.plan import load_plan
-    from precsearch.report import format_table
+    from precsearch.search.export import checked_out, export_plan
+    from precsearch.runtime.ops import device_type_of
+    from precsearch.runtime.plan import load_plan
+    from precsearch.report.summary import format_table
 
     plan = load_plan(args.plan)
     checked_out(args.out)  # before the model is built
@@ -243,8 +243,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def _study_name(model_spec: str) -> str:
     """``"precsearch.examples.demo:model"`` -> ``"demo"``; ``"zoo.nets:resnet"`` -> ``"nets-resnet"``;
     ``"hf:ckpt/bert"`` -> ``"hf-bert"``."""
-    from precsearch import hf
-
+    from precsearch.runtime import hf
     if hf.is_checkpoint(model_spec):
         return hf.study_name(model_spec)
     module, _, function = model_spec.partition(":")
@@ -254,8 +253,8 @@ def _study_name(model_spec: str) -> str:
 
 def _user_fidelity(args: argparse.Namespace, model: Any, data: list[Any]) -> Any:
     """The ``--metric M:F`` constraint, or None for a built-in metric."""
-    from precsearch import factories
-    from precsearch.accuracy import Fidelity
+    from precsearch.search import factories
+    from precsearch.runtime.accuracy import Fidelity
 
     if args.metric:
         function = factories.resolve(args.metric, "metric")
@@ -272,15 +271,15 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
     import optuna
 
-    from precsearch import factories
-    from precsearch.config import SearchConfig
-    from precsearch.ops import device_type_of
-    from precsearch.outputs import check_writable, output_directory, write_results
-    from precsearch.plan import mask_password
-    from precsearch.precisions import FP32
-    from precsearch.report import format_table
-    from precsearch.search import optimize
-    from precsearch.storage import open_storage
+    from precsearch.search import factories
+    from precsearch.search.config import SearchConfig
+    from precsearch.runtime.ops import device_type_of
+    from precsearch.report.outputs import check_writable, output_directory, write_results
+    from precsearch.runtime.plan import mask_password
+    from precsearch.runtime.precisions import FP32
+    from precsearch.report.summary import format_table
+    from precsearch.search.loop import optimize
+    from precsearch.search.storage import open_storage
 
     # Everything but the model-dependent fidelity is checked before the model is built.
     config = SearchConfig(space=args.space, metric=args.metric_name or "rel_l2", max_error=args.max_error,
@@ -349,8 +348,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
 def _task_metric(model_spec: str, model: Any, data: list[Any]) -> str:
     """The default --metric-name: the checkpoint's task metric for hf:DIR, else rel_l2."""
-    from precsearch import hf
-    from precsearch.accuracy import task_metric
+    from precsearch.runtime import hf
+    from precsearch.runtime.accuracy import task_metric
 
     return task_metric(hf.task_of(model), data) if hf.is_checkpoint(model_spec) else "rel_l2"
 
@@ -359,8 +358,8 @@ def _holdout_data(args: argparse.Namespace, device: str) -> list[Any] | None:
     """The ``--holdout-data`` batches on the device, or None."""
     if not args.holdout_data:
         return None
-    from precsearch import factories
-    from precsearch.batches import to_device
+    from precsearch.search import factories
+    from precsearch.runtime.batches import to_device
 
     return [to_device(batch, device) for batch in factories.load_data(args.holdout_data, "holdout-data")]
 
@@ -408,7 +407,7 @@ def _unseen_data_line(config: Any, batches: int) -> str | None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from precsearch.report import open_study, write_report
+    from precsearch.report.summary import open_study, write_report
 
     files = write_report(args.dir, open_study(args.dir, args.storage, args.study))
     print("\n".join(f"{kind:>8}: {path}" for kind, path in files.items()))
@@ -418,9 +417,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from precsearch import compare
-    from precsearch.plan import load_plan
-    from precsearch.report import format_table
+    from precsearch.report import compare
+    from precsearch.runtime.plan import load_plan
+    from precsearch.report.summary import format_table
 
     paths = [Path(p) for p in args.plans]
     plans = [load_plan(path) for path in paths]
@@ -428,7 +427,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     names = _short_names(paths)
     remeasured, known_units = None, None
     if args.model or args.data:
-        from precsearch.graph import walk
+        from precsearch.search.graph import walk
 
         model, data, device, _ = _model_and_data(args)  # in eval mode: plans are measured for inference
         known_units = walk(model, data[0], device=device).units
@@ -474,15 +473,14 @@ def _short_names(paths: list[Any]) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from precsearch.accuracy import METRICS
-    from precsearch.strategies import STRATEGIES
-    from precsearch.workload import DEFAULT_MIN_TOKEN_AGREEMENT, DEFAULT_NEW_TOKENS, WORKLOADS
+    from precsearch.runtime.accuracy import METRICS
+    from precsearch.search.strategies import STRATEGIES
+    from precsearch.runtime.workload import DEFAULT_MIN_TOKEN_AGREEMENT, DEFAULT_NEW_TOKENS, WORKLOADS
 
     parser = _Parser(prog="precsearch", description=(
         "Find, per layer of a PyTorch model, the fastest precision (fp8, fp16, bf16, fp32) that keeps "
         "accuracy inside your limit, and enforce it at run time."))
     from precsearch import __version__
-
     parser.add_argument("--version", action="version", version=f"precsearch {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from precsearch.accuracy import Fidelity, cosine, flatten_outputs, max_abs, rel_l2, top1
-from precsearch.errors import InputError
+from precsearch.runtime.accuracy import Fidelity, cosine, flatten_outputs, max_abs, rel_l2, top1
+from precsearch.runtime.errors import InputError
 
 
 def test_flatten_outputs_walks_nested_structures_in_order():
@@ -72,7 +72,7 @@ def test_an_idempotent_input_change_and_tiny_run_to_run_noise_are_accepted():
     torch.manual_seed(0)
     model = ClampsInput()
     assert Fidelity.builtin(model, [torch.randn(8, 4)], "rel_l2", 0.01).error(model) == 0.0
-    from precsearch.accuracy import check_repeatable
+    from precsearch.runtime.accuracy import check_repeatable
 
     check_repeatable(1e-7, "rel_l2", 0.01, inputs_changed=False)   # rounding of atomic reductions
     with pytest.raises(InputError, match="rel_l2 0.002 between them"):
@@ -120,7 +120,7 @@ def test_unknown_metric_and_bad_limit():
 
 
 def test_task_metrics_read_the_batches():
-    from precsearch.accuracy import METRICS, embedding_cosine, perplexity
+    from precsearch.runtime.accuracy import METRICS, embedding_cosine, perplexity
 
     batch = {"input_ids": torch.tensor([[0, 1, 1]]), "attention_mask": torch.tensor([[1, 1, 0]])}
     logits = torch.log_softmax(torch.tensor([[[0.0, 2.0], [1.0, 0.0], [5.0, -5.0]]]), -1)
@@ -135,14 +135,14 @@ def test_task_metrics_read_the_batches():
 
 
 def test_perplexity_needs_token_batches():
-    from precsearch.accuracy import perplexity
+    from precsearch.runtime.accuracy import perplexity
 
     with pytest.raises(InputError, match="input_ids"):
         perplexity([[torch.ones(1, 2, 3)]], [[torch.ones(1, 2, 3)]], [torch.ones(1, 2)])
 
 
 def test_the_task_decides_the_default_metric():
-    from precsearch.accuracy import task_metric
+    from precsearch.runtime.accuracy import task_metric
 
     assert task_metric("causal-lm", []) == "perplexity"
     assert task_metric("sequence-classification", [{"input_ids": torch.ones(1, 2)}]) == "top1"

@@ -164,7 +164,7 @@ def _study_directory(root):
     """A study as optimize leaves it, set up for ``nets:model`` (units 0 and 2), without trials."""
     import optuna
 
-    from precsearch.records import Settings, StudySetup
+    from precsearch.search.trials import Settings, StudySetup
 
     study = optuna.create_study(study_name="mine", storage=f"sqlite:///{root / 'study.db'}")
     settings = Settings(model="nets:model", space="default", mode="inference",
@@ -182,7 +182,7 @@ def _study_directory(root):
     ({"layers": {"encoder.fc": "bf16"}}, "names unit 'encoder.fc'"),
 ])
 def test_report_refuses_a_plan_of_another_study(plan, word, tmp_path, monkeypatch, capsys):
-    from precsearch.plan import Plan
+    from precsearch.runtime.plan import Plan
 
     _study_directory(tmp_path)
     Plan(**plan).save(tmp_path / "plan.yaml")

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from precsearch.batches import as_list, call, compute_loss, split, split_training, to_device
-from precsearch.errors import InputError
+from precsearch.runtime.batches import as_list, call, compute_loss, split, split_training, to_device
+from precsearch.runtime.errors import InputError
 
 
 class TwoInputs(nn.Module):
@@ -89,7 +89,7 @@ def test_a_batch_with_some_empty_tensors_or_no_tensor_is_kept():
 
 
 def test_fingerprint_changes_with_values_shapes_dtypes_and_structure():
-    from precsearch.batches import fingerprint
+    from precsearch.runtime.batches import fingerprint
 
     x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
     same = fingerprint([x])

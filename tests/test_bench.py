@@ -10,8 +10,8 @@ from contextlib import contextmanager
 
 import pytest
 
-from precsearch import bench
-from precsearch.bench import Timing, time_interleaved
+from precsearch.search import bench
+from precsearch.search.bench import Timing, time_interleaved
 
 
 @pytest.fixture
@@ -44,7 +44,7 @@ def test_every_round_runs_each_candidate_once_in_pairs_of_reversed_orders():
 def test_round_orders_are_seeded_and_every_place_is_shared_alike():
     from collections import Counter
 
-    from precsearch.bench import round_orders
+    from precsearch.search.bench import round_orders
 
     def orders(seed, count=40):
         generator = round_orders(["a", "b", "c", "d"], seed)
@@ -61,7 +61,7 @@ def test_two_candidates_each_follow_itself_and_the_other_equally_often():
     import itertools
     from collections import Counter
 
-    from precsearch.bench import round_orders
+    from precsearch.search.bench import round_orders
 
     for seed in range(5):
         generator = round_orders(["baseline", "candidate"], seed)
@@ -193,7 +193,7 @@ def test_settings_record_threads_and_torch():
 def test_the_median_interval_covers_the_true_median_at_its_nominal_level():
     import random
 
-    from precsearch.bench import median_interval
+    from precsearch.search.bench import median_interval
 
     rng = random.Random(0)
     for rounds in (6, 9, 15, 30):
@@ -204,7 +204,7 @@ def test_the_median_interval_covers_the_true_median_at_its_nominal_level():
 
 
 def test_speedup_is_the_median_of_per_round_ratios():
-    from precsearch.bench import speedup
+    from precsearch.search.bench import speedup
 
     estimate = speedup([10.0, 20.0, 10.0, 10.0, 10.0, 10.0], [5.0, 10.0, 5.0, 5.0, 4.0, 6.0])
     assert estimate.median == 2.0 and estimate.low <= 2.0 <= estimate.high and estimate.rounds == 6
@@ -213,7 +213,7 @@ def test_speedup_is_the_median_of_per_round_ratios():
 def test_swapping_baseline_and_candidate_inverts_the_speedup_exactly():
     import random
 
-    from precsearch.bench import speedup
+    from precsearch.search.bench import speedup
 
     rng = random.Random(4)
     for rounds in (5, 6, 15, 16):
@@ -232,7 +232,7 @@ def _noisy(clock, rng, ms, spread):
 def test_racing_drops_a_clear_loser_after_few_rounds(clock):
     import random
 
-    from precsearch.evaluate import decided
+    from precsearch.search.evaluate import decided
 
     rng = random.Random(1)
     candidates = {"fp32": _noisy(clock, rng, 10.0, 0.05), "fast": _noisy(clock, rng, 5.0, 0.05),
@@ -244,7 +244,7 @@ def test_racing_drops_a_clear_loser_after_few_rounds(clock):
 def test_racing_keeps_two_close_candidates_to_the_end(clock):
     import random
 
-    from precsearch.evaluate import decided
+    from precsearch.search.evaluate import decided
 
     rng = random.Random(2)
     candidates = {"fp32": _noisy(clock, rng, 10.0, 0.05), "a": _noisy(clock, rng, 5.0, 0.05),
@@ -256,8 +256,8 @@ def test_racing_keeps_two_close_candidates_to_the_end(clock):
 def test_a_measurement_stops_once_clearly_slower_than_the_incumbent(clock):
     import random
 
-    from precsearch.bench import Speedup
-    from precsearch.evaluate import settled
+    from precsearch.search.bench import Speedup
+    from precsearch.search.evaluate import settled
 
     rng = random.Random(3)
     incumbent = Speedup(2.0, 1.9, 2.1, 15)

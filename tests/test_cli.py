@@ -169,7 +169,6 @@ def eight_batches():
 @pytest.mark.slow
 def test_optimize_holds_out_batches_and_keeps_a_margin(tmp_path, capsys):
     from precsearch import load_plan
-
     out = tmp_path / "run"
     code, stdout, err = run(capsys, "optimize", "--model", "test_cli:two_linears", "--data", "test_cli:eight_batches",
                             "--trials", "4", "--margin", "0.2", "--out", str(out), "--space", "bf16_only")
@@ -187,7 +186,6 @@ def test_optimize_holds_out_batches_and_keeps_a_margin(tmp_path, capsys):
 @pytest.mark.slow
 def test_optimize_compile_records_the_compiled_error_within_the_limit(tmp_path, capsys):
     from precsearch import load_plan
-
     out = tmp_path / "run"
     code, _, err = run(capsys, "optimize", "--model", "test_compiled:explicit_rounding", "--data",
                        "test_compiled:explicit_rounding_data", "--trials", "3", "--compile", "--out", str(out),

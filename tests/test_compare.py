@@ -11,9 +11,10 @@ import warnings
 import pytest
 import torch
 
-from precsearch import InputError, Plan, compare, model_fingerprint
+from precsearch import InputError, Plan, model_fingerprint
+from precsearch.report import compare
 from precsearch.cli import main
-from precsearch.compare import (
+from precsearch.report.compare import (
     all_units, check_distinct, provenance_warnings, remeasure, summary_rows, unit_differences,
 )
 from precsearch.examples import demo

@@ -8,7 +8,7 @@ from conftest import build_bert, token_batches
 from torch import nn
 
 from precsearch import Plan, apply_plan, walk
-from precsearch.compiled import time_compiled
+from precsearch.search.compiled import time_compiled
 
 
 @pytest.mark.slow
@@ -76,8 +76,8 @@ import warnings  # noqa: E402
 
 from test_selection import batches, choose_among  # noqa: E402
 
-from precsearch.accuracy import Fidelity  # noqa: E402
-from precsearch.compiled import check_compiled, compiled_error  # noqa: E402
+from precsearch.runtime.accuracy import Fidelity  # noqa: E402
+from precsearch.search.compiled import check_compiled, compiled_error  # noqa: E402
 
 
 class ExplicitRounding(nn.Module):
@@ -133,12 +133,12 @@ def test_a_finalist_over_the_limit_compiled_is_dropped():
 
 
 def test_a_compiled_race_that_fails_gives_an_eager_plan_and_one_warning(monkeypatch):
-    import precsearch.compiled
+    import precsearch.search.compiled
 
     def cannot_compile(*args, **kwargs):
         raise RuntimeError("dynamo says no\nsecond line")
 
-    monkeypatch.setattr(precsearch.compiled, "compiled_replica", cannot_compile)
+    monkeypatch.setattr(precsearch.search.compiled, "compiled_replica", cannot_compile)
     model, data = explicit_rounding(), explicit_rounding_data()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -1,9 +1,9 @@
 import pytest
 
-from precsearch.config import SearchConfig
-from precsearch.errors import InputError
-from precsearch.space import SearchSpace
-from precsearch.strategies import STRATEGIES
+from precsearch.search.config import SearchConfig
+from precsearch.runtime.errors import InputError
+from precsearch.search.space import SearchSpace
+from precsearch.search.strategies import STRATEGIES
 
 
 def test_names_resolve_once_when_the_config_is_built():

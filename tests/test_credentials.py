@@ -1,7 +1,7 @@
 import pytest
 
-from precsearch.credentials import credentials_in, mask_credentials
-from precsearch.plan import mask_password
+from precsearch.runtime.credentials import credentials_in, mask_credentials
+from precsearch.runtime.plan import mask_password
 
 SECRET = "Hunter2x"
 
@@ -89,7 +89,7 @@ def test_known_secrets_with_spaces_hide_what_a_driver_quotes_back(url):
 
 
 def test_a_saved_plan_masks_a_password_with_spaces():
-    from precsearch.plan import Plan
+    from precsearch.runtime.plan import Plan
 
     text = Plan(search={"storage": f"postgresql://ann:pa ss\t{SECRET}@db/optuna"}).dumps()
     assert SECRET not in text and "postgresql://ann:***@db/optuna" in text

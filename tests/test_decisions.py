@@ -6,9 +6,9 @@ import random
 import pytest
 from optuna.trial import FixedTrial
 
-from precsearch.decisions import Decisions, decode, encode
-from precsearch.precisions import NAMES
-from precsearch.space import Choice
+from precsearch.search.decisions import Decisions, decode, encode
+from precsearch.runtime.precisions import NAMES
+from precsearch.search.space import Choice
 
 ALL = ("fp16", "bf16", "fp32")
 CHOICES = [

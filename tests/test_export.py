@@ -17,9 +17,9 @@ from conftest import build_bert, token_batches
 from torch import nn
 
 from precsearch import Plan, apply_plan
-from precsearch.accuracy import flatten_outputs
+from precsearch.runtime.accuracy import flatten_outputs
 from precsearch.cli import main
-from precsearch.export import export_plan
+from precsearch.search.export import export_plan
 
 BERT = ["--model", "conftest:build_bert", "--data", "conftest:token_batches"]
 # Mixed: the embeddings, the last feed-forward output and the pooler stay FP32, the rest is BF16.

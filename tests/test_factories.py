@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from precsearch.errors import InputError
-from precsearch.factories import DEMO_DATA, DEMO_MODEL, DEMO_TRAINING_DATA, load_data, load_model, resolve
+from precsearch.runtime.errors import InputError
+from precsearch.search.factories import DEMO_DATA, DEMO_MODEL, DEMO_TRAINING_DATA, load_data, load_model, resolve
 
 MODULE = "psfactory_models"
 SOURCE = textwrap.dedent('''
@@ -158,7 +158,7 @@ def test_demo_specs_resolve():
 
 
 def test_hf_specs_and_data_files_are_not_factories(tmp_path):
-    from precsearch.datafiles import DataOptions
+    from precsearch.search.datafiles import DataOptions
 
     with pytest.raises(InputError, match="is not a local directory: download it first"):
         load_model("hf:org/some-model")

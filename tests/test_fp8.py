@@ -6,14 +6,14 @@ import torch
 from torch import nn
 
 from precsearch import Plan, PlanError, apply_plan, audit, load_plan, walk
-from precsearch.accuracy import Fidelity
-from precsearch.config import SearchConfig
-from precsearch.errors import InputError
-from precsearch.fp8 import Fp8Linear, quantize, unsuitable
-from precsearch.records import TrialRecord
-from precsearch.search import optimize
-from precsearch.space import SearchSpace
-from precsearch.study_setup import without_slow_dtypes
+from precsearch.runtime.accuracy import Fidelity
+from precsearch.search.config import SearchConfig
+from precsearch.runtime.errors import InputError
+from precsearch.runtime.fp8 import Fp8Linear, quantize, unsuitable
+from precsearch.search.trials import TrialRecord
+from precsearch.search.loop import optimize
+from precsearch.search.space import SearchSpace
+from precsearch.search.study_setup import without_slow_dtypes
 
 # E4M3 keeps 3 mantissa bits: each quantised value is within 2^-4 of its own magnitude, and a
 # dot product of such errors averages them down, so a GEMM's rel_l2 stays well under 2^-4.

@@ -19,10 +19,10 @@ from hypothesis import strategies as st
 
 from precsearch import Plan, PlanError, model_fingerprint, walk
 from precsearch.cli import build_parser, main
-from precsearch.errors import InputError
+from precsearch.runtime.errors import InputError
 from precsearch.examples import demo
-from precsearch.precisions import AUTOCAST, NAMES
-from precsearch.space import SearchSpace
+from precsearch.runtime.precisions import AUTOCAST, NAMES
+from precsearch.search.space import SearchSpace
 
 PLAN_FORMAT, SPACE_FORMAT = "precsearch-plan/2", "precsearch-space/1"
 BEFORE_STORAGE_UNITS = "precsearch-plan/1"   # read too

@@ -11,15 +11,16 @@ import pytest
 import torch
 import yaml
 
-from precsearch import factories, hf
-from precsearch.accuracy import Fidelity
+from precsearch.search import factories
+from precsearch.runtime import hf
+from precsearch.runtime.accuracy import Fidelity
 from precsearch.cli import main
-from precsearch.config import SearchConfig
-from precsearch.datafiles import DataOptions
-from precsearch.errors import InputError, PlanError
-from precsearch.evaluate import Evaluator
-from precsearch.plan import Plan, Runtime
-from precsearch.workload import (
+from precsearch.search.config import SearchConfig
+from precsearch.search.datafiles import DataOptions
+from precsearch.runtime.errors import InputError, PlanError
+from precsearch.search.evaluate import Evaluator
+from precsearch.runtime.plan import Plan, Runtime
+from precsearch.runtime.workload import (
     GenerationRun,
     GenerationStats,
     TokenGate,
@@ -141,7 +142,6 @@ def test_one_new_token_has_no_decode_step(checkpoints, examples):
 def test_generation_runs_a_seq2seq_encoder_in_the_plans_default(checkpoints, examples):
     """T5's generate calls its encoder directly, not through the root forward the plan wraps."""
     from precsearch import apply_plan
-
     model, batches = _loaded(checkpoints, examples, "t5")
     with apply_plan(model, Plan(default="bf16"), example_inputs=batches[0]):
         tokens = Workload("generate", new_tokens=3).runner(model, batches[0]).generate()
@@ -220,7 +220,7 @@ def test_a_plan_records_its_workload_and_older_plans_load_as_forward(tmp_path):
     path = plan.save(tmp_path / "plan.yaml")
     raw = yaml.safe_load(path.read_text())
     assert raw["runtime"] == {"weights": "low", "compile": False, "workload": "generate", "new_tokens": 16}
-    from precsearch.plan import load_plan
+    from precsearch.runtime.plan import load_plan
 
     assert load_plan(path).resolved_runtime.run == Workload("generate", 16)
     raw["runtime"] = {"weights": "low", "compile": False}   # as plans were written before
@@ -306,7 +306,7 @@ def test_optimize_generation_end_to_end_then_check_and_compare(kind, metric, che
 
 @pytest.mark.slow
 def test_compiled_generation_uses_a_static_cache_and_does_not_recompile_per_step(checkpoints, examples):
-    from precsearch.compiled import time_compiled
+    from precsearch.search.compiled import time_compiled
 
     model, batches = _loaded(checkpoints, examples, "gpt2", batch_size=6)   # one batch shape: one graph per copy
     plan = Plan(default="bf16", runtime=Runtime(workload="generate", new_tokens=3))

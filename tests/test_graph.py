@@ -3,10 +3,8 @@ import pytest
 import torch
 from conftest import Branchy, build_bert, build_cnn, build_gpt2, image_batches, token_batches
 
-from precsearch import graph as graph_module
+from precsearch.search import graph as graph_module
 from precsearch import walk
-
-
 def test_bert_units_include_attention_that_owns_sdpa():
     graph = walk(build_bert(), token_batches(1)[0])
     assert graph.method == "export"

@@ -11,10 +11,13 @@ import pytest
 import torch
 import yaml
 
-from precsearch import accuracy, datafiles, factories, hf
+from precsearch.runtime import accuracy
+from precsearch.search import datafiles
+from precsearch.search import factories
+from precsearch.runtime import hf
 from precsearch.cli import main
-from precsearch.datafiles import DataOptions, Example, read_examples
-from precsearch.errors import InputError
+from precsearch.search.datafiles import DataOptions, Example, read_examples
+from precsearch.runtime.errors import InputError
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")

@@ -15,11 +15,11 @@ from torch import nn
 
 from precsearch import Plan, load_plan
 from precsearch.cli import main
-from precsearch.config import SearchConfig
-from precsearch.errors import InputError
-from precsearch.memory import UNMEASURED, MemoryBudget, MemoryUse
-from precsearch.records import Settings, TrialRecord, is_feasible
-from precsearch.search import optimize
+from precsearch.search.config import SearchConfig
+from precsearch.runtime.errors import InputError
+from precsearch.runtime.memory import UNMEASURED, MemoryBudget, MemoryUse
+from precsearch.search.trials import Settings, TrialRecord, is_feasible
+from precsearch.search.loop import optimize
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -71,7 +71,7 @@ def test_config_refuses_a_weight_budget_where_every_plan_holds_fp32_weights():
 
 
 def test_config_records_the_budget_beside_the_accuracy_limit():
-    from precsearch.accuracy import Fidelity
+    from precsearch.runtime.accuracy import Fidelity
 
     fidelity = Fidelity("rel_l2", 0.01, lambda m: 0.0)
     assert SearchConfig().constraint(fidelity) == {"metric": "rel_l2", "limit": 0.01}   # unchanged without one
@@ -95,9 +95,9 @@ def test_budget_constraint_values_are_shares_over_the_budget():
 
 def test_the_final_race_drops_plans_over_the_budget():
     """The race's own peak memory (CUDA) and the trials' weights decide; FP32's weights for the FP32 plan."""
-    from precsearch.bench import Speedup
-    from precsearch.evaluate import Raced
-    from precsearch.selection import Candidate, Race, _within_budget
+    from precsearch.search.bench import Speedup
+    from precsearch.search.evaluate import Raced
+    from precsearch.search.selection import Candidate, Race, _within_budget
 
     def candidate(plan, weight_mb):
         return Candidate(0, TrialRecord(plan, 0.001, 1.0, 2.0, peak_memory_mb=None, weight_mb=weight_mb))
@@ -113,8 +113,8 @@ def test_the_final_race_drops_plans_over_the_budget():
 
 
 def test_under_a_weight_budget_the_fastest_slow_low_precision_stays():
-    from precsearch.space import Choice
-    from precsearch.study_setup import without_slow_dtypes
+    from precsearch.search.space import Choice
+    from precsearch.search.study_setup import without_slow_dtypes
 
     choices = [Choice("a", ("a",), ("fp16", "bf16", "fp32"))]
     slow = {"fp16": {"relative_latency": 3.0, "speedup_high": 0.4}, "bf16": {"relative_latency": 1.3, "speedup_high": 0.8}}
@@ -125,9 +125,9 @@ def test_under_a_weight_budget_the_fastest_slow_low_precision_stays():
 
 
 def test_under_a_weight_budget_greedy_returns_the_most_error_per_weight_to_fp32_first():
-    from precsearch.decisions import Decisions
-    from precsearch.space import Choice
-    from precsearch.strategies import Lead
+    from precsearch.search.decisions import Decisions
+    from precsearch.search.space import Choice
+    from precsearch.search.strategies import Lead
 
     units = ["embed", "small"]   # embed: a little more error, far more weight
     decisions = Decisions([Choice(u, (u,), ("bf16", "fp32")) for u in units],
@@ -146,7 +146,7 @@ def test_plan_records_the_budget_and_older_plans_still_load(tmp_path):
     assert loaded.constraint["max_weight_mb"] == 40.0 and MemoryBudget.of(loaded.constraint).max_weight_mb == 40.0
     older = Plan(constraint={"metric": "rel_l2", "limit": 0.01})
     assert MemoryBudget.of(load_plan(older.save(tmp_path / "old.yaml")).constraint) == MemoryBudget()
-    from precsearch.errors import PlanError
+    from precsearch.runtime.errors import PlanError
 
     with pytest.raises(PlanError, match="constraint.max_weight_mb: expected a finite number > 0"):
         Plan(constraint={"metric": "rel_l2", "limit": 0.01, "max_weight_mb": -1})
@@ -175,7 +175,7 @@ def test_an_over_budget_plan_is_never_chosen_and_trials_over_it_are_infeasible(t
     for trial in over:
         assert trial.constraints["error"] <= 0 < trial.constraints["weight_mb"] and not is_feasible(trial)
 
-    from precsearch.report import trials_frame, write_report
+    from precsearch.report.summary import trials_frame, write_report
 
     frame = trials_frame(result.study)
     assert set(frame[frame["plan"].str[0] == "f"]["violates"]) == {"weight memory"}
@@ -202,7 +202,7 @@ def test_no_plan_within_the_budget_says_the_budget_failed(tmp_path):
     why = result.shortfall()
     assert why.startswith("6 trials met the accuracy limit, each over the memory budget (the lightest: "
                           "weight memory ") and "raise --max-weight-mb" in why
-    from precsearch.report import write_report
+    from precsearch.report.summary import write_report
 
     markdown = write_report(tmp_path, result.study)["md"].read_text()
     assert "No plan met rel_l2 <= 0.5 and weight memory <= 0.01 MB. 6 trials met the accuracy limit" in markdown

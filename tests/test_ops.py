@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from precsearch.ops import (
+from precsearch.runtime.ops import (
     ELIGIBLE_OPS, device_type_of, estimate_flops, is_eligible, model_device_type, module_op, op_name,
 )
 

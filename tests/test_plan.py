@@ -6,7 +6,7 @@ import yaml
 
 from precsearch import LossScaling, Plan, PlanError, load_plan, model_fingerprint
 from precsearch.examples import demo
-from precsearch.plan import mask_password
+from precsearch.runtime.plan import mask_password
 
 
 def test_round_trip_keeps_every_field(tmp_path):

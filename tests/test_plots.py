@@ -6,8 +6,8 @@ import struct
 import pandas as pd
 import pytest
 
-from precsearch import plots
-from precsearch.plots import _label, block_of
+from precsearch.report import plots
+from precsearch.report.plots import _label, block_of
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 COLUMNS = ["trial", "state", "fp16", "bf16", "fp32", "plan", "latency_ms", "measured_ms", "baseline_ms", "speedup",
@@ -51,8 +51,7 @@ def png_size(path):
 def test_columns_match_report_trials_frame():
     import inspect
 
-    from precsearch import report
-
+    from precsearch.report import summary as report
     source = inspect.getsource(report.trials_frame)
     for column in COLUMNS:
         if column not in ("fp16", "bf16", "fp32"):        # added per precision

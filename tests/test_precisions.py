@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from precsearch.precisions import (
+from precsearch.runtime.precisions import (
     AUTOCAST,
     FP32, NAMES, PRECISIONS, by_code, choices_text, is_precision, low_precisions, name_of_dtype,
     needs_loss_scaling,

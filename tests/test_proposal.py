@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from precsearch.proposal import ErrorModel, LatencyModel, Observation, Option, Proposal, solve
+from precsearch.search.proposal import ErrorModel, LatencyModel, Observation, Option, Proposal, solve
 
 
 def _cost(dtypes, items, price):
@@ -139,7 +139,7 @@ def test_calibration_without_trials_keeps_the_prior():
 def test_prediction_quality_ranks_and_ratios():
     import pandas as pd
 
-    from precsearch.report import prediction_quality
+    from precsearch.report.summary import prediction_quality
 
     trials = pd.DataFrame({"speedup": [1.0, 1.2, 1.5, 1.4, None], "error": [0.0, 0.002, 0.006, 0.004, 0.01],
                            "predicted_speedup": [1.0, 1.1, 1.6, 1.3, 1.2],

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from precsearch.recording import ModuleStack, OpRecord, OpRecorder
+from precsearch.runtime.recording import ModuleStack, OpRecord, OpRecorder
 
 
 def tiny() -> nn.Sequential:

@@ -3,7 +3,7 @@ import math
 import optuna
 import pytest
 
-from precsearch.records import (
+from precsearch.search.trials import (
     Settings,
     StudySetup,
     TrialRecord,

@@ -6,9 +6,9 @@ import pytest
 
 from precsearch import Plan, load_plan
 from precsearch.cli import main
-from precsearch.compare import unit_differences
-from precsearch.decisions import encode
-from precsearch.records import StudySetup, TrialRecord, pareto_front
+from precsearch.report.compare import unit_differences
+from precsearch.search.decisions import encode
+from precsearch.search.trials import StudySetup, TrialRecord, pareto_front
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +163,7 @@ def test_report_says_what_was_held_out_and_never_claims_compiled_for_an_eager_pl
 
 
 def test_the_compiled_note_says_how_well_eager_trials_ranked_the_compiled_finalists():
-    from precsearch.report import _compile_note
+    from precsearch.report.summary import _compile_note
 
     constraint = {"metric": "rel_l2", "limit": 0.01}
     note = _compile_note({"compiled_error": 0.004, "compiled_raced": 5, "compiled_rank_agreement": 0.6}, constraint)

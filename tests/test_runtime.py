@@ -7,8 +7,8 @@ from conftest import Branchy, build_bert, token_batches
 from torch import nn
 
 from precsearch import Plan, PlanError, apply_plan, audit, walk
-from precsearch.batches import call
-from precsearch.runtime import applied_plan, handle_of
+from precsearch.runtime.batches import call
+from precsearch.runtime.apply import applied_plan, handle_of
 
 
 def _first_tensor(output):

@@ -6,20 +6,20 @@ import pytest
 import torch
 
 from precsearch import Plan, load_plan, walk
-from precsearch import study_setup as study_setup
-from precsearch.accuracy import Fidelity
-from precsearch.bench import time_interleaved
+from precsearch.search import study_setup
+from precsearch.runtime.accuracy import Fidelity
+from precsearch.search.bench import time_interleaved
 from precsearch.cli import main
-from precsearch.config import SearchConfig
-from precsearch.decisions import Decisions
-from precsearch.evaluate import Evaluator
+from precsearch.search.config import SearchConfig
+from precsearch.search.decisions import Decisions
+from precsearch.search.evaluate import Evaluator
 from precsearch.examples import demo
-from precsearch.records import TrialRecord
-from precsearch.runtime import apply_plan
-from precsearch.search import optimize
-from precsearch.sensitivity import unit_sensitivity
-from precsearch.space import SearchSpace
-from precsearch.strategies import exhaustive
+from precsearch.search.trials import TrialRecord
+from precsearch.runtime.apply import apply_plan
+from precsearch.search.loop import optimize
+from precsearch.search.sensitivity import unit_sensitivity
+from precsearch.search.space import SearchSpace
+from precsearch.search.strategies import exhaustive
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -108,7 +108,7 @@ def test_the_probe_times_fp16_on_the_demo_although_all_fp16_overflows():
 
 
 def test_a_probe_keeps_overflowing_choices_fp32_unless_nothing_else_is_left():
-    from precsearch.space import Choice
+    from precsearch.search.space import Choice
 
     choices = [Choice("a", ("a",), ("fp16", "fp32")), Choice("g", ("b", "c"), ("fp16", "fp32")),
                Choice("d", ("d",), ("fp32",))]
@@ -248,8 +248,8 @@ def test_expected_trial_failures_print_no_traceback():
     import io
     import logging
 
-    from precsearch.search import _expected_failures_quiet
-    from precsearch.storage import Surplus
+    from precsearch.search.loop import _expected_failures_quiet
+    from precsearch.search.storage import Surplus
 
     logger, stream = logging.getLogger("optuna.study._optimize"), io.StringIO()
     handler = logging.StreamHandler(stream)
@@ -271,7 +271,7 @@ def test_expected_trial_failures_print_no_traceback():
 
 
 def test_a_search_with_no_low_precision_left_runs_one_trial():
-    from precsearch.records import TrialRecord
+    from precsearch.search.trials import TrialRecord
 
     space = SearchSpace.parse({"format": "precsearch-space/1", "name": "fp32", "dtypes": ["fp32"]}, "inline")
     model, batches = demo.small_model(), small_data()
@@ -296,7 +296,7 @@ def test_compile_races_the_finalists_compiled_and_says_so(tmp_path):
 
 @pytest.mark.parametrize("batches", [[], [torch.zeros(0, 64)], [torch.randn(4, 64), torch.zeros(0, 64)]])
 def test_empty_data_is_refused_before_any_study_is_made(tmp_path, batches):
-    from precsearch.errors import InputError
+    from precsearch.runtime.errors import InputError
 
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     with pytest.raises(InputError, match="data is empty|is empty \\(every tensor") as error:
@@ -317,7 +317,7 @@ class _ScalesItsInput(torch.nn.Module):
 
 
 def test_a_model_that_changes_its_input_is_reported_not_searched(tmp_path):
-    from precsearch.errors import InputError
+    from precsearch.runtime.errors import InputError
 
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     torch.manual_seed(0)

@@ -1,7 +1,7 @@
 """The final race's decision: statistics, the tie rule, and never a plan slower than FP32."""
 
-from precsearch.bench import Speedup, speedup
-from precsearch.selection import race_winner
+from precsearch.search.bench import Speedup, speedup
+from precsearch.search.selection import race_winner
 
 
 def _estimates(**intervals):
@@ -54,12 +54,12 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from precsearch import walk  # noqa: E402
-from precsearch.accuracy import Fidelity  # noqa: E402
-from precsearch.config import SearchConfig  # noqa: E402
-from precsearch.decisions import decode  # noqa: E402
-from precsearch.evaluate import Evaluator  # noqa: E402
-from precsearch.records import StudySetup, TrialRecord  # noqa: E402
-from precsearch.selection import choose, split_holdout  # noqa: E402
+from precsearch.runtime.accuracy import Fidelity  # noqa: E402
+from precsearch.search.config import SearchConfig  # noqa: E402
+from precsearch.search.decisions import decode  # noqa: E402
+from precsearch.search.evaluate import Evaluator  # noqa: E402
+from precsearch.search.trials import StudySetup, TrialRecord  # noqa: E402
+from precsearch.search.selection import choose, split_holdout  # noqa: E402
 
 
 class TwoLinears(nn.Module):
@@ -127,7 +127,6 @@ def test_no_plan_within_the_margin_is_no_plan():
 
 def test_held_out_batches_score_the_chosen_and_the_pareto_plans():
     from precsearch import apply_plan
-
     torch.manual_seed(0)
     model = TwoLinears().eval()
     data, unseen = batches(2), batches(4)[2:]
@@ -157,13 +156,13 @@ def test_held_out_batches_are_a_seeded_split_the_search_never_sees():
 
 # -- compiled finalists: more of the eager front races as deployed ---------------------------------
 def _candidates(relatives: list[float]) -> list:
-    from precsearch.selection import Candidate
+    from precsearch.search.selection import Candidate
 
     return [Candidate(i, TrialRecord(f"p{i}", 0.001, r * 10.0, 10.0)) for i, r in enumerate(relatives)]
 
 
 def test_compiled_finalists_reach_further_down_the_eager_order():
-    from precsearch.selection import finalists
+    from precsearch.search.selection import finalists
 
     candidates = _candidates([0.50, 0.53, 0.58, 0.60, 0.61, 0.62, 0.70, 0.80])
     eager = [c.relative for c in finalists(candidates, headroom=0.01)]
@@ -173,8 +172,8 @@ def test_compiled_finalists_reach_further_down_the_eager_order():
 
 
 def test_the_compiled_race_says_how_well_the_eager_trials_ranked_its_plans():
-    from precsearch.evaluate import Raced
-    from precsearch.selection import Race, _eager_vs_compiled
+    from precsearch.search.evaluate import Raced
+    from precsearch.search.selection import Race, _eager_vs_compiled
 
     candidates = {c.record.plan: c for c in _candidates([0.5, 0.6, 0.7])}   # eager speedups 2.0, 1.67, 1.43
     compiled = {"p0": 1.5, "p1": 1.7, "p2": 1.2, "fp32": 1.05}               # the first two swap places compiled
@@ -202,8 +201,8 @@ def test_a_plan_faster_in_every_round_wins_though_both_intervals_overlap_fp32s_n
 
 
 def test_a_race_is_decided_round_by_round():
-    from precsearch.bench import clearly_faster
-    from precsearch.evaluate import decided
+    from precsearch.search.bench import clearly_faster
+    from precsearch.search.evaluate import decided
 
     noise = [1.0, 1.3, 0.8, 1.2, 0.9, 1.25]
     samples = {"fp32": [10.0 * n for n in noise], "a": [2.5 * n for n in noise], "b": [2.7 * n for n in noise]}

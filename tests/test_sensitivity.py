@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from precsearch import sensitivity as sensitivity_module
+from precsearch.search import sensitivity as sensitivity_module
 from precsearch.examples import demo
-from precsearch.sensitivity import choice_error, local_error, unit_sensitivity
+from precsearch.search.sensitivity import choice_error, local_error, unit_sensitivity
 
 
 # -- local_error ---------------------------------------------------------------------------------

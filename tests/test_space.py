@@ -2,9 +2,9 @@ import pytest
 from conftest import build_bert, build_gpt2, token_batches
 
 from precsearch import walk
-from precsearch.errors import InputError
+from precsearch.runtime.errors import InputError
 from precsearch.examples import demo
-from precsearch.space import SearchSpace, available_spaces
+from precsearch.search.space import SearchSpace, available_spaces
 
 
 def test_named_spaces_ship_and_parse():

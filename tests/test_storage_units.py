@@ -11,15 +11,15 @@ from conftest import build_bert, build_gpt2, token_batches
 from torch import nn
 
 from precsearch import Plan, PlanError, apply_plan, audit, load_plan, walk
-from precsearch import graph as graph_module
-from precsearch.config import SearchConfig
-from precsearch.decisions import Decisions
-from precsearch.plan import Runtime
-from precsearch.sensitivity import unit_sensitivity
-from precsearch.space import SearchSpace
-from precsearch.strategies import proposal_for
-from precsearch.study_setup import find_ties
-from precsearch.weights import weight_bytes
+from precsearch.search import graph as graph_module
+from precsearch.search.config import SearchConfig
+from precsearch.search.decisions import Decisions
+from precsearch.runtime.plan import Runtime
+from precsearch.search.sensitivity import unit_sensitivity
+from precsearch.search.space import SearchSpace
+from precsearch.search.strategies import proposal_for
+from precsearch.search.study_setup import find_ties
+from precsearch.runtime.weights import weight_bytes
 
 VOCAB, WIDTH = 40, 16
 

@@ -4,13 +4,13 @@ import optuna
 import pytest
 
 from precsearch.cli import main
-from precsearch.config import SearchConfig
-from precsearch.decisions import Decisions, encode
+from precsearch.search.config import SearchConfig
+from precsearch.search.decisions import Decisions, encode
 from precsearch.examples import demo
-from precsearch.records import TrialRecord, lead_of
-from precsearch.search import optimize
-from precsearch.space import Choice
-from precsearch.strategies import Lead, lead_plan
+from precsearch.search.trials import TrialRecord, lead_of
+from precsearch.search.loop import optimize
+from precsearch.search.space import Choice
+from precsearch.search.strategies import Lead, lead_plan
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -147,7 +147,7 @@ def test_the_default_strategy_starts_from_greedys_plan_and_records_its_leads():
 
 
 def test_the_best_plan_of_each_baseline_always_races():
-    from precsearch.selection import Candidate, best_leads
+    from precsearch.search.selection import Candidate, best_leads
 
     def candidate(trial, lead, latency, error):
         return Candidate(trial, TrialRecord("b" * trial, error, latency, 1.0), lead)

@@ -24,10 +24,10 @@ import pytest
 import torch
 from torch import nn
 
-from precsearch import bench
-from precsearch.accuracy import Fidelity
-from precsearch.bench import Speedup, speedup, time_against_itself, time_interleaved
-from precsearch.evaluate import Evaluator
+from precsearch.search import bench
+from precsearch.runtime.accuracy import Fidelity
+from precsearch.search.bench import Speedup, speedup, time_against_itself, time_interleaved
+from precsearch.search.evaluate import Evaluator
 
 REPEATS = 8          # A/A measurements per group
 MIN_COVERED = 4      # of REPEATS, each interval at >= 95%: P(fewer) < 2e-5 (1% if coverage fell to 80%)
@@ -154,9 +154,9 @@ def test_a_a_intervals_over_all_groups(a_a_groups):
 
 
 def test_the_setup_noise_check_is_the_same_a_a_measurement(monkeypatch):
-    from precsearch import study_setup
-    from precsearch.config import SearchConfig
-    from precsearch.search import optimize
+    from precsearch.search import study_setup
+    from precsearch.search.config import SearchConfig
+    from precsearch.search.loop import optimize
 
     calls = []
 
@@ -178,8 +178,7 @@ def test_the_setup_noise_check_is_the_same_a_a_measurement(monkeypatch):
 def _count_preparations(monkeypatch, evaluator: Evaluator, names: list[str]) -> dict[str, list[str]]:
     """Which preparations each timed turn made (plans applied, suspensions entered), by turn:
     the runs ``evaluator.step`` builds are named ``names``, in the order it builds them."""
-    from precsearch import runtime
-
+    from precsearch.runtime import apply as runtime
     labels, step = iter(names), evaluator.step
 
     def labelled(plan):

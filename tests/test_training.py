@@ -6,11 +6,11 @@ from torch import nn
 
 from precsearch import LossScaling, Plan, audit, load_plan
 from precsearch.cli import main
-from precsearch.config import SearchConfig
+from precsearch.search.config import SearchConfig
 from precsearch.examples import digits, train_digits
-from precsearch.records import load_diagnostics
-from precsearch.search import optimize
-from precsearch.training import Trainer, default_loss, diagnose, grad_scaler
+from precsearch.search.trials import load_diagnostics
+from precsearch.search.loop import optimize
+from precsearch.runtime.training import Trainer, default_loss, diagnose, grad_scaler
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ from test_zoo import DtypeWitness
 from torch import nn
 
 from precsearch import Plan, PlanError, apply_plan, audit, load_plan
-from precsearch.plan import Runtime
+from precsearch.runtime.plan import Runtime
 
 LOW = Plan(default="bf16")
 
@@ -171,8 +171,8 @@ def test_units_in_a_container_that_is_never_called_get_their_dtype():
 
 
 def test_a_search_measures_the_plan_it_records_on_a_root_that_skips_its_container():
-    from precsearch.accuracy import Fidelity
-    from precsearch.evaluate import Evaluator
+    from precsearch.runtime.accuracy import Fidelity
+    from precsearch.search.evaluate import Evaluator
 
     torch.manual_seed(0)
     model, x = RootMatmul().eval(), torch.randn(4, 16)

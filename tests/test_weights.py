@@ -10,10 +10,10 @@ import torch
 from conftest import Branchy, build_bert, build_cnn, build_gpt2, image_batches, token_batches
 
 from precsearch import Plan, PlanError, apply_plan, audit, walk
-from precsearch.accuracy import flatten_outputs
-from precsearch.batches import call
-from precsearch.plan import Runtime
-from precsearch.weights import find_weight_uses, weight_bytes
+from precsearch.runtime.accuracy import flatten_outputs
+from precsearch.runtime.batches import call
+from precsearch.runtime.plan import Runtime
+from precsearch.runtime.weights import find_weight_uses, weight_bytes
 
 CASES = {
     "bert": (build_bert, lambda: token_batches(1)[0]),

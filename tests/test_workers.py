@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from precsearch.cli import main
-from precsearch.config import SearchConfig
-from precsearch.errors import InputError
-from precsearch.records import StudySetup, TrialRecord, is_surplus, worker_of
-from precsearch.search import optimize
+from precsearch.search.config import SearchConfig
+from precsearch.runtime.errors import InputError
+from precsearch.search.trials import StudySetup, TrialRecord, is_surplus, worker_of
+from precsearch.search.loop import optimize
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 MODEL = ["--model", "precsearch.examples.demo:small_model", "--data", "precsearch.examples.demo:data"]
@@ -48,7 +48,7 @@ def _check_shared_study(storage, study_name, trials, workers):
 def test_two_workers_share_a_journal_study(tmp_path):
     storage = f"journal:///{tmp_path / 'journal.log'}"
     workers = [_worker(storage, "shared", 10, tmp_path / f"out{i}") for i in range(2)]
-    from precsearch.storage import open_storage
+    from precsearch.search.storage import open_storage
 
     _check_shared_study(open_storage(storage), "shared", 10, workers)
 
@@ -68,7 +68,7 @@ def test_two_workers_share_a_postgres_study(tmp_path):
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])
 def test_a_worker_killed_mid_trial_loses_only_that_trial(tmp_path, kind):
     storage = f"sqlite:///{tmp_path / 'study.db'}" if kind == "sqlite" else f"journal:///{tmp_path / 'j.log'}"
-    from precsearch.storage import open_storage
+    from precsearch.search.storage import open_storage
 
     backend = open_storage(storage)
     worker = _worker(storage, "s", 12, tmp_path / "out", "--heartbeat", "1")
@@ -143,7 +143,7 @@ def test_faults_inside_trials_are_recorded_and_the_search_goes_on(tmp_path):
     nan = TrialRecord.of(trials["fb"])  # NaN outputs: infeasible, and the reason is said
     assert nan.error is None and trials["fb"].constraints["error"] > 0 and "non-finite" in nan.failure
     assert result.plan is not None and result.plan.precision("second") != "bf16"
-    from precsearch.report import write_report
+    from precsearch.report.summary import write_report
 
     result.plan.save(tmp_path / "plan.yaml")
     markdown = write_report(tmp_path, result.study)["md"].read_text()
@@ -187,8 +187,8 @@ def test_resuming_with_other_weights_or_data_is_refused(tmp_path, change, messag
 def test_a_slot_held_by_a_trial_no_worker_marked_is_freed():
     """A worker killed between creating its trial and marking it leaves a RUNNING trial to nobody:
     it must not hold a slot of the budget for ever (the next worker's last trial waits, then frees it)."""
-    from precsearch.records import mark_worker
-    from precsearch.storage import WORKER, Surplus, check_budget
+    from precsearch.search.trials import mark_worker
+    from precsearch.search.storage import WORKER, Surplus, check_budget
 
     study = optuna.create_study()
     for _ in range(2):

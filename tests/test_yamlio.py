@@ -4,8 +4,8 @@ import time
 
 import pytest
 
-from precsearch.errors import InputError, PlanError
-from precsearch.yamlio import MAX_DEPTH, load_yaml, load_yaml_file
+from precsearch.runtime.errors import InputError, PlanError
+from precsearch.runtime.yamlio import MAX_DEPTH, load_yaml, load_yaml_file
 
 
 def alias_bomb(levels: int = 9) -> str:

@@ -14,13 +14,13 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from precsearch import Plan, PlanError, apply_plan, audit, walk
-from precsearch.accuracy import flatten_outputs
-from precsearch.batches import call
+from precsearch.runtime.accuracy import flatten_outputs
+from precsearch.runtime.batches import call
 from precsearch.cli import main
-from precsearch.config import SearchConfig
-from precsearch.plan import Runtime
-from precsearch.ops import is_eligible, op_name
-from precsearch.study_setup import find_ties
+from precsearch.search.config import SearchConfig
+from precsearch.runtime.plan import Runtime
+from precsearch.runtime.ops import is_eligible, op_name
+from precsearch.search.study_setup import find_ties
 
 DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp32"}
 

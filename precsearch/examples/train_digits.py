@@ -13,11 +13,11 @@ import argparse
 
 import torch
 
-from precsearch.config import SearchConfig
+from precsearch.search.config import SearchConfig
 from precsearch.examples import digits
-from precsearch.search import optimize
-from precsearch.space import SearchSpace
-from precsearch.training import Trainer, default_loss
+from precsearch.search.loop import optimize
+from precsearch.search.space import SearchSpace
+from precsearch.runtime.training import Trainer, default_loss
 
 SPACE = SearchSpace.parse({"format": "precsearch-space/1", "name": "digits-fp16", "rules": [
     {"name": "^fc[23]$", "dtypes": ["fp16"]}, {"name": ".", "dtypes": ["bf16", "fp32"]}]}, "train_digits")

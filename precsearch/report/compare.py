@@ -1,0 +1,169 @@
+"""Side-by-side comparison of plans: recorded metrics and settings, per-unit differences, and
+(given the model and data) a fair re-measurement of all of them in one interleaved run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from precsearch.runtime.accuracy import METRICS, Fidelity
+from precsearch.search.bench import speedup, time_interleaved
+from precsearch.runtime.errors import InputError
+from precsearch.search.evaluate import without_plan
+from precsearch.runtime.ops import model_device_type
+from precsearch.runtime.plan import Plan
+from precsearch.runtime.precisions import NAMES
+from precsearch.runtime.apply import apply_plan
+from precsearch.runtime.weights import find_weight_uses, weight_bytes
+from precsearch.runtime.workload import TokenGate, stats_of
+
+
+def check_distinct(paths: list[Path], plans: list[Plan]) -> None:
+    if len(plans) < 2:
+        raise InputError("compare needs at least two plans")
+    seen: dict[str, Path] = {}
+    for path, plan in zip(paths, plans):
+        key = plan.dumps().split("\n", 2)[-1]  # everything but the creation time
+        if path.resolve() in {p.resolve() for p in seen.values()} or key in seen:
+            raise InputError(f"{path}: compares a plan with itself ({seen.get(key, path)}); give different plans")
+        seen[key] = path
+
+
+def provenance_warnings(names: list[str], plans: list[Plan]) -> list[str]:
+    """Differences that make recorded numbers incomparable."""
+    messages = []
+    for label, get in (("devices", lambda p: p.target.get("device_name") or p.target.get("device")),
+                       ("torch versions", lambda p: p.target.get("torch")),
+                       ("model fingerprints", lambda p: p.model.get("fingerprint"))):
+        values = {name: get(plan) for name, plan in zip(names, plans) if get(plan)}
+        if len(set(values.values())) > 1:
+            messages.append(f"plans were made on different {label}: " +
+                            ", ".join(f"{name}={str(value)[:24]}" for name, value in values.items()))
+    return messages
+
+
+def summary_rows(names: list[str], plans: list[Plan], units: list[str]) -> list[dict[str, Any]]:
+    """One row per plan: recorded metrics, constraint, target and units per dtype."""
+    rows = []
+    for name, plan in zip(names, plans):
+        metrics, constraint = plan.metrics or {}, plan.constraint or {}
+        counts = plan.counts(units)
+        rows.append({"plan": name, "default": plan.default,
+                     **{dtype: counts.get(dtype, 0) for dtype in NAMES},
+                     "speedup": metrics.get("speedup"), "interval": _interval(metrics),
+                     "latency_ms": metrics.get("latency_ms"),
+                     "error": metrics.get("error"), "weight_mb": metrics.get("weight_mb"),
+                     "limit": f"{constraint.get('metric', '-')}<={constraint.get('limit', '-')}",
+                     "device": plan.target.get("device", "-")})
+    return rows
+
+
+def _interval(metrics: dict[str, Any]) -> str | None:
+    low, high = metrics.get("speedup_low"), metrics.get("speedup_high")
+    return f"[{low:.2f}, {high:.2f}]" if low is not None and high is not None else None
+
+
+def unit_differences(names: list[str], plans: list[Plan], units: list[str]) -> list[dict[str, str]]:
+    """Units whose precision differs between the plans, in unit order."""
+    rows = []
+    for unit in units:
+        chosen = [plan.precision(unit) for plan in plans]
+        if len(set(chosen)) > 1:
+            rows.append({"unit": unit or "<root>", **dict(zip(names, chosen))})
+    return rows
+
+
+def differences_line(differences: list[dict[str, str]], units: list[str], units_known: bool) -> str:
+    """How many units differ; without the model its units are unknown, and the line says so.
+
+    >>> differences_line([], [], units_known=False)
+    'units unknown without --model: the plans name no unit'
+    """
+    if units_known:
+        return f"{len(differences)} of {len(units)} units differ"
+    if not units:
+        return "units unknown without --model: the plans name no unit"
+    return f"units unknown without --model: {len(differences)} of the {len(units)} units the plans name differ"
+
+
+def all_units(plans: list[Plan], known: list[str] | None = None) -> list[str]:
+    """The model's units when known, else every unit any plan names."""
+    if known is not None:
+        return known
+    return list(dict.fromkeys(unit for plan in plans for unit in plan.layers))
+
+
+def remeasure(model: nn.Module, batches: list[Any], names: list[str], plans: list[Plan],
+              repeats: int = 20, compiled: bool = False) -> list[dict[str, Any]]:
+    """Every plan and the FP32 baseline timed in one interleaved run; errors on this machine.
+
+    The model runs in the mode it is given: pass it in ``eval()`` mode to measure inference.
+
+    ``compiled``: every plan and the FP32 model run compiled, each on its own copy; speedups
+    are then against compiled FP32 (the eager FP32 row is timed in the same run).
+
+    A run is the plans' workload (``runtime.workload``, which they must share): generating plans
+    are timed generating, with prefill, decode and tokens/s and their greedy tokens' agreement
+    with FP32's in each row."""
+    from precsearch.search.compiled import workload_of
+
+    workload = workload_of(plans)
+    workload.check(model, batches[0])
+    device_type = model_device_type(model)
+    metric = next((p.constraint["metric"] for p in plans if p.constraint and p.constraint.get("metric")
+                   in METRICS), "rel_l2")
+    fidelity = Fidelity.builtin(model, batches, metric, 0.0)  # only its error is used here
+    modules = list(model.named_modules())
+    uses = find_weight_uses(model, batches[0], device_type)  # the same for every plan
+    for plan in plans:  # once each; the many applications below skip the fingerprint
+        plan.validate_for(model, fingerprint_mismatch="warn")
+
+    def apply(plan: Plan) -> Any:
+        return apply_plan(model, plan, fingerprint_mismatch="ignore", modules=modules, weight_uses=uses)
+
+    gate = TokenGate(model, batches, workload, 0.0) if workload.generates else None
+
+    if compiled:
+        from precsearch.search.compiled import time_compiled
+
+        times = time_compiled(model, batches[0], dict(zip(names, plans)), device_type, repeats)
+        timings = {**times.timings, "fp32 baseline": times.timings["fp32 compiled"]}
+        generation = {**times.generation, "fp32 baseline": times.generation.get("fp32 compiled")}
+    else:
+        fp32 = Plan(runtime=plans[0].runtime)   # the FP32 turn is prepared as each plan's is
+        candidates = {"fp32 baseline": ((lambda: without_plan(apply(fp32))), workload.runner(model, batches[0]))}
+        candidates.update({name: ((lambda plan=plan: apply(plan)), workload.runner(model, batches[0]))
+                           for name, plan in zip(names, plans)})
+        timings = time_interleaved(candidates, device_type=device_type, repeats=repeats, warmup=2)
+        generation = {name: stats for name, run in candidates.items()
+                      if (stats := stats_of(run[1] if isinstance(run, tuple) else run,
+                                            len(timings[name].samples_ms))) is not None}
+    base = timings["fp32 baseline"].median_ms
+    rows = [{"plan": "fp32 baseline", "latency_ms": round(base, 3), "speedup": 1.0, "interval": "-", f"{metric}": 0.0,
+             "weight_mb": round(sum(weight_bytes(model).values()) / 2**20, 3),
+             "peak_memory_mb": timings["fp32 baseline"].peak_memory_mb,
+             **_generation_columns(generation.get("fp32 baseline"), 1.0 if gate else None)}]
+    for name, plan in zip(names, plans):
+        with apply(plan) as handle:
+            error = fidelity.error(model)
+            agreement = gate.agreement(model) if gate else None
+            weight_mb = sum(handle.weight_bytes().values()) / 2**20
+        timing = timings[name]
+        estimate = speedup(timings["fp32 baseline"].samples_ms, timing.samples_ms)
+        rows.append({"plan": name, "latency_ms": round(timing.median_ms, 3),
+                     "speedup": round(estimate.median, 3), "interval": f"[{estimate.low:.2f}, {estimate.high:.2f}]",
+                     f"{metric}": error,
+                     "weight_mb": round(weight_mb, 3), "peak_memory_mb": timing.peak_memory_mb,
+                     **_generation_columns(generation.get(name), agreement)})
+    return rows
+
+
+def _generation_columns(stats: Any, agreement: float | None) -> dict[str, Any]:
+    """A generating row's prefill ms, decode ms per token, tokens/s and token agreement."""
+    if stats is None:
+        return {}
+    decode = stats.decode_ms_per_token
+    return {"prefill_ms": round(stats.prefill_ms, 3), "decode_ms_per_token": None if decode is None else round(decode, 3),
+            "tokens_per_s": round(stats.tokens_per_s, 1), "token_agreement": agreement}
