@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from precsearch.search.bench import rank_correlation
+from precsearch.search.bench import format_speedup, rank_correlation
 from precsearch.runtime.errors import InputError
 from precsearch.runtime.memory import MemoryBudget, label_of
 from precsearch.runtime.precisions import NAMES, PRECISIONS, low_precisions
@@ -38,14 +38,6 @@ def human(number: float | int | None) -> str:
         if abs(number) >= threshold:
             return f"{number / threshold:.3g}{suffix}"
     return f"{number:.3g}" if isinstance(number, float) else str(number)
-
-
-def format_speedup(median: float | None, low: float | None = None, high: float | None = None) -> str:
-    """``1.24x [1.15, 1.33]``: a speedup with its 95% confidence interval, when there is one."""
-    if median is None or not math.isfinite(median):
-        return "-"
-    interval = f" [{low:.2f}, {high:.2f}]" if low is not None and high is not None else ""
-    return f"{median:.2f}x{interval}"
 
 
 def format_table(rows: Sequence[dict[str, Any]], max_width: int = 100, max_rows: int = 60) -> str:

@@ -207,3 +207,11 @@ def _binomial_cdf(k: int, n: int) -> float:
 def settings() -> dict[str, Any]:
     """What the numbers depend on, recorded next to them."""
     return {"threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def format_speedup(median: float | None, low: float | None = None, high: float | None = None) -> str:
+    """``1.24x [1.15, 1.33]``: a speedup with its 95% confidence interval, when there is one."""
+    if median is None or not math.isfinite(median):
+        return "-"
+    interval = f" [{low:.2f}, {high:.2f}]" if low is not None and high is not None else ""
+    return f"{median:.2f}x{interval}"

@@ -39,7 +39,7 @@ from precsearch.runtime.plan import Plan
 from precsearch.runtime.precisions import FP32, NAMES
 from precsearch.search.progress import Progress
 from precsearch.search.trials import StudySetup, TrialRecord, load_diagnostics, mark_worker, save_diagnostics
-from precsearch.report.summary import format_speedup
+from precsearch.search.bench import format_speedup
 from precsearch.search.selection import choose, split_holdout
 from precsearch.search.storage import (
     COUNTED,

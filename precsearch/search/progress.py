@@ -46,6 +46,6 @@ class Progress:
 
 
 def describe(record: TrialRecord) -> str:
-    from precsearch.report.summary import format_speedup
+    from precsearch.search.bench import format_speedup
 
     return format_speedup(record.speedup, record.speedup_low, record.speedup_high)
