@@ -16,6 +16,7 @@ import torch
 from transformers import BertConfig, BertModel
 
 from precsearch import Plan, apply_plan, walk
+from precsearch.runtime.batches import forward_runner
 from precsearch.search.bench import settings, time_interleaved
 
 
@@ -34,11 +35,7 @@ def measure(repeats: int = 60) -> dict:
         copy = BertModel(config).eval()  # same weights, its own wrappers, applied once
         copy.load_state_dict(model.state_dict())
         apply_plan(copy, plan)
-
-        def run() -> None:
-            with torch.no_grad():
-                copy(**inputs)
-        return run
+        return forward_runner(copy, inputs)
 
     mixed = Plan(default="bf16", layers={unit: "fp32" for unit in units[::2]})
     timings = time_interleaved({"autocast": plain, "plan_all_bf16": planned(Plan(default="bf16")),

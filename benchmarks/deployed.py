@@ -24,11 +24,12 @@ from transformers import BertConfig, BertModel
 
 from precsearch import Plan, apply_plan
 from precsearch.runtime.accuracy import Fidelity
+from precsearch.runtime.batches import forward_runner
 from precsearch.search.bench import settings, time_interleaved
 from precsearch.search.config import SearchConfig
 from precsearch.runtime.plan import Runtime
 from precsearch.search.loop import optimize
-from precsearch.runtime.weights import weight_bytes
+from precsearch.runtime.weights import weight_mb
 
 HIDDEN, LAYERS, BATCH, LENGTH = 256, 4, 16, 128
 
@@ -48,7 +49,7 @@ def batches(n: int = 2) -> list[dict[str, torch.Tensor]]:
 
 
 def _mib(model: torch.nn.Module) -> float:
-    return round(sum(weight_bytes(model).values()) / 2**20, 2)
+    return round(weight_mb(model), 2)
 
 
 def forms(repeats: int) -> dict:
@@ -70,9 +71,7 @@ def forms(repeats: int) -> dict:
                 target = torch.compile(copy.deepcopy(module)) if compiled else module
                 label = f"{name}, {'compiled' if compiled else 'eager'}"
 
-                def run(target=target) -> None:
-                    with torch.no_grad():
-                        target(**batch)
+                run = forward_runner(target, batch)
                 started = time.perf_counter()
                 run()
                 compile_s[label] = round(time.perf_counter() - started, 1)
@@ -103,13 +102,13 @@ def searches(trials: int) -> dict:
     for label, weights, compiled in (("fp32 weights", "fp32", False), ("low weights", "low", False),
                                      ("low weights + compile", "low", True)):
         started = time.perf_counter()
-        result = optimize(model, data, SearchConfig(space="transformer", max_error=limit, trials=trials,
-                                                    progress=False, weights=weights, compile=compiled,
-                                                    study_name=f"deployed-{weights}-{compiled}"))
+        config = SearchConfig.from_names(space="transformer", max_error=limit, trials=trials, progress=False,
+                                         weights=weights, compile=compiled, study_name=f"deployed-{weights}-{compiled}")
+        result = optimize(model, data, config)
         metrics = result.plan.metrics
-        results[label] = {"speedup_vs_eager_fp32": metrics["speedup"], "error": metrics["error"],
-                          "weight_mib": metrics["weight_mb"], "fp32_weight_mib": metrics["baseline_weight_mb"],
-                          "speedup_vs_compiled_fp32": metrics.get("speedup_vs_compiled_fp32"),
+        results[label] = {"speedup_vs_eager_fp32": metrics.speedup, "error": metrics.error,
+                          "weight_mib": metrics.weight_mb, "fp32_weight_mib": metrics.baseline_weight_mb,
+                          "speedup_vs_compiled_fp32": metrics.speedup_vs_compiled_fp32,
                           "units_fp32": result.plan.counts(result.graph.units).get("fp32", 0),
                           "units": len(result.graph), "search_s": round(time.perf_counter() - started, 1)}
     return {"all_bf16_error": all_bf16, "limit": limit, "trials": trials, "results": results}

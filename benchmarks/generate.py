@@ -35,6 +35,8 @@ from precsearch.search.compiled import RECOMPILE_LIMIT, compiled_replica
 from precsearch.search.config import SearchConfig
 from precsearch.runtime.plan import Runtime
 from precsearch.search.loop import optimize
+from precsearch.runtime.batches import forward_runner
+from precsearch.runtime.weights import MB
 from precsearch.runtime.workload import TokenGate, Workload, stats_of
 
 HIDDEN, LAYERS, BATCH, PROMPT, NEW_TOKENS = 256, 4, 4, 32, 32
@@ -67,7 +69,7 @@ def search(model: GPT2LMHeadModel, data: list, new_tokens: int, trials: int) -> 
         all_bf16 = gate.agreement(model)
     minimum = round((1 + all_bf16) / 2, 4)
     started = time.perf_counter()
-    result = optimize(model, data, SearchConfig(
+    result = optimize(model, data, SearchConfig.from_names(
         space="bf16_only", metric="perplexity", max_error=0.01, trials=trials, progress=False, workload="generate",
         new_tokens=new_tokens, min_token_agreement=minimum, study_name="generate-benchmark"))
     plan = result.plan
@@ -126,16 +128,12 @@ def package(model: GPT2LMHeadModel, data: list, plan: Plan, repeats: int) -> dic
         loaded = torch._inductor.aoti_load_package(str(out))
         compiled = compiled_replica(model, forward, batch, "cpu")
 
-        def runner(target):
-            def run() -> None:
-                with torch.no_grad():
-                    target(**batch)
-            return run
-        runs = {"fp32 eager": runner(model), "plan compiled": runner(compiled), "package": runner(loaded)}
+        runs = {"fp32 eager": forward_runner(model, batch), "plan compiled": forward_runner(compiled, batch),
+                "package": forward_runner(loaded, batch)}
         runs["plan compiled"]()   # compiles
         timings = time_interleaved(runs, repeats=repeats, warmup=2)
     ratio = speedup(timings["plan compiled"].samples_ms, timings["package"].samples_ms)
-    return {"size_mb": round(result.size_bytes / 2**20, 2), "export_s": result.export_s,
+    return {"size_mb": round(result.size_bytes / MB, 2), "export_s": result.export_s,
             "max_diff_vs_eager_plan": result.verification.max_diff,
             "forward_ms": {name: round(t.median_ms, 3) for name, t in timings.items()},
             "package_speedup_vs_compiled_plan": str(ratio)}
@@ -152,7 +150,8 @@ def run(trials: int, repeats: int, tiny: bool = False) -> dict:
     if plan is None:
         report["failure"] = "no plan met the limits"
         return report
-    report["plan"] = {"default": plan.default, "layers": plan.layers, "metrics": plan.metrics}
+    report["plan"] = {"default": plan.default, "layers": plan.layers,
+                      "metrics": plan.metrics.to_dict() if plan.metrics else None}
     report["forms"] = forms(model, data[0], plan, new_tokens, repeats)
     report["package"] = package(model, data, plan, repeats)
     by = {row["form"]: row for row in report["forms"]}

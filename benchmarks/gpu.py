@@ -18,6 +18,7 @@ import optuna
 import torch
 
 from precsearch import Plan, apply_plan
+from precsearch.runtime.batches import forward_runner
 from precsearch.search.bench import time_interleaved
 from precsearch.search.config import SearchConfig
 from precsearch.search.loop import optimize
@@ -50,18 +51,16 @@ def main() -> None:
     plans = {"fp32": Plan(default="fp32"), "autocast_fp16": Plan(default="fp16"), "autocast_bf16": Plan(default="bf16")}
 
     # Search (inference): the fastest plan within rel_l2 <= 0.01 of the FP32 logits.
-    result = optimize(model, [{"input_ids": x} for x in ids], SearchConfig(space="transformer", max_error=0.01,
-                      trials=options.trials, progress=False, repeats=5, drop_slow_dtypes=True))
+    config = SearchConfig.from_names(space="transformer", max_error=0.01, trials=options.trials, progress=False,
+                                     repeats=5, drop_slow_dtypes=True)
+    result = optimize(model, [{"input_ids": x} for x in ids], config)
     plans["searched"] = result.plan
     report = {"device": torch.cuda.get_device_name() if device == "cuda" else device, "torch": torch.__version__,
               "model": "GPT-2 small (124M) from config" if not options.tiny else "GPT-2 tiny",
               "batch": list(ids[0].shape), "searched_plan": result.plan.to_dict() if result.plan else None,
               "search_s": round(time.time() - started, 1)}
 
-    def infer():
-        with torch.no_grad():
-            model(input_ids=ids[0])
-
+    infer = forward_runner(model, {"input_ids": ids[0]})
     uses = find_weight_uses(model, {"input_ids": ids[0]}, device)  # learnt once, outside the timing
     timings = time_interleaved({name: (lambda p=plan: apply_plan(model, p, weight_uses=uses), infer)
                                 for name, plan in plans.items() if plan is not None},

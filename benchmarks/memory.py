@@ -5,7 +5,7 @@ A transformers BERT and a GPT-2 with a tied head (random weights from their conf
 downloaded), on this machine's CPU. Per model: weight MiB and rel_l2 against FP32 of
 
 - FP32;
-- the all-BF16 plan, materialized (its FP32 copies dropped; ``handle.weight_bytes()``);
+- the all-BF16 plan, materialized (its FP32 copies dropped; ``weight_mb``);
 - the whole model ``.to(torch.bfloat16)``;
 - ``optimize --space transformer`` at half the all-BF16 rel_l2 (a limit all-BF16 violates),
   without a budget and with ``--max-weight-mb`` 60% of FP32's weights.
@@ -30,7 +30,7 @@ from precsearch.runtime.accuracy import Fidelity
 from precsearch.search.bench import settings
 from precsearch.search.config import SearchConfig
 from precsearch.search.loop import optimize
-from precsearch.runtime.weights import weight_bytes
+from precsearch.runtime.weights import weight_mb
 
 BUDGET = 0.6           # of FP32's weight bytes
 BATCH, LENGTH = 8, 64
@@ -61,10 +61,6 @@ def batches(vocab: int, n: int = 2) -> list[dict[str, torch.Tensor]]:
     return [{"input_ids": torch.randint(0, vocab, (BATCH, LENGTH), generator=generator)} for _ in range(n)]
 
 
-def _mib(model: torch.nn.Module) -> float:
-    return sum(weight_bytes(model).values()) / 2**20
-
-
 def _row(form: str, mib: float, fp32_mib: float, error: float, **extra) -> dict:
     return {"form": form, "weight_mib": round(mib, 2), "of_fp32": round(mib / fp32_mib, 3),
             "rel_l2": float(f"{error:.4g}"), **extra}
@@ -74,35 +70,35 @@ def measure(name: str, shape: dict, trials: int) -> dict:
     """One model's rows: FP32, the all-BF16 plan, ``.to(bfloat16)``, and the two searches."""
     model, data = BUILDERS[name](**shape), batches(shape["vocab"])
     fidelity = Fidelity.builtin(model, data, "rel_l2", 1.0)   # the FP32 reference, computed once
-    fp32_mib = _mib(model)
+    fp32_mib = weight_mb(model)
     rows = [_row("fp32", fp32_mib, fp32_mib, 0.0)]
 
     replica = copy.deepcopy(model)
     handle = apply_plan(replica, Plan(default="bf16"), example_inputs=data[0]).materialize()
     all_bf16 = fidelity.error(replica)
-    rows.append(_row("all-bf16 plan, materialized", sum(handle.weight_bytes().values()) / 2**20, fp32_mib, all_bf16,
+    rows.append(_row("all-bf16 plan, materialized", weight_mb(replica), fp32_mib, all_bf16,
                      finite=all_bf16 < float("inf")))
     del replica, handle
 
     whole = copy.deepcopy(model).to(torch.bfloat16)
-    rows.append(_row(".to(bfloat16)", _mib(whole), fp32_mib, fidelity.error(whole)))
+    rows.append(_row(".to(bfloat16)", weight_mb(whole), fp32_mib, fidelity.error(whole)))
     del whole
 
     limit = all_bf16 / 2
     budget = round(BUDGET * fp32_mib, 3)
     for label, max_weight_mb in (("searched, no budget", None), (f"searched, budget {budget:g} MiB", budget)):
         started = time.perf_counter()
-        result = optimize(model, data, SearchConfig(space="transformer", max_error=limit, trials=trials,
-                                                    progress=False, max_weight_mb=max_weight_mb,
-                                                    study_name=f"memory-{name}-{max_weight_mb}"))
+        config = SearchConfig.from_names(space="transformer", max_error=limit, trials=trials, progress=False,
+                                         max_weight_mb=max_weight_mb, study_name=f"memory-{name}-{max_weight_mb}")
+        result = optimize(model, data, config)
         seconds = round(time.perf_counter() - started, 1)
         if result.plan is None:
             rows.append({"form": label, "weight_mib": None, "of_fp32": None, "rel_l2": None, "found": False,
                          "why": result.shortfall() or "no plan met the accuracy limit", "search_s": seconds})
             continue
         metrics = result.plan.metrics
-        rows.append(_row(label, metrics["weight_mb"], fp32_mib, metrics["error"], found=True,
-                         speedup=metrics["speedup"], search_s=seconds,
+        rows.append(_row(label, metrics.weight_mb, fp32_mib, metrics.error, found=True,
+                         speedup=metrics.speedup, search_s=seconds,
                          fp32_units=result.plan.counts(result.graph.units).get("fp32", 0), units=len(result.graph)))
     return {"model": f"{type(model).__name__}(hidden={shape['hidden']}, layers={shape['layers']}, "
                      f"vocab={shape['vocab']}), {BATCH} x {LENGTH} tokens",

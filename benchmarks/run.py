@@ -27,6 +27,7 @@ import search_overhead  # noqa: E402
 import stability  # noqa: E402
 import strategies  # noqa: E402
 
+from precsearch.search.bench import format_speedup  # noqa: E402
 from precsearch.search.study_setup import device_name  # noqa: E402
 
 
@@ -138,7 +139,7 @@ def _trial_seconds(case: dict) -> str:
 
 def _x(interval: list[float]) -> str:
     median, low, high = interval
-    return "-" if median != median else f"{median:.2f}x [{low:.2f}, {high:.2f}]"
+    return format_speedup(median, low, high)
 
 
 def _met(flag: bool) -> str:
@@ -150,7 +151,7 @@ def _gpu_note() -> str:
     if not path.exists():
         return "No GPU was available when this last ran, so no GPU numbers are committed."
     result = json.loads(path.read_text())
-    rows = ", ".join(f"{name} {value['speedup']}x" for name, value in result["inference"].items())
+    rows = ", ".join(f"{name} {format_speedup(value['speedup'])}" for name, value in result["inference"].items())
     return f"Last run on {result['device']}: inference speedups {rows}."
 
 
@@ -163,8 +164,9 @@ def _deployed_section(result: dict) -> list[str]:
              "| --- | ---: | ---: | ---: | ---: |"]
     lines += [f"| {row['form']} | {row['median_ms']} | {row['speedup_vs_eager_fp32']} | {row['weight_mib']} | "
               f"{row['first_call_s'] if row['first_call_s'] is not None else '-'} |" for row in forms["rows"]]
-    lines += ["", f"All-BF16 with weights held low vs autocast's FP32 weights: **{forms['low_vs_autocast_eager']}x** "
-              f"eager (goal 1.05x), **{forms['low_vs_autocast_compiled']}x** compiled (goal 1.25x).", "",
+    lines += ["", f"All-BF16 with weights held low vs autocast's FP32 weights: "
+              f"**{format_speedup(forms['low_vs_autocast_eager'])}** eager (goal 1.05x), "
+              f"**{format_speedup(forms['low_vs_autocast_compiled'])}** compiled (goal 1.25x).", "",
               f"`optimize --space transformer` at rel_l2 <= {searches['limit']:.3g} (half of all-BF16's "
               f"{searches['all_bf16_error']:.3g}), {searches['trials']} trials, under three runtimes:", "",
               "| runtime | speedup vs eager fp32 | vs compiled fp32 | rel_l2 | fp32 units | weight MiB (fp32: "
@@ -220,8 +222,8 @@ def _generate_section(result: dict | None) -> list[str]:
               f"{row['decode_tokens_per_s']} | {row['speedup_vs_eager_fp32']} | "
               f"{row['first_call_s'] if row['first_call_s'] is not None else '-'} |" for row in result.get("forms", [])]
     ratios = result.get("plan_vs_fp32_decode_tokens_per_s", {})
-    lines += ["", f"Searched plan / FP32 decode tokens/s: **{ratios.get('eager')}x** eager, "
-              f"**{ratios.get('compiled')}x** compiled (goal 1.3x).", ""]
+    lines += ["", f"Searched plan / FP32 decode tokens/s: **{format_speedup(ratios.get('eager'))}** eager, "
+              f"**{format_speedup(ratios.get('compiled'))}** compiled (goal 1.3x).", ""]
     package = result.get("package", {})
     if "failure" in package:
         lines += [f"Export: the plan could not be packaged: {package['failure']}", ""]
@@ -245,8 +247,9 @@ def _stability_section(result: dict) -> list[str]:
     for case in result["cases"]:
         for run in case["runs"]:
             again = run["remeasured"]
-            lines.append(f"| {case['mode']} | {case['limit']:.3g} | {run['seed']} | {run['speedup']}x "
-                         f"[{run['low']}, {run['high']}] | {again['speedup']}x [{again['low']}, {again['high']}] | "
+            lines.append(f"| {case['mode']} | {case['limit']:.3g} | {run['seed']} | "
+                         f"{format_speedup(run['speedup'], run['low'], run['high'])} | "
+                         f"{format_speedup(again['speedup'], again['low'], again['high'])} | "
                          f"{'yes' if run['remeasured_inside_interval'] else 'no'} | "
                          f"{'yes' if run['within_3pct_of_best'] else 'no'} | {run['trials_per_minute']} |")
     return [*lines, ""]

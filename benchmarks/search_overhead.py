@@ -62,7 +62,7 @@ def overhead() -> dict:
             "trials": trials, "search_s": round(total, 2),
             "per_trial_ms": round(1e3 * sum(durations) / len(durations), 1),
             "per_trial_model_evaluation_ms": round(1e3 * sum(evaluated) / len(durations), 1),
-            "distinct_plans": len({TrialRecord.of(t).plan for t in finished}),
+            "distinct_plans": len({TrialRecord.of(t, result.graph.units).code for t in finished}),
             "per_trial_overhead_ms": round(1e3 * (sum(durations) - sum(evaluated)) / len(durations), 1),
         }
     return results

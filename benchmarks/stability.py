@@ -20,6 +20,7 @@ from transformers import BertConfig, BertModel
 
 from precsearch import Plan, apply_plan
 from precsearch.runtime.accuracy import Fidelity
+from precsearch.runtime.batches import forward_runner
 from precsearch.search.bench import settings, speedup, time_interleaved
 from precsearch.search.config import SearchConfig
 from precsearch.search.loop import optimize
@@ -53,10 +54,7 @@ def remeasure(model: torch.nn.Module, plan: Plan, batch, training: bool, rounds:
         fp32 = training_step(model, batch, default_loss, optimizer, None, "cpu")
         candidate = training_step(model, batch, default_loss, optimizer, plan, "cpu")
     else:
-        def fp32() -> None:
-            with torch.no_grad():
-                model(**batch)
-        candidate = fp32
+        fp32 = candidate = forward_runner(model, batch)
     example = None if training else batch
     timings = time_interleaved({"fp32": fp32, "plan": (lambda: apply_plan(model, plan, example_inputs=example),
                                                        candidate)}, repeats=rounds, warmup=2)
@@ -77,16 +75,17 @@ def case(training: bool, trials: int) -> dict:
     runs = []
     for seed in (0, 1, 2):
         started = time.perf_counter()
-        result = optimize(model, data, SearchConfig(space="transformer", mode="training" if training else "inference",
-                                                    max_error=limit, trials=trials, seed=seed, progress=False,
-                                                    study_name=f"stability-{training}-{seed}"))
+        config = SearchConfig.from_names(space="transformer", mode="training" if training else "inference",
+                                         max_error=limit, trials=trials, seed=seed, progress=False,
+                                         study_name=f"stability-{training}-{seed}")
+        result = optimize(model, data, config)
         minutes = (time.perf_counter() - started) / 60
         metrics = result.plan.metrics
         again = remeasure(model, result.plan, data[0], training)
-        runs.append({"seed": seed, "speedup": metrics["speedup"], "low": metrics.get("speedup_low"),
-                     "high": metrics.get("speedup_high"), "error": metrics["error"], "remeasured": again,
-                     "remeasured_inside_interval": metrics.get("speedup_low") is not None
-                     and metrics["speedup_low"] <= again["speedup"] <= metrics["speedup_high"],
+        runs.append({"seed": seed, "speedup": metrics.speedup, "low": metrics.speedup_low,
+                     "high": metrics.speedup_high, "error": metrics.error, "remeasured": again,
+                     "remeasured_inside_interval": metrics.speedup_low is not None
+                     and metrics.speedup_low <= again["speedup"] <= metrics.speedup_high,
                      "layers": result.plan.layers, "default": result.plan.default,
                      "trials_per_minute": round(trials / minutes, 2)})
     best = max(run["remeasured"]["speedup"] for run in runs)

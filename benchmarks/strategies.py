@@ -27,6 +27,7 @@ from torch import nn
 
 from precsearch import Plan, walk
 from precsearch.runtime.accuracy import Fidelity
+from precsearch.runtime.batches import forward_runner
 from precsearch.search.bench import settings, speedup, time_interleaved
 from precsearch.search.compiled import time_compiled
 from precsearch.search.config import SearchConfig
@@ -52,16 +53,17 @@ def search(model: nn.Module, batches: list, limit: float, trials: int, strategy:
            compile: bool) -> dict:
     """One search as ``precsearch optimize`` runs it: its plan, cost and trial statistics."""
     started = time.perf_counter()
-    result = optimize(model, batches, SearchConfig(max_error=limit, trials=trials, progress=False, seed=seed,
-                                                   strategy=strategy, compile=compile))
+    config = SearchConfig.from_names(max_error=limit, trials=trials, progress=False, seed=seed, strategy=strategy,
+                                     compile=compile)
+    result = optimize(model, batches, config)
     seconds = time.perf_counter() - started
     units = result.graph.units
     complete = [t for t in result.study.trials if t.state.name == "COMPLETE"]
     quality = prediction_quality(trials_frame(result.study))
     plan = {u: result.plan.precision(u) for u in units} if result.plan else {u: "fp32" for u in units}
     return {"seed": seed, "plan": plan, "seconds": round(seconds, 1), "trials": len(complete),
-            "evaluations": len({TrialRecord.of(t).plan for t in complete}),
-            "sequence": [TrialRecord.of(t).plan for t in complete],
+            "evaluations": len({TrialRecord.of(t, units).code for t in complete}),
+            "sequence": [TrialRecord.of(t, units).code for t in complete],
             "feasible_sequence": [t.constraints["error"] <= 0 for t in complete],
             **({"prediction": quality} if quality else {})}
 
@@ -190,10 +192,7 @@ def trap_model() -> dict:
     found.setdefault(encode({}, units), {u: "fp32" for u in units})
     uses = find_weight_uses(model, batches[0], "cpu")
 
-    def run():
-        with torch.no_grad():
-            model(batches[0])
-
+    run = forward_runner(model, batches[0])
     timings = time_interleaved({code: (lambda layers=layers: apply_plan(model, Plan.compact(layers), weight_uses=uses),
                                        run) for code, layers in found.items()}, repeats=40, warmup=3)
     base = timings[encode({}, units)].samples_ms

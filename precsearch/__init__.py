@@ -16,18 +16,20 @@ from precsearch.runtime.apply import PlanHandle, apply_plan
 from precsearch.runtime.audit import AuditReport, audit
 from precsearch.runtime.errors import InputError, PlanError, PrecsearchError
 from precsearch.runtime.plan import LossScaling, Plan, load_plan, model_fingerprint
+from precsearch.runtime.plan_sections import Constraint, PlanMetrics
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AuditReport", "InputError", "LayerGraph", "LossScaling", "Plan", "PlanError", "PlanHandle",
-    "PrecsearchError", "SearchConfig", "SearchResult", "SearchSpace", "apply_plan", "audit", "load_plan",
-    "model_fingerprint", "optimize", "walk",
+    "AuditReport", "CheckResult", "Constraint", "InputError", "LayerGraph", "LossScaling", "Plan", "PlanError",
+    "PlanHandle", "PlanMetrics", "PrecsearchError", "SearchConfig", "SearchResult", "SearchSpace", "apply_plan",
+    "audit", "check", "load_plan", "model_fingerprint", "optimize", "walk",
 ]
 
 _LAZY = {"optimize": "precsearch.search.loop", "SearchResult": "precsearch.search.loop",
          "SearchSpace": "precsearch.search.space", "SearchConfig": "precsearch.search.config",
-         "walk": "precsearch.search.graph", "LayerGraph": "precsearch.search.graph"}
+         "walk": "precsearch.search.graph", "LayerGraph": "precsearch.search.graph",
+         "check": "precsearch.search.check", "CheckResult": "precsearch.search.check"}
 
 
 def __getattr__(name: str) -> Any:

@@ -15,6 +15,7 @@ from typing import Any, Callable
 from precsearch.runtime.errors import InputError, described
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+SEARCH_EXTRA = frozenset({"optuna", "pandas", "matplotlib", "networkx"})   # pip install 'precsearch[search]'
 
 
 class _Parser(argparse.ArgumentParser):
@@ -60,6 +61,16 @@ def _add_data_file_args(parser: argparse.ArgumentParser) -> None:
                         help="--data FILE: use N examples, a seeded choice (--seed; default: all)")
 
 
+def _add_fingerprint_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ignore-fingerprint", action="store_true",
+                        help="warn instead of failing when the plan was made for another model")
+
+
+def _fingerprint_mismatch(args: argparse.Namespace) -> str:
+    """What applying a plan made for another model does: ``--ignore-fingerprint`` warns."""
+    return "warn" if args.ignore_fingerprint else "error"
+
+
 def _data_options(args: argparse.Namespace) -> Any:
     from precsearch.search.datafiles import DataOptions
 
@@ -67,8 +78,9 @@ def _data_options(args: argparse.Namespace) -> Any:
                        max_length=args.max_length, samples=args.samples, seed=getattr(args, "seed", 0))
 
 
-def _model_and_data(args: argparse.Namespace) -> tuple[Any, list[Any], str, str]:
-    """Load the factories (or the demo), move both to the device; returns the model's name too."""
+def _model_and_data(args: argparse.Namespace, *, training: bool = False) -> tuple[Any, list[Any], str, str]:
+    """Load the factories (or the demo), move both to the device; returns the model's name too.
+    ``training``: the demo's training batches, and the model in train mode (else eval mode)."""
     import torch
 
     from precsearch.search import factories
@@ -77,7 +89,6 @@ def _model_and_data(args: argparse.Namespace) -> tuple[Any, list[Any], str, str]
     if (args.model is None) != (args.data is None):
         raise InputError("--model and --data go together: give both, or neither for the built-in demo")
     model_spec = args.model or factories.DEMO_MODEL
-    training = getattr(args, "mode", "infer") in ("train", "training")
     data_spec = args.data or (factories.DEMO_TRAINING_DATA if training else factories.DEMO_DATA)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -133,75 +144,35 @@ def cmd_layers(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from precsearch.runtime.audit import audit
-    from precsearch.runtime.batches import split_training
-    from precsearch.search.graph import walk
-    from precsearch.runtime.memory import MemoryBudget
+    from precsearch.runtime.ops import device_type_of
     from precsearch.runtime.plan import load_plan
-    from precsearch.runtime.apply import apply_plan
+    from precsearch.search import factories
+    from precsearch.search.check import PlanBreaksModel, check
 
     plan = load_plan(args.plan)
     if args.package:
         return _check_package(args, plan)
-    args.mode = "train" if plan.mode == "training" else "infer"  # training plans audit backward too
-    model, data, device, _ = _model_and_data(args)
-    mismatch = "warn" if args.ignore_fingerprint else "error"
-    loss_fn = None
-    if plan.mode == "training":
-        from precsearch.search import factories
-        from precsearch.runtime.training import default_loss
-
-        loss_fn = factories.resolve(args.loss, "loss") if args.loss else default_loss
-        model.train()
-    # Every unit the walker finds must run an eligible op in its planned dtype.
-    units = walk(model, split_training(data[0])[0] if loss_fn else data[0]).units
+    training = plan.mode == "training"  # training plans audit backward too
+    model, data, device, _ = _model_and_data(args, training=training)
+    loss_fn = factories.resolve(args.loss, "loss") if training and args.loss else None
     try:
-        with apply_plan(model, plan, fingerprint_mismatch=mismatch) as handle:
-            report = audit(model, plan, data, loss_fn=loss_fn, units=units)
-            weight_mb = sum(handle.weight_bytes().values()) / 2**20
-    except InputError:
-        raise
-    except (RuntimeError, TypeError, ValueError) as error:  # the plan itself breaks the model
-        print(f"precsearch: the model fails under this plan: {described(error)} (does it split a "
-              f"unit's precision from the unit around it? optimize ties such units)", file=sys.stderr)
+        result = check(model, plan, data, compile=args.compile, loss_fn=loss_fn, device_type=device_type_of(device),
+                       fingerprint_mismatch=_fingerprint_mismatch(args))
+    except PlanBreaksModel as error:
+        print(f"precsearch: {error}", file=sys.stderr)
         return EXIT_FAILED
-    compiled = None
-    if args.compile:
-        from precsearch.search.compiled import check_compiled
-        from precsearch.runtime.ops import device_type_of
-
-        compiled = check_compiled(model, plan, data, device_type_of(device))
-    budget = MemoryBudget.of(plan.constraint).max_weight_mb
-    ok = report.ok and (compiled is None or compiled["within_limit"] is not False) \
-        and (budget is None or weight_mb <= budget)
-    if args.json:
-        print(json.dumps({"ok": ok, "ops": len(report.entries), "mismatches": [vars(e) for e in report.mismatches],
-                          "weight_mb": round(weight_mb, 3), "max_weight_mb": budget,
-                          "silent_units": list(report.silent), "compiled": compiled}, indent=2))
-    else:
-        print(report)
-        if budget is not None:
-            print(f"weights as applied: {weight_mb:.4g} MB, {'within' if weight_mb <= budget else 'OVER'} the plan's "
-                  f"memory budget of {budget:g} MB (max_weight_mb)")
-        if compiled is not None:
-            from precsearch.search.compiled import verdict
-
-            print(verdict(compiled))
-    return EXIT_OK if ok else EXIT_FAILED
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result)
+    return EXIT_OK if result.ok else EXIT_FAILED
 
 
 def _check_package(args: argparse.Namespace, plan: Any) -> int:
     """``check --package``: the package's error against the FP32 model within the plan's limit."""
-    from precsearch.runtime.accuracy import Fidelity
-    from precsearch.search.export import check_package, load_package
+    from precsearch.search.check import check_exported, load_package_for
 
-    if plan.mode != "inference":
-        raise InputError("--package: packages hold inference plans; this plan is for training")
-    package = load_package(args.package)
-    args.mode = "infer"
-    model, data, _, _ = _model_and_data(args)  # in eval mode
-    plan.validate_for(model, fingerprint_mismatch="warn" if args.ignore_fingerprint else "error")
-    result = check_package(package, Fidelity.of_constraint(model, data, plan.constraint), args.package)
+    package = load_package_for(plan, args.package)  # before the model is built
+    model, data, _, _ = _model_and_data(args)
+    result = check_exported(package, model, plan, data, path=args.package,
+                            fingerprint_mismatch=_fingerprint_mismatch(args))
     if args.json:
         print(json.dumps({"ok": result.within_limit is not False, "metric": result.metric, "error": result.error,
                           "limit": result.limit}, indent=2))
@@ -218,11 +189,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     plan = load_plan(args.plan)
     checked_out(args.out)  # before the model is built
-    args.mode = "infer"
     model, data, device, _ = _model_and_data(args)
-    mismatch = "warn" if args.ignore_fingerprint else "error"
     result = export_plan(model, plan, data, args.out, dynamic=args.dynamic, device_type=device_type_of(device),
-                         fingerprint_mismatch=mismatch)
+                         fingerprint_mismatch=_fingerprint_mismatch(args))
     if result.dynamic_note:
         _warn(result.dynamic_note)
     if plan.resolved_runtime.run.generates:
@@ -240,77 +209,25 @@ def cmd_export(args: argparse.Namespace) -> int:
     return EXIT_FAILED if check.within_limit is False else EXIT_OK
 
 
-def _study_name(model_spec: str) -> str:
-    """``"precsearch.examples.demo:model"`` -> ``"demo"``; ``"zoo.nets:resnet"`` -> ``"nets-resnet"``;
-    ``"hf:ckpt/bert"`` -> ``"hf-bert"``."""
-    from precsearch.runtime import hf
-    if hf.is_checkpoint(model_spec):
-        return hf.study_name(model_spec)
-    module, _, function = model_spec.partition(":")
-    stem = module.rsplit(".", 1)[-1]
-    return stem if function == "model" else f"{stem}-{function}"
-
-
-def _user_fidelity(args: argparse.Namespace, model: Any, data: list[Any]) -> Any:
-    """The ``--metric M:F`` constraint, or None for a built-in metric."""
-    from precsearch.search import factories
-    from precsearch.runtime.accuracy import Fidelity
-
-    if args.metric:
-        function = factories.resolve(args.metric, "metric")
-        return Fidelity.user(model, data, function, args.metric, max_drop=args.max_drop,
-                             max_rel_drop=args.max_rel_drop)
-    if args.max_drop is not None or args.max_rel_drop is not None:
-        raise InputError("--max-drop/--max-rel-drop bound a --metric M:F; use --max-error with --metric-name")
-    return None
-
-
 def cmd_optimize(args: argparse.Namespace) -> int:
-    import dataclasses
-    from pathlib import Path
-
     import optuna
 
-    from precsearch.search import factories
-    from precsearch.search.config import SearchConfig
-    from precsearch.runtime.ops import device_type_of
     from precsearch.report.outputs import check_writable, output_directory, write_results
+    from precsearch.report.summary import format_table
     from precsearch.runtime.plan import mask_password
     from precsearch.runtime.precisions import FP32
-    from precsearch.report.summary import format_table
     from precsearch.search.loop import optimize
     from precsearch.search.storage import open_storage
 
-    # Everything but the model-dependent fidelity is checked before the model is built.
-    config = SearchConfig(space=args.space, metric=args.metric_name or "rel_l2", max_error=args.max_error,
-                          mode=args.mode,
-                          loss_fn=factories.resolve(args.loss, "loss") if args.loss else None,
-                          trials=args.trials, timeout=args.timeout, seed=args.seed, heartbeat=args.heartbeat,
-                          strategy=args.strategy, weights=args.weights, compile=args.compile,
-                          holdout=args.holdout, margin=args.margin, max_weight_mb=args.max_weight_mb,
-                          max_peak_mb=args.max_peak_mb, workload=args.workload, new_tokens=args.new_tokens,
-                          min_token_agreement=args.min_token_agreement, progress=True)
-    model_spec = args.model or factories.DEMO_MODEL
-    study_name = args.study or _study_name(model_spec)
-    out = Path(args.out or Path("reports") / study_name)
+    request = _search_request(args)   # everything but the model-dependent fidelity, before the model is built
+    out = request.out
     check_writable(out)
-    storage = args.storage or f"sqlite:///{out / 'study.db'}"
     open_storage(args.storage)  # a bad URL fails before the model is built
-    model, data, device, model_spec = _model_and_data(args)
-    config.run.check(model, data[0])  # --workload generate needs a language model and token batches
-    config.memory.check_device(device_type_of(device))   # --max-peak-mb needs a device that reports peaks
-    fidelity = _user_fidelity(args, model, data)
-    metric_name = args.metric_name or _task_metric(model_spec, model, data)
-    config = dataclasses.replace(config, metric=metric_name, fidelity=fidelity, storage=storage,
-                                 study_name=study_name, model_name=model_spec, holdout_data=_holdout_data(args, device))
+    model, data, device, model_spec = _model_and_data(args, training=request.config.training)
+    config = request.config_for(model, data, device)
+    storage, study_name = config.storage, config.study_name
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    metric = "grad_rel_l2" if config.training else config.metric
-    limit = f"{fidelity.name} <= {fidelity.limit:g}" if fidelity else f"{metric} <= {config.max_error:g}"
-    limit_value = fidelity.limit if fidelity else config.max_error
-    limit += f", {config.memory.text()}" if config.memory else ""
-    limit += (f", generated tokens agree with FP32's >= {config.min_token_agreement:g}; timed: "
-              f"{config.run.describe()}" if config.run.generates else "")
-    print(f"precsearch: searching {model_spec} on {device} ({config.mode}): {limit}, "
+    print(f"precsearch: searching {model_spec} on {device} ({config.mode}): {_limits_text(config)}, "
           f"{args.trials} trials, study {study_name!r} in {mask_password(storage)}", file=sys.stderr)
     unseen = _unseen_data_line(config, len(data))
     if unseen:
@@ -326,14 +243,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     if result.set_up_here:
         print(f"precsearch: this worker set up study {study_name!r} (sensitivity, probes, seeds)", file=sys.stderr)
     if result.plan is None:
-        risky = ", ".join(f"{name or '<root>'} in {dtype} (~{error:.2g})"
-                          for name, dtype, error in result.decisions.most_sensitive(3))
-        within = f" with --margin {config.margin:g} ({metric} <= {limit_value * (1 - config.margin):.4g})" \
-            if config.margin else ""
-        compiled = " compiled" if config.compile else ""
-        why = result.shortfall() or f"most sensitive: {risky}. Loosen the limit or add trials"
-        print(f"precsearch: no plan meets {limit}{within}{compiled} in {len(result.study.trials)} "
-              f"trials; {why}.", file=sys.stderr)
+        print(f"precsearch: {_no_plan_text(config, result)}", file=sys.stderr)
         return EXIT_FAILED
     if result.plan.default == FP32 and not result.plan.layers:
         print("precsearch: no plan ran faster than FP32 in the final race on this machine: plan.yaml keeps "
@@ -346,49 +256,73 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _task_metric(model_spec: str, model: Any, data: list[Any]) -> str:
-    """The default --metric-name: the checkpoint's task metric for hf:DIR, else rel_l2."""
-    from precsearch.runtime import hf
-    from precsearch.runtime.accuracy import task_metric
+def _limits_text(config: Any) -> str:
+    """``rel_l2 <= 0.01, weight memory <= 40 MB``: every limit the search holds a plan to."""
+    fidelity = config.fidelity
+    limit = f"{fidelity.name} <= {fidelity.limit:g}" if fidelity else f"{_metric_name(config)} <= {config.max_error:g}"
+    limit += f", {config.memory.text()}" if config.memory else ""
+    return limit + (f", generated tokens agree with FP32's >= {config.min_token_agreement:g}; timed: "
+                    f"{config.run.describe()}" if config.run.generates else "")
 
-    return task_metric(hf.task_of(model), data) if hf.is_checkpoint(model_spec) else "rel_l2"
+
+def _metric_name(config: Any) -> str:
+    return "grad_rel_l2" if config.training else config.metric
 
 
-def _holdout_data(args: argparse.Namespace, device: str) -> list[Any] | None:
-    """The ``--holdout-data`` batches on the device, or None."""
-    if not args.holdout_data:
-        return None
-    from precsearch.search import factories
-    from precsearch.runtime.batches import to_device
+def _no_plan_text(config: Any, result: Any) -> str:
+    """Why no plan was chosen: the limits, the trials, and the shortfall or the riskiest units."""
+    limit = config.fidelity.limit if config.fidelity else config.max_error
+    within = f" with --margin {config.margin:g} ({_metric_name(config)} <= {limit * (1 - config.margin):.4g})" \
+        if config.margin else ""
+    compiled = " compiled" if config.compile else ""
+    risky = ", ".join(f"{name or '<root>'} in {dtype} (~{error:.2g})"
+                      for name, dtype, error in result.decisions.most_sensitive(3))
+    why = result.shortfall() or f"most sensitive: {risky}. Loosen the limit or add trials"
+    return f"no plan meets {_limits_text(config)}{within}{compiled} in {len(result.study.trials)} trials; {why}."
 
-    return [to_device(batch, device) for batch in factories.load_data(args.holdout_data, "holdout-data")]
+
+def _search_request(args: argparse.Namespace) -> Any:
+    """``optimize``'s options as a ``SearchRequest``, checked."""
+    from precsearch.search.request import SearchRequest
+
+    return SearchRequest.of(
+        model=args.model, study=args.study, out=args.out, storage=args.storage, loss=args.loss,
+        metric_name=args.metric_name, metric=args.metric, max_drop=args.max_drop, max_rel_drop=args.max_rel_drop,
+        holdout_data=args.holdout_data, space=args.space, strategy=args.strategy, max_error=args.max_error,
+        mode=args.mode, trials=args.trials, timeout=args.timeout, seed=args.seed, heartbeat=args.heartbeat,
+        weights=args.weights, compile=args.compile, holdout=args.holdout, margin=args.margin,
+        max_weight_mb=args.max_weight_mb, max_peak_mb=args.max_peak_mb, workload=args.workload,
+        new_tokens=args.new_tokens, min_token_agreement=args.min_token_agreement)
 
 
 def _error_lines(plan: Any) -> list[str]:
     """The chosen plan's errors beyond the search's own: compiled, and on held-out batches."""
-    metrics, constraint = plan.metrics or {}, plan.constraint or {}
-    name, limit = constraint.get("metric", "error"), constraint.get("limit")
+    from precsearch.runtime.plan_sections import PlanMetrics
+
+    metrics, constraint = plan.metrics or PlanMetrics(), plan.constraint
+    name, limit = (constraint.metric, constraint.limit) if constraint is not None else ("error", None)
     lines = []
-    if metrics.get("compiled_error") is not None:
-        lines.append(f"compiled: {name} {metrics['compiled_error']:.4g} against FP32 (limit {limit:g})")
-    if metrics.get("holdout_error") is not None:
-        lines.append(f"held out: {name} {metrics['holdout_error']:.4g} on {metrics.get('holdout_batches')} batches "
-                     f"the search never saw (search error {metrics.get('error', 0.0):.4g}, limit {limit:g})")
+    if metrics.compiled_error is not None:
+        lines.append(f"compiled: {name} {metrics.compiled_error:.4g} against FP32 (limit {limit:g})")
+    if metrics.holdout_error is not None:
+        search_error = metrics.error if metrics.error is not None else 0.0
+        lines.append(f"held out: {name} {metrics.holdout_error:.4g} on {metrics.holdout_batches} batches "
+                     f"the search never saw (search error {search_error:.4g}, limit {limit:g})")
     return lines
 
 
 def _generation_lines(plan: Any) -> list[str]:
     """A generating plan's prefill, decode and tokens/s beside FP32's, and its token agreement."""
-    metrics, runtime = plan.metrics or {}, plan.resolved_runtime
-    if not runtime.run.generates or metrics.get("prefill_ms") is None:
+    metrics, runtime = plan.metrics, plan.resolved_runtime
+    if not runtime.run.generates or metrics is None or not metrics.generates:
         return []
-    decode = metrics.get("decode_ms_per_token")
-    minimum = (plan.constraint or {}).get("min_token_agreement")
-    agreement = metrics.get("token_agreement")
+    decode = metrics.decode_ms_per_token
+    minimum = plan.constraint.min_token_agreement if plan.constraint is not None else None
+    agreement = metrics.token_agreement
     form = "compiled, static cache" if runtime.compile else "eager"
-    line = (f"generation ({runtime.new_tokens} new tokens, {form}): prefill {metrics['prefill_ms']:.4g} ms, decode "
-            f"{'-' if decode is None else format(decode, '.4g')} ms/token, {metrics.get('tokens_per_s')} tokens/s "
-            f"(FP32 {metrics.get('baseline_tokens_per_s')} tokens/s); greedy tokens agree with FP32's "
+    line = (f"generation ({runtime.new_tokens} new tokens, {form}): prefill {metrics.prefill_ms:.4g} ms, decode "
+            f"{'-' if decode is None else format(decode, '.4g')} ms/token, {metrics.tokens_per_s} tokens/s "
+            f"(FP32 {metrics.baseline_tokens_per_s} tokens/s); greedy tokens agree with FP32's "
             f"{'-' if agreement is None else format(agreement, '.3g')}"
             f"{'' if minimum is None else f' (min {minimum:g})'}")
     return [line]
@@ -474,7 +408,6 @@ def _short_names(paths: list[Any]) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     from precsearch.runtime.accuracy import METRICS
-    from precsearch.search.strategies import STRATEGIES
     from precsearch.runtime.workload import DEFAULT_MIN_TOKEN_AGREEMENT, DEFAULT_NEW_TOKENS, WORKLOADS
 
     parser = _Parser(prog="precsearch", description=(
@@ -505,8 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also compile the plan with torch.compile and check the compiled model's error "
                             "against FP32 (in eval mode) stays within the plan's limit; exit 1 when it is over "
                             "the limit or the model cannot run compiled (the audit itself runs eager)")
-    check.add_argument("--ignore-fingerprint", action="store_true",
-                       help="warn instead of failing when the plan was made for another model")
+    _add_fingerprint_arg(check)
     check.add_argument("--package", metavar="MODEL.pt2",
                        help="instead of the audit, run this AOTInductor package (precsearch export) on the data "
                             "and check its error against the FP32 model stays within the plan's limit; exit 1 "
@@ -528,8 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="export the batch dimension (and the second one, e.g. the sequence, where inputs "
                              "have one) as dynamic where the model allows; if it does not, one warning and a "
                              "static export")
-    export.add_argument("--ignore-fingerprint", action="store_true",
-                        help="warn instead of failing when the plan was made for another model")
+    _add_fingerprint_arg(export)
     export.set_defaults(run=cmd_export)
 
     search = commands.add_parser(
@@ -603,8 +534,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--study", metavar="NAME", help="study name (default: from the model factory)")
     search.add_argument("--out", metavar="DIR", help="output directory (default: reports/STUDY/)")
     search.add_argument("--seed", type=int, default=0, help="sampler seed (default: 0)")
-    search.add_argument("--strategy", default="optuna", choices=list(STRATEGIES), metavar="NAME",
-                        help="; ".join(f"{s.name}: {s.help}" for s in STRATEGIES.values()))
+    strategies = _strategy_help()
+    search.add_argument("--strategy", default="optuna", choices=list(strategies) or None, metavar="NAME",
+                        help="; ".join(f"{name}: {text}" for name, text in strategies.items()))
     search.add_argument("--heartbeat", type=_number, default=60, metavar="SECONDS",
                         help="how often a worker tells the storage it is alive; a trial silent for twice this "
                              "is failed and re-queued (default: 60)")
@@ -634,46 +566,57 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _strategy_help() -> dict[str, str]:
+    """``--strategy``'s names and their help; none without the search extra (``optimize`` then
+    says that it needs it), so that the other commands run without it."""
+    try:
+        from precsearch.search.strategies import STRATEGIES
+    except ModuleNotFoundError as error:
+        if not _missing_search_extra(error):
+            raise
+        return {}
+    return {strategy.name: strategy.help for strategy in STRATEGIES.values()}
+
+
 def _positive(text: str) -> float:
     value = _number(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number")
-    return value
+    return _required(value > 0, value, text, "a positive number")
 
 
 def _number(text: str) -> float:
     import math
 
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number >= 0")
-    return value
+    value = _parsed(text, float, "a number")
+    return _required(math.isfinite(value) and value >= 0, value, text, "a finite number >= 0")
 
 
 def _fraction(text: str) -> float:
     value = _number(text)
-    if value >= 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a fraction >= 0 and < 1")
-    return value
+    return _required(value < 1, value, text, "a fraction >= 0 and < 1")
 
 
 def _fraction_or_one(text: str) -> float:
     value = _number(text)
-    if value > 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a fraction from 0 to 1")
-    return value
+    return _required(value <= 1, value, text, "a fraction from 0 to 1")
 
 
 def _positive_int(text: str) -> int:
+    value = _parsed(text, int, "an integer")
+    return _required(value >= 1, value, text, "at least 1")
+
+
+def _parsed(text: str, kind: Callable[[str], Any], noun: str) -> Any:
+    """``text`` as ``kind`` (int, float), or the usage error ``'x' is not a number``."""
     try:
-        value = int(text)
+        return kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+        raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+
+
+def _required(holds: bool, value: Any, text: str, requirement: str) -> Any:
+    """``value`` when it ``holds``, else the usage error ``'x' must be <requirement>``."""
+    if not holds:
+        raise argparse.ArgumentTypeError(f"{text!r} must be {requirement}")
     return value
 
 
@@ -699,6 +642,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(argv: list[str] | None) -> int:
     parser = build_parser()
+    args: argparse.Namespace | None = None
     try:
         args = parser.parse_args(argv)
         run: Callable[[argparse.Namespace], int] | None = getattr(args, "run", None)
@@ -716,11 +660,20 @@ def _run(argv: list[str] | None) -> int:
         print("precsearch: interrupted", file=sys.stderr)
         return 130
     except Exception as error:  # a bug, not bad input: one line, the traceback on request
+        if _missing_search_extra(error):
+            print(f"precsearch: error: {getattr(args, 'command', None)!r} needs the search extra: "
+                  f"pip install 'precsearch[search]'", file=sys.stderr)
+            return EXIT_BAD_INPUT
         if os.environ.get("PRECSEARCH_DEBUG"):
             raise
         print(f"precsearch: internal error: {described(error)} "
               f"(rerun with PRECSEARCH_DEBUG=1 for the traceback, and please report it)", file=sys.stderr)
         return EXIT_FAILED
+
+
+def _missing_search_extra(error: BaseException) -> bool:
+    """Whether ``error`` is a package of the search extra that is not installed."""
+    return isinstance(error, ModuleNotFoundError) and (error.name or "").split(".")[0] in SEARCH_EXTRA
 
 
 if __name__ == "__main__":

@@ -176,9 +176,9 @@ def test_optimize_holds_out_batches_and_keeps_a_margin(tmp_path, capsys):
     assert "2 of 8 batches held out (--holdout 0.25) to score the plans; --margin 0.2" in err
     plans = [load_plan(out / "plan.yaml"), *(load_plan(p) for p in sorted((out / "pareto").glob("*.yaml")))]
     for plan in plans:
-        assert plan.metrics["holdout_batches"] == 2 and 0 <= plan.metrics["holdout_error"] < 0.05
+        assert plan.metrics.holdout_batches == 2 and 0 <= plan.metrics.holdout_error < 0.05
     chosen = plans[0]
-    assert chosen.metrics["error"] <= 0.01 * 0.8 and chosen.search["margin"] == 0.2
+    assert chosen.metrics.error <= 0.01 * 0.8 and chosen.search["margin"] == 0.2
     report = (out / "report.md").read_text()
     assert "| error | holdout_error |" in report and "held-out batches the search never saw" in report
 
@@ -192,7 +192,7 @@ def test_optimize_compile_records_the_compiled_error_within_the_limit(tmp_path, 
                        "--space", "bf16_only", "--max-error", "0.02")
     assert code == 0, err
     plan = load_plan(out / "plan.yaml")
-    assert plan.resolved_runtime.compile and 0 <= plan.metrics["compiled_error"] <= 0.02
+    assert plan.resolved_runtime.compile and 0 <= plan.metrics.compiled_error <= 0.02
     report = " ".join((out / "report.md").read_text().split())
     assert "compiled with torch.compile, where its rel_l2 against FP32 is" in report
     assert all(not load_plan(p).resolved_runtime.compile for p in (out / "pareto").glob("*.yaml"))

@@ -128,7 +128,7 @@ def test_a_finalist_over_the_limit_compiled_is_dropped():
         plan, pareto = choose_among(model, data, trials, limit, compile=True)
     assert any("finalist fb dropped" in str(w.message) for w in caught)
     assert plan.layers != {"b": "bf16"} and plan.resolved_runtime.compile
-    assert plan.metrics["compiled_error"] <= limit and plan.metrics["compile_s"] >= 0
+    assert plan.metrics.compiled_error <= limit and plan.metrics.compile_s >= 0
     assert all(p.layers != {"b": "bf16"} for p in pareto)
 
 
@@ -145,7 +145,7 @@ def test_a_compiled_race_that_fails_gives_an_eager_plan_and_one_warning(monkeypa
         plan, pareto = choose_among(model, data, {"ff": (0.0, 1.0), "bf": (0.002, 0.5)}, 0.01, compile=True)
     failures = [str(w.message) for w in caught if "compiled final race failed" in str(w.message)]
     assert len(failures) == 1 and "\n" not in failures[0] and "runtime.compile: false" in failures[0]
-    assert not plan.resolved_runtime.compile and "compiled_error" not in plan.metrics
+    assert not plan.resolved_runtime.compile and plan.metrics.compiled_error is None
     assert all(not p.resolved_runtime.compile for p in pareto)
 
 

@@ -7,11 +7,27 @@ from precsearch.search.strategies import STRATEGIES
 
 
 def test_names_resolve_once_when_the_config_is_built():
-    config = SearchConfig(space="transformer", strategy="greedy", mode="train")
+    config = SearchConfig.from_names(space="transformer", strategy="greedy", mode="train")
     assert isinstance(config.space, SearchSpace) and config.space.name == "transformer"
     assert config.strategy is STRATEGIES["greedy"]
     assert config.mode == "training" and config.training and config.runtime.weights == "fp32"
     assert SearchConfig().runtime.weights == "low"
+
+
+def test_the_plain_constructor_holds_objects_and_defaults_to_the_default_ones():
+    config = SearchConfig(max_error=0.02)
+    assert config.space == SearchSpace.load("default") and config.strategy is STRATEGIES["optuna"]
+    transformer = SearchSpace.load("transformer")
+    assert SearchConfig(space=transformer, strategy=STRATEGIES["greedy"]).space is transformer
+    assert SearchConfig.from_names(space=transformer).space is transformer   # objects pass through
+
+
+@pytest.mark.parametrize("fields", [{"space": "transformer"}, {"strategy": "greedy"}, {"space": None}])
+def test_the_plain_constructor_refuses_a_name_and_points_at_from_names(fields):
+    (field, value), = fields.items()
+    hint = "SearchConfig.from_names" if isinstance(value, str) else ""
+    with pytest.raises(TypeError, match=f"^SearchConfig\\({field}=.*must be a .*{hint}"):
+        SearchConfig(**fields)
 
 
 def test_the_config_is_frozen():
@@ -31,7 +47,7 @@ def test_the_config_is_frozen():
 ])
 def test_invalid_configs_cannot_be_built(fields, flag):
     with pytest.raises(InputError, match=flag):
-        SearchConfig(**fields)
+        SearchConfig.from_names(**fields)
 
 
 @pytest.mark.parametrize(("fields", "flag"), [

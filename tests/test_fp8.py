@@ -14,6 +14,7 @@ from precsearch.search.trials import TrialRecord
 from precsearch.search.loop import optimize
 from precsearch.search.space import SearchSpace
 from precsearch.search.study_setup import without_slow_dtypes
+from precsearch.search.trials import DtypeProbe
 
 # E4M3 keeps 3 mantissa bits: each quantised value is within 2^-4 of its own magnitude, and a
 # dot product of such errors averages them down, so a GEMM's rel_l2 stays well under 2^-4.
@@ -68,7 +69,7 @@ def test_plans_with_fp8_round_trip_and_bad_ones_are_refused(tmp_path):
     with pytest.raises(PlanError, match="layers.4: fp8 needs Linear dimensions"):
         Plan(layers={"4": "fp8"}).validate_for(mlp())
     with pytest.raises(InputError, match="inference searches only"):
-        SearchConfig(space="fp8", mode="training")
+        SearchConfig.from_names(space="fp8", mode="training")
 
 
 def test_the_space_keeps_fp8_to_units_that_suit_it():
@@ -81,8 +82,8 @@ def test_the_space_keeps_fp8_to_units_that_suit_it():
 def test_a_probe_that_finds_fp8_clearly_slower_leaves_it_out():
     model, x = mlp(), torch.randn(8, 64)
     choices = SearchSpace.load("fp8").choices(walk(model, x), "cpu")
-    probe = {"fp8": {"relative_latency": 6.0, "speedup_low": 0.15, "speedup_high": 0.18},
-             "bf16": {"relative_latency": 0.7, "speedup_low": 1.3, "speedup_high": 1.5}}
+    probe = {"fp8": DtypeProbe(relative_latency=6.0, speedup_low=0.15, speedup_high=0.18),
+             "bf16": DtypeProbe(relative_latency=0.7, speedup_low=1.3, speedup_high=1.5)}
     with pytest.warns(UserWarning, match="fp8 left out"):
         kept = without_slow_dtypes(choices, probe, "cpu")
     assert all("fp8" not in c.dtypes for c in kept)
@@ -97,9 +98,10 @@ def test_a_search_with_fp8_keeps_the_sensitive_layers_out_of_it():
     limit = 0.6 * _error(model, batches, {"0": "fp8", "2": "fp8"})
     result = optimize(model, batches, SearchConfig(space=space, max_error=limit, trials=8, progress=False,
                                                    repeats=3, drop_slow_dtypes=False))
-    plans = {TrialRecord.of(t).plan for t in result.study.trials if t.state.name == "COMPLETE"}
+    complete = [t for t in result.study.trials if t.state.name == "COMPLETE"]
+    plans = {TrialRecord.of(t, result.graph.units).code for t in complete}
     assert "eef" in plans                                          # all-fp8 was tried, and is infeasible
-    assert result.plan is not None and result.plan.metrics["error"] <= limit
+    assert result.plan is not None and result.plan.metrics.error <= limit
     assert audit(model, result.plan, batches).ok
 
 

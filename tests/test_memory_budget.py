@@ -18,7 +18,8 @@ from precsearch.cli import main
 from precsearch.search.config import SearchConfig
 from precsearch.runtime.errors import InputError
 from precsearch.runtime.memory import UNMEASURED, MemoryBudget, MemoryUse
-from precsearch.search.trials import Settings, TrialRecord, is_feasible
+from precsearch.search.decisions import decode
+from precsearch.search.trials import DtypeProbe, Settings, TrialRecord, is_feasible
 from precsearch.search.loop import optimize
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -49,7 +50,7 @@ def budget_between() -> float:
 def search(tmp_path, **fields):
     fields = {"space": "bf16_only", "max_error": 0.5, "trials": 6, "progress": False, "repeats": 2,
               "storage": f"sqlite:///{tmp_path / 'study.db'}", "study_name": "budget", **fields}
-    return optimize(model(), batches(), SearchConfig(**fields))
+    return optimize(model(), batches(), SearchConfig.from_names(**fields))
 
 
 # -- validation ---------------------------------------------------------------------------------
@@ -74,10 +75,10 @@ def test_config_records_the_budget_beside_the_accuracy_limit():
     from precsearch.runtime.accuracy import Fidelity
 
     fidelity = Fidelity("rel_l2", 0.01, lambda m: 0.0)
-    assert SearchConfig().constraint(fidelity) == {"metric": "rel_l2", "limit": 0.01}   # unchanged without one
+    assert SearchConfig().constraint(fidelity).to_dict() == {"metric": "rel_l2", "limit": 0.01}   # unchanged without one
     config = SearchConfig(max_weight_mb=40, max_peak_mb=100.5)
-    assert config.constraint(fidelity) == {"metric": "rel_l2", "limit": 0.01, "max_weight_mb": 40.0,
-                                           "max_peak_mb": 100.5}
+    assert config.constraint(fidelity).to_dict() == {"metric": "rel_l2", "limit": 0.01, "max_weight_mb": 40.0,
+                                                     "max_peak_mb": 100.5}
     assert config.memory.text() == "weight memory <= 40 MB, peak memory <= 100.5 MB"
 
 
@@ -97,10 +98,11 @@ def test_the_final_race_drops_plans_over_the_budget():
     """The race's own peak memory (CUDA) and the trials' weights decide; FP32's weights for the FP32 plan."""
     from precsearch.search.bench import Speedup
     from precsearch.search.evaluate import Raced
-    from precsearch.search.selection import Candidate, Race, _within_budget
+    from precsearch.search.selection import FeasiblePlan, Race, _within_budget
 
     def candidate(plan, weight_mb):
-        return Candidate(0, TrialRecord(plan, 0.001, 1.0, 2.0, peak_memory_mb=None, weight_mb=weight_mb))
+        return FeasiblePlan(0, TrialRecord(decode(plan, ["a", "b"]), 0.001, 1.0, 2.0, peak_memory_mb=None,
+                                           weight_mb=weight_mb))
 
     by_code = {"bb": candidate("bb", 5.0), "bf": candidate("bf", 7.0)}
     race = Race({"bb": Raced(Speedup(2.0, 1.9, 2.1, 0), 2.0, 50.0), "bf": Raced(Speedup(1.5, 1.4, 1.6, 0), 2.0, 90.0),
@@ -117,10 +119,11 @@ def test_under_a_weight_budget_the_fastest_slow_low_precision_stays():
     from precsearch.search.study_setup import without_slow_dtypes
 
     choices = [Choice("a", ("a",), ("fp16", "bf16", "fp32"))]
-    slow = {"fp16": {"relative_latency": 3.0, "speedup_high": 0.4}, "bf16": {"relative_latency": 1.3, "speedup_high": 0.8}}
+    slow = {"fp16": DtypeProbe(relative_latency=3.0, speedup_high=0.4),
+            "bf16": DtypeProbe(relative_latency=1.3, speedup_high=0.8)}
     assert without_slow_dtypes(choices, slow, "cpu", announce=False)[0].dtypes == ("fp32",)
     assert without_slow_dtypes(choices, slow, "cpu", announce=False, keep_one=True)[0].dtypes == ("bf16", "fp32")
-    fast = {**slow, "bf16": {"relative_latency": 0.5, "speedup_high": 2.1}}   # one is fast: the slow one goes
+    fast = {**slow, "bf16": DtypeProbe(relative_latency=0.5, speedup_high=2.1)}   # one is fast: the slow one goes
     assert without_slow_dtypes(choices, fast, "cpu", announce=False, keep_one=True)[0].dtypes == ("bf16", "fp32")
 
 
@@ -143,7 +146,7 @@ def test_under_a_weight_budget_greedy_returns_the_most_error_per_weight_to_fp32_
 def test_plan_records_the_budget_and_older_plans_still_load(tmp_path):
     plan = Plan(constraint={"metric": "rel_l2", "limit": 0.01, "max_weight_mb": 40.0})
     loaded = load_plan(plan.save(tmp_path / "plan.yaml"))
-    assert loaded.constraint["max_weight_mb"] == 40.0 and MemoryBudget.of(loaded.constraint).max_weight_mb == 40.0
+    assert loaded.constraint.max_weight_mb == 40.0 and MemoryBudget.of(loaded.constraint).max_weight_mb == 40.0
     older = Plan(constraint={"metric": "rel_l2", "limit": 0.01})
     assert MemoryBudget.of(load_plan(older.save(tmp_path / "old.yaml")).constraint) == MemoryBudget()
     from precsearch.runtime.errors import PlanError
@@ -168,9 +171,10 @@ def test_an_over_budget_plan_is_never_chosen_and_trials_over_it_are_infeasible(t
     result = search(tmp_path, max_weight_mb=budget)
     plan = result.plan
     assert plan is not None and plan.precision(BIG) == "bf16"
-    assert plan.metrics["weight_mb"] <= budget and plan.constraint["max_weight_mb"] == budget
-    assert all(p.metrics["weight_mb"] <= budget and p.precision(BIG) == "bf16" for p in result.pareto)
-    over = [t for t in result.study.trials if t.state.name == "COMPLETE" and TrialRecord.of(t).plan[0] == "f"]
+    assert plan.metrics.weight_mb <= budget and plan.constraint.max_weight_mb == budget
+    assert all(p.metrics.weight_mb <= budget and p.precision(BIG) == "bf16" for p in result.pareto)
+    over = [t for t in result.study.trials
+            if t.state.name == "COMPLETE" and TrialRecord.of(t, result.graph.units).layers[BIG] == "fp32"]
     assert over, "the seeds include plans holding BIG in fp32"
     for trial in over:
         assert trial.constraints["error"] <= 0 < trial.constraints["weight_mb"] and not is_feasible(trial)
@@ -260,11 +264,11 @@ def test_cli_budget_end_to_end_plan_check_and_unmet_budget(nets, capsys):
     err = capsys.readouterr().err
     assert f"weight memory <= {budget:g} MB" in err.splitlines()[0]
     plan = load_plan(nets / "run" / "plan.yaml")
-    assert plan.constraint["max_weight_mb"] == budget and plan.metrics["weight_mb"] <= budget
+    assert plan.constraint.max_weight_mb == budget and plan.metrics.weight_mb <= budget
     assert main(["check", "--plan", "run/plan.yaml", *GOOD, "--device", "cpu"]) == 0
     assert f"within the plan's memory budget of {budget:g} MB" in capsys.readouterr().out
 
-    tight = Plan.from_dict({**plan.to_dict(), "constraint": {**plan.constraint, "max_weight_mb": 0.01}})
+    tight = Plan.from_dict({**plan.to_dict(), "constraint": {**plan.constraint.to_dict(), "max_weight_mb": 0.01}})
     tight.save(nets / "tight.yaml")
     assert main(["check", "--plan", "tight.yaml", *GOOD, "--device", "cpu"]) == 1   # a violated constraint
     assert "OVER the plan's memory budget of 0.01 MB" in capsys.readouterr().out

@@ -50,7 +50,7 @@ def test_a_setup_is_invisible_until_saved_whole_then_round_trips():
 
 def test_trial_records_round_trip_and_unmeasured_trials_have_none():
     study = optuna.create_study()
-    record = TrialRecord("bf", 0.004, 1.0, 2.0, None, None)
+    record = TrialRecord({"a": "bf16", "b": "fp32"}, 0.004, 1.0, 2.0, None, None)
 
     def objective(trial):
         if trial.number == 0:
@@ -61,12 +61,24 @@ def test_trial_records_round_trip_and_unmeasured_trials_have_none():
 
     study.optimize(objective, n_trials=2)
     first, second = study.trials
-    assert TrialRecord.of(first) == record and record.speedup == 2.0
-    assert TrialRecord.of(second) is None and is_surplus(second) and not is_surplus(first)
+    assert TrialRecord.of(first, ["a", "b"]) == record and record.speedup == 2.0
+    assert first.user_attrs["plan"] == record.code == "bf"   # stored as one letter per unit
+    assert TrialRecord.of(second, ["a", "b"]) is None and is_surplus(second) and not is_surplus(first)
+
+
+def test_a_trial_record_holds_each_units_dtype_and_stores_the_plan_code():
+    units = ["stem", "head", "tail"]
+    stored = {"plan": "bfh", "error": 0.002, "latency_ms": 1.0, "baseline_ms": 1.5, "retry_of": 3}  # an older study
+    trial = optuna.trial.create_trial(value=1.0, user_attrs=stored)
+    record = TrialRecord.of(trial, units)
+    assert record.layers == {"stem": "bf16", "head": "fp32", "tail": "fp16"} and list(record.layers) == units
+    assert record.code == "bfh" and record.user_attrs() == {k: v for k, v in stored.items() if k != "retry_of"}
+    with pytest.raises(ValueError):
+        TrialRecord.of(trial, units[:2])   # a code is read over the study's own units
 
 
 def test_speedup_is_none_for_a_candidate_that_could_not_run():
-    assert TrialRecord("b", None, math.nan, math.nan).speedup is None
+    assert TrialRecord({"a": "bf16"}, None, math.nan, math.nan).speedup is None
 
 
 @pytest.mark.parametrize("points", [

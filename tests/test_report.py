@@ -30,7 +30,7 @@ def test_trials_csv_matches_the_study(run_dir):
     assert list(frame["trial"]) == [t.number for t in finished]
     for trial, row in zip(finished, frame.itertuples()):
         assert row.latency_ms == pytest.approx(trial.value)
-        assert row.plan == TrialRecord.of(trial).plan
+        assert row.plan == TrialRecord.of(trial, StudySetup.load(study).unit_names).code
         assert row.feasible == (trial.constraints["error"] <= 0)
         assert row.bf16 + row.fp16 + row.fp32 == 6
 
@@ -47,9 +47,9 @@ def test_saved_plans_are_the_pareto_front(run_dir):
     assert [_code(plan, units) for plan in others] == [row.plan for row in front if row.plan in expected]
     # each carries its own trial's numbers, on the study's one latency basis
     for plan in others:
-        row = frame[frame["trial"] == plan.metrics["trial"]].iloc[0]
-        assert plan.metrics["speedup"] == pytest.approx(row.speedup, rel=1e-3)
-        assert plan.metrics["latency_ms"] == pytest.approx(row.latency_ms, rel=1e-3)
+        row = frame[frame["trial"] == plan.metrics.trial].iloc[0]
+        assert plan.metrics.speedup == pytest.approx(row.speedup, rel=1e-3)
+        assert plan.metrics.latency_ms == pytest.approx(row.latency_ms, rel=1e-3)
 
 
 def _code(plan, units):
@@ -60,7 +60,7 @@ def test_report_files_hold_the_numbers(run_dir):
     plan = load_plan(run_dir / "plan.yaml")
     markdown = (run_dir / "report.md").read_text()
     assert "rel_l2 <= 0.01" in markdown and "precsearch.examples.demo:small_model" in markdown
-    assert f"{plan.metrics['speedup']:.2f}x" in markdown
+    assert f"{plan.metrics.speedup:.2f}x" in markdown
     for unit in ("stem", "blocks.0.fc1", "blocks.0.fc2", "amplify", "shift", "head"):
         row = next(line for line in markdown.splitlines() if line.startswith(f"| {unit} |"))
         assert row.rstrip(" |").endswith(plan.precision(unit))
@@ -139,8 +139,8 @@ def test_every_plan_and_table_uses_one_latency_basis(run_dir):
     plans = [load_plan(run_dir / "plan.yaml")] + [load_plan(p) for p in (run_dir / "pareto").glob("*.yaml")]
     for plan in plans:
         metrics = plan.metrics
-        assert metrics["baseline_latency_ms"] == pytest.approx(setup.baseline_ms, rel=1e-3)
-        assert metrics["latency_ms"] * metrics["speedup"] == pytest.approx(metrics["baseline_latency_ms"], rel=2e-3)
+        assert metrics.baseline_latency_ms == pytest.approx(setup.baseline_ms, rel=1e-3)
+        assert metrics.latency_ms * metrics.speedup == pytest.approx(metrics.baseline_latency_ms, rel=2e-3)
     markdown = (run_dir / "report.md").read_text()
     assert "final race" in markdown  # the chosen plan's numbers come from the race, and the report says so
 
@@ -164,8 +164,9 @@ def test_report_says_what_was_held_out_and_never_claims_compiled_for_an_eager_pl
 
 def test_the_compiled_note_says_how_well_eager_trials_ranked_the_compiled_finalists():
     from precsearch.report.summary import _compile_note
+    from precsearch.runtime.plan_sections import Constraint, PlanMetrics
 
-    constraint = {"metric": "rel_l2", "limit": 0.01}
-    note = _compile_note({"compiled_error": 0.004, "compiled_raced": 5, "compiled_rank_agreement": 0.6}, constraint)
+    constraint = Constraint(metric="rel_l2", limit=0.01)
+    note = _compile_note(PlanMetrics(compiled_error=0.004, compiled_raced=5, compiled_rank_agreement=0.6), constraint)
     assert "the 5 plans that raced compiled kept their eager order with Spearman 0.60" in note
-    assert "Spearman" not in _compile_note({"compiled_error": 0.004}, constraint)
+    assert "Spearman" not in _compile_note(PlanMetrics(compiled_error=0.004), constraint)

@@ -58,7 +58,7 @@ def test_search_avoids_the_traps_and_matches_exhaustive_search():
     model, batches = demo.small_model(), small_data()
     result = optimize(model, batches, SearchConfig(max_error=0.01, trials=20, progress=False, seed=0))
     plan = result.plan
-    assert plan is not None and plan.metrics["error"] <= 0.01
+    assert plan is not None and plan.metrics.error <= 0.01
     assert plan.precision("amplify") != "fp16" and plan.precision("shift") != "bf16"
 
     units = result.graph.units
@@ -96,8 +96,8 @@ def test_the_probe_times_fp16_on_the_demo_although_all_fp16_overflows():
     probe = study_setup.probe_dtypes(Evaluator(model, batches, Fidelity.builtin(model, batches), "cpu"),
                                      choices, sensitivity)
     fp16 = probe["fp16"]
-    assert fp16["speedup_low"] <= 1 / fp16["relative_latency"] <= fp16["speedup_high"]
-    assert fp16["error_gain"] is not None                 # finite outputs: the probe calibrates fp16 too
+    assert fp16.speedup_low <= 1 / fp16.relative_latency <= fp16.speedup_high
+    assert fp16.error_gain is not None                 # finite outputs: the probe calibrates fp16 too
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         left = study_setup.without_slow_dtypes(choices, probe, "cpu")
@@ -128,7 +128,8 @@ def test_the_demo_tries_no_fp16_where_the_probe_found_it_clearly_slower():
         result = optimize(model, batches, SearchConfig(trials=20, progress=False, seed=0))
     probe = result.setup.dtype_probe
     assert "fp16" in probe and "bf16" in probe
-    codes = [TrialRecord.of(t).plan for t in result.study.trials if TrialRecord.of(t) is not None]
+    records = [TrialRecord.of(t, result.graph.units) for t in result.study.trials]
+    codes = [record.code for record in records if record is not None]
     assert len(codes) == 20
     if study_setup.is_clearly_slower(probe["fp16"]):
         assert not any("h" in code for code in codes), codes
@@ -141,12 +142,27 @@ def test_resume_keeps_finished_trials_and_computes_sensitivity_once(tmp_path, mo
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     model, batches = demo.small_model(), small_data()
     first = optimize(model, batches, SearchConfig(trials=6, storage=storage, study_name="s", progress=False, repeats=3))
-    before = [(t.number, t.value, TrialRecord.of(t).plan) for t in first.study.trials if t.state.is_finished()]
+    before = [(t.number, t.value, TrialRecord.of(t, first.graph.units).layers) for t in first.study.trials
+              if t.state.is_finished()]
     second = optimize(model, batches, SearchConfig(trials=9, storage=storage, study_name="s", progress=False, repeats=3))
-    after = [(t.number, t.value, TrialRecord.of(t).plan) for t in second.study.trials if t.state.is_finished()]
+    after = [(t.number, t.value, TrialRecord.of(t, second.graph.units).layers) for t in second.study.trials
+             if t.state.is_finished()]
     assert len(before) == 6 and len(after) == 9
     assert after[:6] == before
     assert len(calls) == 1
+
+
+def test_the_worker_that_sets_a_study_up_computes_its_decisions_once(monkeypatch):
+    from precsearch.search import loop
+
+    calls = []
+    real = study_setup.decisions_for
+    counting = lambda *a, **k: calls.append(1) or real(*a, **k)   # noqa: E731
+    monkeypatch.setattr(study_setup, "decisions_for", counting)
+    monkeypatch.setattr(loop, "decisions_for", counting)
+    result = optimize(demo.small_model(), small_data(), SearchConfig(trials=2, progress=False, repeats=2))
+    assert result.set_up_here and len(calls) == 1
+    assert result.decisions.choices and result.study.trials[0].state.name == "COMPLETE"
 
 
 def test_ranked_parametrisation_for_many_choices():
@@ -154,7 +170,7 @@ def test_ranked_parametrisation_for_many_choices():
     result = optimize(model, batches, SearchConfig(trials=10, progress=False, repeats=3, max_categorical=4))
     complete = [t for t in result.study.trials if t.state.name == "COMPLETE"]
     assert len(complete) == 10 and all(set(t.params) == {"dtype", "fraction"} for t in complete)
-    assert result.plan is not None and result.plan.metrics["error"] <= 0.01
+    assert result.plan is not None and result.plan.metrics.error <= 0.01
     assert result.plan.precision("shift") != "bf16" and result.plan.precision("amplify") != "fp16"
 
 
@@ -189,7 +205,7 @@ def test_cli_optimize_then_check(tmp_path, capsys):
     assert code == 0
     assert "fp32 baseline" in printed and "chosen" in printed
     plan = load_plan(out / "plan.yaml")
-    assert plan.metrics["error"] <= 0.01 and _never_clearly_slower_than_fp32(plan)
+    assert plan.metrics.error <= 0.01 and _never_clearly_slower_than_fp32(plan)
     assert plan.precision("shift") != "bf16" and plan.precision("amplify") != "fp16"
     assert plan.search["storage"] == f"sqlite:///{out / 'study.db'}"
     assert (out / "trials.csv").read_text().count("\n") == 13
@@ -227,7 +243,7 @@ def test_cli_optimize_bad_input(tmp_path, capsys, argv, message):
 
 def _never_clearly_slower_than_fp32(plan) -> bool:
     """The chosen plan's race interval reaches 1, unless it is the FP32 plan itself."""
-    return plan.metrics["speedup_high"] >= 1 or (plan.default == "fp32" and not plan.layers)
+    return plan.metrics.speedup_high >= 1 or (plan.default == "fp32" and not plan.layers)
 
 
 @pytest.mark.slow
@@ -238,7 +254,7 @@ def test_cli_optimize_transformers_bert_then_check(tmp_path, capsys):
     assert main(["optimize", *model, "--space", "transformer", "--max-error", "0.0005", "--trials", "8",
                  "--out", str(out)]) == 0
     plan = load_plan(out / "plan.yaml")
-    assert plan.metrics["error"] <= 0.0005 and _never_clearly_slower_than_fp32(plan)
+    assert plan.metrics.error <= 0.0005 and _never_clearly_slower_than_fp32(plan)
     capsys.readouterr()
     assert main(["check", "--plan", str(out / "plan.yaml"), *model]) == 0
     assert "audit ok: 64 eligible ops in 32 units" in capsys.readouterr().out  # 29 compute + 3 embedding tables
@@ -278,18 +294,18 @@ def test_a_search_with_no_low_precision_left_runs_one_trial():
     with pytest.warns(UserWarning, match="no low precision is left"):
         result = optimize(model, batches, SearchConfig(space=space, trials=10, progress=False, repeats=3))
     complete = [t for t in result.study.trials if t.state.name == "COMPLETE"]
-    assert [TrialRecord.of(t).plan for t in complete] == ["ffffff"]
+    assert [TrialRecord.of(t, result.graph.units).code for t in complete] == ["ffffff"]
     assert result.plan.default == "fp32" and not result.plan.layers
 
 
 @pytest.mark.slow
 def test_compile_races_the_finalists_compiled_and_says_so(tmp_path):
     model, batches = demo.small_model(), small_data()
-    result = optimize(model, batches, SearchConfig(trials=6, progress=False, repeats=3, compile=True,
-                                                   space="bf16_only", drop_slow_dtypes=False))
+    result = optimize(model, batches, SearchConfig.from_names(trials=6, progress=False, repeats=3, compile=True,
+                                                              space="bf16_only", drop_slow_dtypes=False))
     plan = result.plan
     assert plan.resolved_runtime.compile and plan.resolved_runtime.weights == "low"
-    assert plan.metrics["compile_s"] > 0 and plan.metrics["speedup_vs_compiled_fp32"] > 0
+    assert plan.metrics.compile_s > 0 and plan.metrics.speedup_vs_compiled_fp32 > 0
     saved = load_plan(plan.save(tmp_path / "plan.yaml"))
     assert saved.runtime == plan.runtime
 

@@ -81,10 +81,10 @@ def measured_study(trials: dict[str, tuple[float, float]], limit: float) -> optu
     reads, without timing anything."""
     study = optuna.create_study()
     for code, (error, relative) in trials.items():
-        record = TrialRecord(code, error, relative * 10.0, 10.0, speedup_low=0.9 / relative,
-                             speedup_high=1.1 / relative)
+        record = TrialRecord(decode(code, ["a", "b"]), error, relative * 10.0, 10.0,
+                             speedup_low=0.9 / relative, speedup_high=1.1 / relative)
         study.add_trial(optuna.trial.create_trial(
-            value=relative * 10.0, user_attrs={k: v for k, v in dataclasses.asdict(record).items() if v is not None},
+            value=relative * 10.0, user_attrs=record.user_attrs(),
             constraints={"error": error - limit}))
     return study
 
@@ -111,9 +111,9 @@ def test_the_margin_keeps_a_plan_at_the_edge_from_being_chosen():
     edge, safe = "bb", "bf"   # the edge plan is the fastest and within the limit, but not the margin
     trials = {"ff": (0.0, 1.0), edge: (0.009, 0.40), safe: (0.004, 0.42)}
     plan, pareto = choose_among(model, batches(), trials, 0.01, margin=0.3)
-    assert plan.layers != decode(edge, ["a", "b"]) and (plan.metrics["error"] <= 0.007)
+    assert plan.layers != decode(edge, ["a", "b"]) and (plan.metrics.error <= 0.007)
     assert plan.search["margin"] == 0.3
-    assert any(p.metrics["error"] == 0.009 for p in pareto)  # still a Pareto-optimal feasible plan
+    assert any(p.metrics.error == 0.009 for p in pareto)  # still a Pareto-optimal feasible plan
     plan, _ = choose_among(model, batches(), {"ff": (0.0, 1.0), edge: (0.009, 0.40)}, 0.01, margin=0.5)
     assert plan.default == "fp32" and not plan.layers
 
@@ -134,10 +134,10 @@ def test_held_out_batches_score_the_chosen_and_the_pareto_plans():
     plan, pareto = choose_among(model, data, trials, 0.01, holdout=unseen)
     fidelity = Fidelity.builtin(model, unseen, "rel_l2", 0.01)
     for written in [plan, *pareto]:
-        assert written.metrics["holdout_batches"] == 2
+        assert written.metrics.holdout_batches == 2
         with apply_plan(model, written):
-            assert written.metrics["holdout_error"] == pytest.approx(fidelity.error(model), rel=1e-6)
-    assert any(p.metrics["holdout_error"] > 0 for p in [plan, *pareto])
+            assert written.metrics.holdout_error == pytest.approx(fidelity.error(model), rel=1e-6)
+    assert any(p.metrics.holdout_error > 0 for p in [plan, *pareto])
 
 
 def test_held_out_batches_are_a_seeded_split_the_search_never_sees():
@@ -156,9 +156,10 @@ def test_held_out_batches_are_a_seeded_split_the_search_never_sees():
 
 # -- compiled finalists: more of the eager front races as deployed ---------------------------------
 def _candidates(relatives: list[float]) -> list:
-    from precsearch.search.selection import Candidate
+    from precsearch.search.selection import FeasiblePlan
 
-    return [Candidate(i, TrialRecord(f"p{i}", 0.001, r * 10.0, 10.0)) for i, r in enumerate(relatives)]
+    return [FeasiblePlan(i, TrialRecord({f"p{i}": "bf16"}, 0.001, r * 10.0, 10.0))
+            for i, r in enumerate(relatives)]
 
 
 def test_compiled_finalists_reach_further_down_the_eager_order():
@@ -175,7 +176,7 @@ def test_the_compiled_race_says_how_well_the_eager_trials_ranked_its_plans():
     from precsearch.search.evaluate import Raced
     from precsearch.search.selection import Race, _eager_vs_compiled
 
-    candidates = {c.record.plan: c for c in _candidates([0.5, 0.6, 0.7])}   # eager speedups 2.0, 1.67, 1.43
+    candidates = dict(zip(("p0", "p1", "p2"), _candidates([0.5, 0.6, 0.7])))   # eager speedups 2.0, 1.67, 1.43
     compiled = {"p0": 1.5, "p1": 1.7, "p2": 1.2, "fp32": 1.05}               # the first two swap places compiled
     race = Race({code: Raced(Speedup(s, s, s, 9), 10.0) for code, s in compiled.items()}, compiled=True)
     found = _eager_vs_compiled(race, candidates, "fp32")

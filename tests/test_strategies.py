@@ -19,12 +19,13 @@ def _run(strategy, trials=12):
     # bf16 only, never dropped as slow: which plans a strategy proposes must not depend on the
     # machine's load.
     model, batches = demo.small_model(), demo.data(batches=2, batch_size=128)
-    return optimize(model, batches, SearchConfig(space="bf16_only", trials=trials, progress=False, repeats=3,
-                                                 strategy=strategy, drop_slow_dtypes=False))
+    return optimize(model, batches, SearchConfig.from_names(space="bf16_only", trials=trials, progress=False,
+                                                            repeats=3, strategy=strategy, drop_slow_dtypes=False))
 
 
 def _sequence(result):
-    return [TrialRecord.of(t).plan for t in result.study.trials if t.state.name == "COMPLETE"]
+    complete = [t for t in result.study.trials if t.state.name == "COMPLETE"]
+    return [TrialRecord.of(t, result.graph.units).code for t in complete]
 
 
 def test_global_uses_one_dtype_for_the_whole_model():
@@ -37,7 +38,7 @@ def test_global_uses_one_dtype_for_the_whole_model():
 def test_greedy_backs_off_the_most_sensitive_unit_first():
     result = _run("greedy")
     assert _sequence(result) == ["bbbbbb", "bbbbfb"]
-    assert result.plan.precision("shift") == "fp32" and result.plan.metrics["error"] <= 0.01
+    assert result.plan.precision("shift") == "fp32" and result.plan.metrics.error <= 0.01
 
 
 def test_bisect_finds_the_unit_that_must_stay_fp32():
@@ -45,7 +46,7 @@ def test_bisect_finds_the_unit_that_must_stay_fp32():
     sequence = _sequence(result)
     assert sequence[0] == "bbbbbb" and sequence[-1] == "bbbbfb"  # its conclusion: only shift stays fp32
     # the study's answer is the fastest feasible plan it measured: bisection's or an earlier step's
-    assert result.plan.precision("shift") == "fp32" and result.plan.metrics["error"] <= 0.01
+    assert result.plan.precision("shift") == "fp32" and result.plan.metrics.error <= 0.01
 
 
 def test_random_samples_without_seeds():
@@ -77,7 +78,7 @@ def _fake_measurement(layers):
     lowered = [u for u in TRAP if layers[u] == "bf16"]
     error = TRUE_GAIN * math.sqrt(sum(TRAP_SENSITIVITY[u]["bf16"] ** 2 for u in lowered))
     relative = 1 - TRUE_SAVING * sum(TRAP_FLOPS[u] for u in lowered) / sum(TRAP_FLOPS.values())
-    return TrialRecord(encode(layers, TRAP), error, relative, 1.0)
+    return TrialRecord({u: layers[u] for u in TRAP}, error, relative, 1.0)
 
 
 def _trap_decisions():
@@ -104,7 +105,7 @@ def _lead_study(trials):
 
 def test_lead_checks_greedys_answer_then_proposes_what_greedys_order_misses():
     study = _lead_study(8)
-    leads = [(lead_of(t)[0], TrialRecord.of(t).plan) for t in study.trials if lead_of(t)]
+    leads = [(lead_of(t)[0], TrialRecord.of(t, TRAP).code) for t in study.trials if lead_of(t)]
     greedy = [code for tag, code in leads if tag == "greedy"]
     # predicted with the prior gain (big back in FP32), calibrated by that measurement (1.5x),
     # then checked either side: greedy's own answer is s3 and s4 low, the rest FP32
@@ -112,7 +113,7 @@ def test_lead_checks_greedys_answer_then_proposes_what_greedys_order_misses():
     assert leads[:3] == [("greedy", code) for code in greedy]
     proposals = [code for tag, code in leads if tag == "proposal"]
     assert "bffff" in proposals      # the big saving alone fits: greedy's order put it back first
-    measured = {TrialRecord.of(t).plan: TrialRecord.of(t) for t in study.trials if TrialRecord.of(t)}
+    measured = {record.code: record for t in study.trials if (record := TrialRecord.of(t, TRAP))}
     assert measured["bffff"].error <= LIMIT
     assert measured["bffff"].latency_ms < measured["fffbb"].latency_ms
 
@@ -139,7 +140,7 @@ def test_the_default_strategy_starts_from_greedys_plan_and_records_its_leads():
     greedy_codes = {encode(plan, units) for plan in lead.greedy}
     for trial, marks in zip(trials, leads):
         if marks:
-            assert TrialRecord.of(trial).plan == marks[1]
+            assert TrialRecord.of(trial, units).code == marks[1]
             assert trial.params == result.decisions.params_for(lead_plan(trial, units))  # TPE sees the plan
         if marks and marks[0] == "greedy":
             assert marks[1] in greedy_codes
@@ -147,10 +148,11 @@ def test_the_default_strategy_starts_from_greedys_plan_and_records_its_leads():
 
 
 def test_the_best_plan_of_each_baseline_always_races():
-    from precsearch.search.selection import Candidate, best_leads
+    from precsearch.search.selection import FeasiblePlan, best_leads
 
     def candidate(trial, lead, latency, error):
-        return Candidate(trial, TrialRecord("b" * trial, error, latency, 1.0), lead)
+        layers = {str(unit): "bf16" for unit in range(trial)}
+        return FeasiblePlan(trial, TrialRecord(layers, error, latency, 1.0), lead)
 
     candidates = [candidate(1, None, 0.5, 0.001), candidate(2, "greedy", 0.9, 0.002),
                   candidate(3, "greedy", 0.8, 0.009), candidate(4, "greedy", 0.85, 0.003),

@@ -30,7 +30,7 @@ def test_search_in_training_mode_moves_no_weight_and_records_diagnostics():
                       max_error=0.05, trials=3, progress=False, repeats=3))
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert result.plan.mode == "training"
-    assert load_diagnostics(result.study)["scales"]
+    assert load_diagnostics(result.study).scales
 
 
 class Tiny(nn.Module):
@@ -134,7 +134,7 @@ def test_cli_optimize_train_then_check(factories, capsys):
                  "--data", "trainfactories:data", "--trials", "6", "--max-error", "0.05", "--out", "out"])
     assert code == 0, capsys.readouterr().err
     plan = load_plan(factories / "out" / "plan.yaml")
-    assert plan.mode == "training" and plan.constraint["metric"] == "grad_rel_l2"
+    assert plan.mode == "training" and plan.constraint.metric == "grad_rel_l2"
     assert "Training: loss scaling and gradient health" in (factories / "out" / "report.md").read_text()
     capsys.readouterr()
     assert main(["check", "--plan", "out/plan.yaml", "--model", "precsearch.examples.digits:model",

@@ -83,7 +83,8 @@ def test_a_worker_killed_mid_trial_loses_only_that_trial(tmp_path, kind):
         time.sleep(0.05)
     worker.send_signal(signal.SIGKILL)
     worker.wait()
-    before = {t.number: (t.value, TrialRecord.of(t).plan) for t in
+    units = StudySetup.load(optuna.load_study(study_name="s", storage=backend)).unit_names
+    before = {t.number: (t.value, TrialRecord.of(t, units).code) for t in
               optuna.load_study(study_name="s", storage=backend).trials if t.state.name == "COMPLETE"}
     killed = [t.number for t in optuna.load_study(study_name="s", storage=backend).trials if t.state.name == "RUNNING"]
     assert before and killed
@@ -92,7 +93,8 @@ def test_a_worker_killed_mid_trial_loses_only_that_trial(tmp_path, kind):
     _, err = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, err
     study = optuna.load_study(study_name="s", storage=backend)
-    after = {t.number: (t.value, TrialRecord.of(t).plan) for t in study.trials if t.state.name == "COMPLETE"}
+    after = {t.number: (t.value, TrialRecord.of(t, units).code) for t in study.trials
+             if t.state.name == "COMPLETE"}
     assert len(after) == 12
     assert all(after[number] == value for number, value in before.items())  # earlier trials intact
     assert all(study.trials[number].state.name == "FAIL" for number in killed)
@@ -137,10 +139,11 @@ def test_faults_inside_trials_are_recorded_and_the_search_goes_on(tmp_path):
         study.enqueue_trial({"first": first, "second": second})
     result = optimize(model, batches, SearchConfig(trials=12, progress=False, repeats=3, drop_slow_dtypes=False,
                       storage=storage, study_name="faults"))
-    trials = {TrialRecord.of(t).plan: t for t in result.study.trials if t.state.name == "COMPLETE"}
-    assert "OutOfMemoryError" in TrialRecord.of(trials["bb"]).failure
-    assert "boom" in TrialRecord.of(trials["hh"]).failure
-    nan = TrialRecord.of(trials["fb"])  # NaN outputs: infeasible, and the reason is said
+    units = result.graph.units
+    trials = {TrialRecord.of(t, units).code: t for t in result.study.trials if t.state.name == "COMPLETE"}
+    assert "OutOfMemoryError" in TrialRecord.of(trials["bb"], units).failure
+    assert "boom" in TrialRecord.of(trials["hh"], units).failure
+    nan = TrialRecord.of(trials["fb"], units)  # NaN outputs: infeasible, and the reason is said
     assert nan.error is None and trials["fb"].constraints["error"] > 0 and "non-finite" in nan.failure
     assert result.plan is not None and result.plan.precision("second") != "bf16"
     from precsearch.report.summary import write_report
@@ -203,3 +206,22 @@ def test_a_slot_held_by_a_trial_no_worker_marked_is_freed():
     study.stop = lambda: None                 # outside study.optimize there is nothing to stop
     with pytest.raises(Surplus):
         check_budget(study, late, budget=3, grace=0.2)
+
+
+def test_a_dead_workers_trial_is_failed_and_its_params_requeued_through_optunas_public_api(monkeypatch):
+    import inspect
+
+    from precsearch.search import storage
+    from precsearch.search.trials import mark_worker
+
+    study = optuna.create_study()
+    trial = study.ask()
+    trial.suggest_categorical("x", ["bf16", "fp32"])
+    mark_worker(trial, "host:1")
+    monkeypatch.setattr(storage, "_dead_local_worker", lambda worker: worker == "host:1")
+    assert storage.recover_dead_trials(study) == 1
+    failed, copy = study.trials
+    assert failed.state.name == "FAIL" and copy.state.name == "WAITING" and copy.user_attrs == {}
+    rerun = study.ask()
+    assert rerun.number == copy.number and rerun.suggest_categorical("x", ["bf16", "fp32"]) == failed.params["x"]
+    assert "._storage" not in inspect.getsource(storage)   # no reach into Optuna's private storage

@@ -50,7 +50,7 @@ def build(folder: Path, steps: int = 60) -> Path:
     torch.manual_seed(0)
     model = transformers.BertForSequenceClassification(transformers.BertConfig(
         vocab_size=tokenizer.vocab_size, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-        intermediate_size=1024, max_position_embeddings=64, num_labels=2,
+        intermediate_size=1024, max_position_embeddings=64,
         id2label=dict(enumerate(LABELS)), label2id={name: i for i, name in enumerate(LABELS)}))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
     model.train()

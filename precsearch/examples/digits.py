@@ -8,6 +8,7 @@ nothing downloaded), with its test accuracy as a user metric::
 from __future__ import annotations
 
 import functools
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -49,7 +50,10 @@ def training_data(batch_size: int = 64) -> list[tuple[torch.Tensor, torch.Tensor
     return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(y), batch_size)]
 
 
-def train(model: nn.Module, epochs: int = 8, seed: int = 0) -> nn.Module:
+_Model = TypeVar("_Model", bound=nn.Module)
+
+
+def train(model: _Model, epochs: int = 8, seed: int = 0) -> _Model:
     torch.manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     model.train()

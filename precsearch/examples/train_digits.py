@@ -10,6 +10,7 @@ would otherwise leave FP16 out as slow); the search picks BF16 or FP32 for the o
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 import torch
 
@@ -23,14 +24,16 @@ SPACE = SearchSpace.parse({"format": "precsearch-space/1", "name": "digits-fp16"
     {"name": "^fc[23]$", "dtypes": ["fp16"]}, {"name": ".", "dtypes": ["bf16", "fp32"]}]}, "train_digits")
 
 
-def run(epochs: int = 12, trials: int = 12, seed: int = 0) -> dict:
+def run(epochs: int = 12, trials: int = 12, seed: int = 0) -> dict[str, Any]:
     torch.manual_seed(seed)
     start = digits.DigitsMLP()
     state = {key: value.clone() for key, value in start.state_dict().items()}
     plan = optimize(start, digits.training_data()[:4], SearchConfig(space=SPACE, mode="training", max_error=0.05,
                     trials=trials, progress=False, repeats=3)).plan
+    if plan is None:
+        raise RuntimeError(f"no training plan within max_error 0.05 in {trials} trials: give more trials")
 
-    results = {"plan": plan}
+    results: dict[str, Any] = {"plan": plan}
     for name in ("fp32", "plan"):
         model = digits.DigitsMLP()
         model.load_state_dict(state)

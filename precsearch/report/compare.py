@@ -8,16 +8,18 @@ from typing import Any
 
 from torch import nn
 
-from precsearch.runtime.accuracy import METRICS, Fidelity
-from precsearch.search.bench import speedup, time_interleaved
+from precsearch.runtime.accuracy import Fidelity, builtin_metric
+from precsearch.search import bench
+from precsearch.search.bench import format_interval
 from precsearch.runtime.errors import InputError
-from precsearch.search.evaluate import without_plan
+from precsearch.search.evaluate import eager_runners
 from precsearch.runtime.ops import model_device_type
 from precsearch.runtime.plan import Plan
+from precsearch.runtime.plan_sections import PlanMetrics
 from precsearch.runtime.precisions import NAMES
 from precsearch.runtime.apply import apply_plan
-from precsearch.runtime.weights import find_weight_uses, weight_bytes
-from precsearch.runtime.workload import TokenGate, stats_of
+from precsearch.runtime.weights import find_weight_uses, weight_mb
+from precsearch.runtime.workload import TokenGate
 
 
 def check_distinct(paths: list[Path], plans: list[Plan]) -> None:
@@ -48,21 +50,20 @@ def summary_rows(names: list[str], plans: list[Plan], units: list[str]) -> list[
     """One row per plan: recorded metrics, constraint, target and units per dtype."""
     rows = []
     for name, plan in zip(names, plans):
-        metrics, constraint = plan.metrics or {}, plan.constraint or {}
+        metrics, constraint = plan.metrics or PlanMetrics(), plan.constraint
         counts = plan.counts(units)
         rows.append({"plan": name, "default": plan.default,
                      **{dtype: counts.get(dtype, 0) for dtype in NAMES},
-                     "speedup": metrics.get("speedup"), "interval": _interval(metrics),
-                     "latency_ms": metrics.get("latency_ms"),
-                     "error": metrics.get("error"), "weight_mb": metrics.get("weight_mb"),
-                     "limit": f"{constraint.get('metric', '-')}<={constraint.get('limit', '-')}",
+                     "speedup": metrics.speedup, "interval": _interval(metrics),
+                     "latency_ms": metrics.latency_ms,
+                     "error": metrics.error, "weight_mb": metrics.weight_mb,
+                     "limit": f"{constraint.metric}<={constraint.limit}" if constraint is not None else "-<=-",
                      "device": plan.target.get("device", "-")})
     return rows
 
 
-def _interval(metrics: dict[str, Any]) -> str | None:
-    low, high = metrics.get("speedup_low"), metrics.get("speedup_high")
-    return f"[{low:.2f}, {high:.2f}]" if low is not None and high is not None else None
+def _interval(metrics: PlanMetrics) -> str | None:
+    return format_interval(metrics.speedup_low, metrics.speedup_high)
 
 
 def unit_differences(names: list[str], plans: list[Plan], units: list[str]) -> list[dict[str, str]]:
@@ -112,8 +113,7 @@ def remeasure(model: nn.Module, batches: list[Any], names: list[str], plans: lis
     workload = workload_of(plans)
     workload.check(model, batches[0])
     device_type = model_device_type(model)
-    metric = next((p.constraint["metric"] for p in plans if p.constraint and p.constraint.get("metric")
-                   in METRICS), "rel_l2")
+    metric = next(filter(None, (builtin_metric(p.constraint) for p in plans)), "rel_l2")
     fidelity = Fidelity.builtin(model, batches, metric, 0.0)  # only its error is used here
     modules = list(model.named_modules())
     uses = find_weight_uses(model, batches[0], device_type)  # the same for every plan
@@ -128,35 +128,27 @@ def remeasure(model: nn.Module, batches: list[Any], names: list[str], plans: lis
     if compiled:
         from precsearch.search.compiled import time_compiled
 
-        times = time_compiled(model, batches[0], dict(zip(names, plans)), device_type, repeats)
-        timings = {**times.timings, "fp32 baseline": times.timings["fp32 compiled"]}
-        generation = {**times.generation, "fp32 baseline": times.generation.get("fp32 compiled")}
+        race = time_compiled(model, batches[0], dict(zip(names, plans)), device_type, repeats).race
+        baseline = "fp32 compiled"
     else:
-        fp32 = Plan(runtime=plans[0].runtime)   # the FP32 turn is prepared as each plan's is
-        candidates = {"fp32 baseline": ((lambda: without_plan(apply(fp32))), workload.runner(model, batches[0]))}
-        candidates.update({name: ((lambda plan=plan: apply(plan)), workload.runner(model, batches[0]))
-                           for name, plan in zip(names, plans)})
-        timings = time_interleaved(candidates, device_type=device_type, repeats=repeats, warmup=2)
-        generation = {name: stats for name, run in candidates.items()
-                      if (stats := stats_of(run[1] if isinstance(run, tuple) else run,
-                                            len(timings[name].samples_ms))) is not None}
-    base = timings["fp32 baseline"].median_ms
-    rows = [{"plan": "fp32 baseline", "latency_ms": round(base, 3), "speedup": 1.0, "interval": "-", f"{metric}": 0.0,
-             "weight_mb": round(sum(weight_bytes(model).values()) / 2**20, 3),
-             "peak_memory_mb": timings["fp32 baseline"].peak_memory_mb,
-             **_generation_columns(generation.get("fp32 baseline"), 1.0 if gate else None)}]
+        baseline = "fp32 baseline"
+        runners = eager_runners(dict(zip(names, plans)), Plan(runtime=plans[0].runtime), apply,
+                                lambda plan: workload.runner(model, batches[0]), fp32_name=baseline)
+        race = bench.race(runners, baseline=baseline, device_type=device_type, repeats=repeats, warmup=2)
+    fp32 = race.timings[baseline]
+    rows = [{"plan": "fp32 baseline", "latency_ms": round(fp32.median_ms, 3), "speedup": 1.0, "interval": "-",
+             f"{metric}": 0.0, "weight_mb": round(weight_mb(model), 3), "peak_memory_mb": fp32.peak_memory_mb,
+             **_generation_columns(race.generation.get(baseline), 1.0 if gate else None)}]
     for name, plan in zip(names, plans):
-        with apply(plan) as handle:
+        with apply(plan):
             error = fidelity.error(model)
             agreement = gate.agreement(model) if gate else None
-            weight_mb = sum(handle.weight_bytes().values()) / 2**20
-        timing = timings[name]
-        estimate = speedup(timings["fp32 baseline"].samples_ms, timing.samples_ms)
+            weights = weight_mb(model)
+        timing, estimate = race.timings[name], race.speedup(name, over=baseline)
         rows.append({"plan": name, "latency_ms": round(timing.median_ms, 3),
-                     "speedup": round(estimate.median, 3), "interval": f"[{estimate.low:.2f}, {estimate.high:.2f}]",
-                     f"{metric}": error,
-                     "weight_mb": round(weight_mb, 3), "peak_memory_mb": timing.peak_memory_mb,
-                     **_generation_columns(generation.get(name), agreement)})
+                     "speedup": round(estimate.median, 3), "interval": format_interval(estimate.low, estimate.high),
+                     f"{metric}": error, "weight_mb": round(weights, 3), "peak_memory_mb": timing.peak_memory_mb,
+                     **_generation_columns(race.generation.get(name), agreement)})
     return rows
 
 

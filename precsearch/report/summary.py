@@ -14,6 +14,8 @@ from typing import Any
 from precsearch.search.bench import format_speedup, rank_correlation
 from precsearch.runtime.errors import InputError
 from precsearch.runtime.memory import MemoryBudget, label_of
+from precsearch.runtime.plan_sections import Constraint, PlanMetrics
+from precsearch.runtime.training import Diagnostics
 from precsearch.runtime.precisions import NAMES, PRECISIONS, low_precisions
 from precsearch.search.trials import (
     Prediction,
@@ -83,18 +85,20 @@ def trials_frame(study: Any) -> Any:
     import pandas as pd
 
     rows = []
+    setup = StudySetup.load(study)
+    units = setup.unit_names if setup else []
     for trial in study.get_trials(deepcopy=False):
         if (not trial.state.is_finished() and trial.state.name != "RUNNING") or is_surplus(trial):
             continue  # enqueued seeds not reached within the budget; trials past the budget
-        record = TrialRecord.of(trial)
+        record = TrialRecord.of(trial, units)
         predicted, lead = Prediction.of(trial), lead_of(trial)
-        code = record.plan if record else ""
+        dtypes = list(record.layers.values()) if record else []
         constraint = trial.constraints.get("error")
         duration = (trial.datetime_complete - trial.datetime_start).total_seconds() \
             if trial.datetime_complete and trial.datetime_start else None
         rows.append({
             "trial": trial.number, "state": trial.state.name,
-            **{name: code.count(p.code) for name, p in PRECISIONS.items()}, "plan": code,
+            **{name: dtypes.count(name) for name in PRECISIONS}, "plan": record.code if record else "",
             "latency_ms": trial.value, "measured_ms": record.latency_ms if record else None,
             "baseline_ms": record.baseline_ms if record else None,
             "speedup": record.speedup if record else None,
@@ -151,6 +155,8 @@ def write_report(directory: str | Path, study: Any) -> dict[str, Path]:
 
     directory = Path(directory)
     setup = StudySetup.load(study)
+    if setup is None:
+        raise InputError(f"study {study.study_name!r} was not made by precsearch optimize")
     settings, units_info = setup.settings, setup.units
     units = [row["name"] for row in units_info]
     plan = load_plan(directory / "plan.yaml") if (directory / "plan.yaml").is_file() else None
@@ -162,10 +168,10 @@ def write_report(directory: str | Path, study: Any) -> dict[str, Path]:
     constraint = settings.constraint
     budget = MemoryBudget.of(constraint)
     baseline = setup.baseline_ms
-    chosen = (plan.metrics or {}).get("trial") if plan else None
+    chosen = _metrics(plan).trial if plan else None
     files = {
-        "tradeoff": plots.tradeoff(trials, constraint["limit"], baseline, chosen,
-                                   directory / "tradeoff.png", constraint["metric"], budget.text()),
+        "tradeoff": plots.tradeoff(trials, constraint.limit, baseline, chosen,
+                                   directory / "tradeoff.png", constraint.metric, budget.text()),
         "progress": plots.progress(trials, baseline, directory / "progress.png"),
     }
     precision = {u: plan.precision(u) for u in units} if plan else {}
@@ -180,7 +186,7 @@ def write_report(directory: str | Path, study: Any) -> dict[str, Path]:
         {"setting": "torch", "value": settings.torch},
         {"setting": "search space", "value": settings.space},
         {"setting": "mode", "value": settings.mode},
-        {"setting": "constraint", "value": f"{constraint['metric']} <= {constraint['limit']:g}"},
+        {"setting": "constraint", "value": f"{constraint.metric} <= {constraint.limit:g}"},
         *([{"setting": "memory budget", "value": f"{budget.text()} (FP32's weights: {_mb(setup.weight_mb)})"}]
           if budget else []),
         {"setting": "budget", "value": f"{settings.trials} trials ({len(finished)} finished)"},
@@ -192,19 +198,19 @@ def write_report(directory: str | Path, study: Any) -> dict[str, Path]:
     extra = _error_columns([plan, *(p for _, p in others)])   # the error columns beside the search's own
     extra += _generation_columns([plan, *(p for _, p in others)])
     if plan is None:
-        blocks.append(("p", f"No plan met {constraint['metric']} <= {constraint['limit']:g}"
+        blocks.append(("p", f"No plan met {constraint.metric} <= {constraint.limit:g}"
                             f"{' and ' + budget.text() if budget else ''}.{_budget_shortfall(trials, budget)}"))
     else:
-        metrics = plan.metrics or {}
-        memory = metrics.get("peak_memory_mb")
+        metrics = _metrics(plan)
+        memory = metrics.peak_memory_mb
         runtime = plan.resolved_runtime
         blocks.append(("table", [
             {"plan": "fp32 baseline", "latency_ms": round(baseline, 3), "speedup": "1.00x", "error": 0.0,
              **{column: _fp32_cell(column, plan) for column in extra},
              "weight_mb": setup.weight_mb, "peak_memory_mb": "-" if memory is None else "measured per plan"},
-            {"plan": "chosen (plan.yaml)", "latency_ms": metrics.get("latency_ms"),
-             "speedup": _metrics_speedup(metrics), "error": metrics.get("error"),
-             **{column: metrics.get(column) for column in extra}, "weight_mb": metrics.get("weight_mb"),
+            {"plan": "chosen (plan.yaml)", "latency_ms": metrics.latency_ms,
+             "speedup": _metrics_speedup(metrics), "error": metrics.error,
+             **{column: getattr(metrics, column) for column in extra}, "weight_mb": metrics.weight_mb,
              "peak_memory_mb": "not measured on CPU" if memory is None else memory},
         ]))
         blocks.append(("p", f"Measured as deployed: weights {runtime.weights}"
@@ -309,28 +315,33 @@ def _prediction_blocks(trials: Any) -> list[tuple]:
                         "median measured / predicted error": quality["error_ratio"]}])]
 
 
-def _training_blocks(diagnostics: dict | None, settings: Settings) -> list[tuple]:
+def _training_blocks(diagnostics: Diagnostics | None, settings: Settings) -> list[tuple]:
     """Loss scaling and gradient health of the chosen plan, for training searches."""
     if settings.mode != "training" or diagnostics is None:
         return []
     blocks: list[tuple] = [("h2", "Training: loss scaling and gradient health")]
-    if not diagnostics["scales"]:
+    if not diagnostics.scales:
         blocks.append(("p", "The chosen plan has no FP16 unit: BF16 and FP32 keep FP32's range, no loss scaling."))
     else:
-        scales = diagnostics["scales"]
-        blocks.append(("p", f"Dynamic loss scaling over {len(scales)} steps: {diagnostics['skipped']} skipped for "
+        scales = diagnostics.scales
+        blocks.append(("p", f"Dynamic loss scaling over {len(scales)} steps: {diagnostics.skipped} skipped for "
                             f"non-finite gradients, final scale {scales[-1]:g} (history: "
                             + ", ".join(f"{s:g}" for s in scales) + ")."))
     flagged = [{"unit": unit, "problem": f"{share:.1%} of its gradient underflows to zero in FP16 without scaling"}
-               for unit, share in diagnostics["underflow"].items()]
+               for unit, share in diagnostics.underflow.items()]
     flagged += [{"unit": unit, "problem": "gradient overflows (inf/NaN) in FP16 without scaling"}
-                for unit in diagnostics["overflow"]]
+                for unit in diagnostics.overflow]
     blocks.append(("table", flagged) if flagged else ("p", "No FP16 unit loses its gradient without scaling."))
     return blocks
 
 
-def _metrics_speedup(metrics: dict[str, Any]) -> str:
-    return format_speedup(metrics.get("speedup"), metrics.get("speedup_low"), metrics.get("speedup_high"))
+def _metrics(plan: Any) -> PlanMetrics:
+    """A plan's metrics; none recorded reads as every metric unknown."""
+    return plan.metrics if plan.metrics is not None else PlanMetrics()
+
+
+def _metrics_speedup(metrics: PlanMetrics) -> str:
+    return format_speedup(metrics.speedup, metrics.speedup_low, metrics.speedup_high)
 
 
 def _value(number: Any) -> float | None:
@@ -340,12 +351,12 @@ def _value(number: Any) -> float | None:
 
 def _race_note(plan: Any, trials: Any) -> str:
     """How the final race's numbers relate to the trials': the race may reorder close plans."""
-    metrics = plan.metrics or {}
-    trial = metrics.get("trial")
+    metrics = _metrics(plan)
+    trial = metrics.trial
     sentences = [f"The close finalists and the FP32 model were re-timed together in a final race: the chosen plan "
                  f"ran {_metrics_speedup(metrics)} there (the median of per-round speedups, with its 95% "
                  f"confidence interval from order statistics)."]
-    ties = metrics.get("race_ties")
+    ties = metrics.race_ties
     if ties:
         sentences.append(f"The race could not tell it apart from {ties} other plan{'s' if ties > 1 else ''}; "
                          f"ties go to more accuracy headroom, then fewer cast boundaries.")
@@ -381,7 +392,7 @@ def _over_budget(trials: Any) -> Any:
 def _budget_note(plan: Any, budget: MemoryBudget, trials: Any) -> str:
     """The chosen plan against the memory budget, and how many accurate plans the budget ruled out."""
     over = _over_budget(trials)
-    weight = (plan.metrics or {}).get("weight_mb")
+    weight = _metrics(plan).weight_mb
     return (f"Memory budget ({budget.text()}): the chosen plan's weights take {_mb(weight)} as it runs; "
             f"{len(over)} trial{'s' if len(over) != 1 else ''} within the accuracy limit "
             f"{'were' if len(over) != 1 else 'was'} over the budget, so infeasible.")
@@ -405,11 +416,11 @@ def _fmt(value: float | None) -> str:
 
 
 def _plan_row(name: str, plan: Any, units: list[str], extra: Sequence[str] = ()) -> dict[str, Any]:
-    metrics = plan.metrics or {}
+    metrics = _metrics(plan)
     counts = plan.counts(units)
-    return {"plan": name, "trial": metrics.get("trial"), "latency_ms": metrics.get("latency_ms"),
-            "speedup": _metrics_speedup(metrics), "error": metrics.get("error"),
-            **{column: metrics.get(column) for column in extra}, "weight_mb": metrics.get("weight_mb"),
+    return {"plan": name, "trial": metrics.trial, "latency_ms": metrics.latency_ms,
+            "speedup": _metrics_speedup(metrics), "error": metrics.error,
+            **{column: getattr(metrics, column) for column in extra}, "weight_mb": metrics.weight_mb,
             "compiled": "yes" if plan.resolved_runtime.compile else "no",
             **{d: counts.get(d, 0) for d in NAMES}}
 
@@ -424,7 +435,7 @@ GENERATION_COLUMNS = ("tokens_per_s", "prefill_ms", "decode_ms_per_token", "toke
 
 def _generation_columns(plans: Sequence[Any]) -> list[str]:
     """The generation columns, when any of ``plans`` was measured generating."""
-    generating = any(plan is not None and (plan.metrics or {}).get("prefill_ms") is not None for plan in plans)
+    generating = any(plan is not None and _metrics(plan).generates for plan in plans)
     return list(GENERATION_COLUMNS) if generating else []
 
 
@@ -432,19 +443,20 @@ def _fp32_cell(column: str, plan: Any) -> Any:
     """The FP32 baseline's value in an extra column: no error, FP32's own tokens, its tokens/s."""
     if column in ("holdout_error", "token_agreement"):
         return 0.0 if column == "holdout_error" else 1.0
-    return (plan.metrics or {}).get("baseline_tokens_per_s") if column == "tokens_per_s" else None
+    return _metrics(plan).baseline_tokens_per_s if column == "tokens_per_s" else None
 
 
 def _generation_note(plan: Any) -> str:
     """What a generating plan's run was, and what judged its tokens."""
-    runtime, constraint = plan.resolved_runtime, plan.constraint or {}
-    minimum = constraint.get("min_token_agreement")
+    runtime, constraint = plan.resolved_runtime, plan.constraint
+    minimum = constraint.min_token_agreement if constraint is not None else None
+    metric = constraint.metric if constraint is not None else "the metric"
     form = ("with a static KV cache, the decode step compiled (the prefill eager)" if runtime.compile
             else "with the model's KV cache, eager")
     return (f"Timed as generation: prefill and {runtime.new_tokens} greedy tokens in all (a decode step each after "
             f"the first), {form}; latency is a whole generation. tokens_per_s counts the tokens of all the "
             f"batch's sequences; prefill_ms and decode_ms_per_token are medians of the same runs. Beside "
-            f"{constraint.get('metric', 'the metric')}, every plan's greedy tokens on the data had to equal FP32's "
+            f"{metric}, every plan's greedy tokens on the data had to equal FP32's "
             f"at the same position at least {minimum if minimum is not None else '?'} of the time "
             f"(token_agreement); trials under it are listed as failed, with their agreement.")
 
@@ -452,36 +464,38 @@ def _generation_note(plan: Any) -> str:
 def _error_columns(plans: Sequence[Any]) -> list[str]:
     """The error columns beyond the search's own that any of ``plans`` records."""
     return [column for column in ERROR_COLUMNS
-            if any(plan is not None and (plan.metrics or {}).get(column) is not None for plan in plans)]
+            if any(plan is not None and getattr(_metrics(plan), column) is not None for plan in plans)]
 
 
-def _compile_note(metrics: dict[str, Any], constraint: dict[str, Any]) -> str:
+def _compile_note(metrics: PlanMetrics, constraint: Constraint) -> str:
     """The compiled form's own error, which the search held to the limit."""
-    compiled = metrics.get("compiled_error")
+    compiled = metrics.compiled_error
     if compiled is None:
         return "compiled with torch.compile"
-    note = (f"compiled with torch.compile, where its {constraint['metric']} against FP32 is {compiled:.4g} "
-            f"(limit {constraint['limit']:g}; finalists over the limit compiled were dropped)")
-    agreement = metrics.get("compiled_rank_agreement")
+    note = (f"compiled with torch.compile, where its {constraint.metric} against FP32 is {compiled:.4g} "
+            f"(limit {constraint.limit:g}; finalists over the limit compiled were dropped)")
+    agreement = metrics.compiled_rank_agreement
     if agreement is not None:   # the search ranks eager; the finalists race compiled
-        note += (f"; the {metrics['compiled_raced']} plans that raced compiled kept their eager order with "
+        note += (f"; the {metrics.compiled_raced} plans that raced compiled kept their eager order with "
                  f"Spearman {agreement:.2f} (1: the same order)")
     return note
 
 
-def _unseen_data_note(plan: Any, constraint: dict[str, Any]) -> str:
+def _unseen_data_note(plan: Any, constraint: Constraint) -> str:
     """How the chosen plan did on batches the search never saw, and the headroom it kept."""
-    metrics, search = plan.metrics or {}, plan.search or {}
+    metrics, search = _metrics(plan), plan.search or {}
     margin = search.get("margin")
     headroom = (f" It was chosen with a margin of {margin:g}: search error at most "
-                f"{constraint['limit'] * (1 - margin):.4g}." if margin else "")
-    held = metrics.get("holdout_error")
+                f"{constraint.limit * (1 - margin):.4g}." if margin else "")
+    held = metrics.holdout_error
     if held is None:
         return f"No batch was held out of the search (optimize --holdout or --holdout-data).{headroom}"
-    verdict = "within" if held <= constraint["limit"] else "OVER"
-    return (f"On {metrics.get('holdout_batches', '?')} held-out batches the search never saw, its "
-            f"{constraint['metric']} is {held:.4g} ({verdict} the limit {constraint['limit']:g}; "
-            f"search error {metrics.get('error', 0.0):.4g}).{headroom}")
+    verdict = "within" if held <= constraint.limit else "OVER"
+    batches = "?" if metrics.holdout_batches is None else metrics.holdout_batches
+    search_error = 0.0 if metrics.error is None else metrics.error
+    return (f"On {batches} held-out batches the search never saw, its "
+            f"{constraint.metric} is {held:.4g} ({verdict} the limit {constraint.limit:g}; "
+            f"search error {search_error:.4g}).{headroom}")
 
 
 def _milestones(trials: Any) -> list[dict[str, Any]]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -19,9 +19,12 @@ from torch import nn
 
 from precsearch.runtime import batches as _batches
 from precsearch.runtime.errors import InputError
+from precsearch.runtime.plan_sections import Constraint
 
 REPEATABLE = 0.1    # two FP32 runs may differ by at most this fraction of the limit
 ROUNDING = 1e-6     # ... or by this much, whatever the limit (run-to-run rounding)
+
+Outputs = list[list[torch.Tensor]]   # per batch, the model's floating outputs (``run_outputs``)
 
 
 def flatten_outputs(output: Any) -> list[torch.Tensor]:
@@ -38,20 +41,20 @@ def flatten_outputs(output: Any) -> list[torch.Tensor]:
     return []
 
 
-def run_outputs(model: nn.Module, batches: list[Any]) -> list[list[torch.Tensor]]:
+def run_outputs(model: nn.Module, batches: list[Any]) -> Outputs:
     """Outputs of ``model`` on every batch, flattened and detached."""
     with torch.no_grad():
         return [[t.detach() for t in flatten_outputs(_batches.call(model, batch))] for batch in batches]
 
 
-def _pairs(outputs, reference):
+def _pairs(outputs: Outputs, reference: Outputs) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     for got_batch, ref_batch in zip(outputs, reference, strict=True):
         if len(got_batch) != len(ref_batch):
             raise RuntimeError("the model returned a different number of outputs than the FP32 reference")
         yield from zip(got_batch, ref_batch)
 
 
-def rel_l2(outputs, reference) -> float:
+def rel_l2(outputs: Outputs, reference: Outputs) -> float:
     """``||y - y_ref|| / ||y_ref||`` over all outputs of all batches, in float64."""
     diff = ref = 0.0
     for got, want in _pairs(outputs, reference):
@@ -63,7 +66,7 @@ def rel_l2(outputs, reference) -> float:
     return math.sqrt(diff) / math.sqrt(ref) if ref > 0 else (0.0 if diff == 0 else math.inf)
 
 
-def cosine(outputs, reference) -> float:
+def cosine(outputs: Outputs, reference: Outputs) -> float:
     """``1 - mean over samples of cosine_similarity(y_i, y_ref_i)``."""
     similarities = []
     for got, want in _pairs(outputs, reference):
@@ -76,7 +79,7 @@ def cosine(outputs, reference) -> float:
     return 1.0 - float(torch.cat(similarities).mean()) if similarities else 0.0
 
 
-def max_abs(outputs, reference) -> float:
+def max_abs(outputs: Outputs, reference: Outputs) -> float:
     """Largest absolute difference."""
     worst = 0.0
     for got, want in _pairs(outputs, reference):
@@ -86,7 +89,7 @@ def max_abs(outputs, reference) -> float:
     return worst
 
 
-def top1(outputs, reference) -> float:
+def top1(outputs: Outputs, reference: Outputs) -> float:
     """``1 - agreement`` of the argmax of the last dimension."""
     agree = total = 0
     for got, want in _pairs(outputs, reference):
@@ -102,7 +105,8 @@ def top1(outputs, reference) -> float:
 # Task metrics: the head's first floating output (logits, or the last hidden state) of each
 # batch, read with the batch itself (its attention_mask, input_ids, and labels).
 
-def _heads(outputs, reference, batches):
+def _heads(outputs: Outputs, reference: Outputs,
+           batches: list[Any]) -> Iterator[tuple[torch.Tensor, torch.Tensor, Any]]:
     for got_batch, ref_batch, batch in zip(outputs, reference, batches, strict=True):
         if not got_batch or len(got_batch) != len(ref_batch):
             raise RuntimeError("the model returned a different number of outputs than the FP32 reference")
@@ -121,7 +125,7 @@ def _positions(batch: Any, logits: torch.Tensor) -> torch.Tensor:
     return torch.ones(logits.shape[:-1], dtype=torch.bool, device=logits.device)
 
 
-def token_agreement(outputs, reference, batches) -> float:
+def token_agreement(outputs: Outputs, reference: Outputs, batches: list[Any]) -> float:
     """``1 - agreement`` of the predicted token (class) at every unpadded position."""
     agree = total = 0
     for got, want, batch in _heads(outputs, reference, batches):
@@ -148,7 +152,7 @@ def _mean_nll(logits: torch.Tensor, batch: Any) -> tuple[float, int]:
 
 
 def _perplexity(logits_per_batch: list[torch.Tensor], batches: list[Any]) -> float:
-    nll = count = 0
+    nll, count = 0.0, 0
     for logits, batch in zip(logits_per_batch, batches, strict=True):
         batch_nll, batch_count = _mean_nll(logits, batch)
         nll, count = nll + batch_nll, count + batch_count
@@ -157,7 +161,7 @@ def _perplexity(logits_per_batch: list[torch.Tensor], batches: list[Any]) -> flo
     return math.exp(nll / count) if nll / count < 700 else math.inf
 
 
-def perplexity(outputs, reference, batches) -> float:
+def perplexity(outputs: Outputs, reference: Outputs, batches: list[Any]) -> float:
     """``|ppl / ppl_fp32 - 1|``: the relative change of the perplexity on the batches' own tokens."""
     got = [g for g, _, _ in _heads(outputs, reference, batches)]
     if not all(torch.isfinite(g).all() for g in got):
@@ -166,7 +170,7 @@ def perplexity(outputs, reference, batches) -> float:
     return abs(_perplexity(got, batches) / fp32 - 1.0)
 
 
-def perplexity_value(reference, batches) -> float:
+def perplexity_value(reference: Outputs, batches: list[Any]) -> float:
     """The FP32 model's perplexity on the batches' own tokens."""
     return _perplexity([batch[0] for batch in reference], batches)
 
@@ -177,7 +181,7 @@ def _labels(batches: list[Any]) -> list[torch.Tensor]:
         raise InputError("--metric-name label_accuracy: needs labels: give every example of --data FILE a "
                          "'label' (a classification checkpoint) or 'labels' (token classification), or use "
                          "top1")
-    return labels
+    return [label for label in labels if label is not None]
 
 
 def _accuracy(logits_per_batch: list[torch.Tensor], batches: list[Any]) -> float:
@@ -191,7 +195,7 @@ def _accuracy(logits_per_batch: list[torch.Tensor], batches: list[Any]) -> float
     return correct / max(scored, 1)
 
 
-def label_accuracy(outputs, reference, batches) -> float:
+def label_accuracy(outputs: Outputs, reference: Outputs, batches: list[Any]) -> float:
     """The drop of label accuracy against FP32's (0 when it is not lower)."""
     got = [g for g, _, _ in _heads(outputs, reference, batches)]
     if not all(torch.isfinite(g).all() for g in got):
@@ -199,12 +203,12 @@ def label_accuracy(outputs, reference, batches) -> float:
     return max(0.0, label_accuracy_value(reference, batches) - _accuracy(got, batches))
 
 
-def label_accuracy_value(reference, batches) -> float:
+def label_accuracy_value(reference: Outputs, batches: list[Any]) -> float:
     """The FP32 model's label accuracy."""
     return _accuracy([batch[0] for batch in reference], batches)
 
 
-def embedding_cosine(outputs, reference, batches) -> float:
+def embedding_cosine(outputs: Outputs, reference: Outputs, batches: list[Any]) -> float:
     """``1 - mean cosine similarity`` of each sample's embedding: its hidden states averaged
     over its unpadded positions (or the output itself when it is one vector a sample)."""
     similarities = []
@@ -232,7 +236,7 @@ class Metric:
     function: Callable[..., float]
     help: str
     uses_batches: bool = False
-    fp32_value: Callable[[list[list[torch.Tensor]], list[Any]], float] | None = None
+    fp32_value: Callable[[Outputs, list[Any]], float] | None = None
 
     def bound(self, batches: list[Any]) -> Callable[[Any, Any], float]:
         """``function(outputs, reference)`` for ``batches``."""
@@ -286,6 +290,12 @@ class Verdict:
         return math.inf if self.failure else self.error
 
 
+def builtin_metric(constraint: Constraint | None) -> str | None:
+    """The metric of a plan's ``constraint`` when it is a built-in one (``METRICS``), which any
+    process can measure against FP32 on its own; None for a user metric or no constraint."""
+    return constraint.metric if constraint is not None and constraint.metric in METRICS else None
+
+
 @dataclasses.dataclass
 class Fidelity:
     """A constraint: how to measure a candidate's error, and the limit it must stay within.
@@ -331,12 +341,12 @@ class Fidelity:
 
     @classmethod
     def of_constraint(cls, model: nn.Module, batches: list[Any],
-                      constraint: dict[str, Any] | None) -> Fidelity:
+                      constraint: Constraint | None) -> Fidelity:
         """A plan's ``constraint`` as a built-in fidelity against FP32: its metric when built in, else
         rel_l2; its limit, or None (unchecked) when the plan states none for that metric."""
-        constraint = constraint or {}
-        metric = constraint.get("metric") if constraint.get("metric") in METRICS else "rel_l2"
-        limit = constraint.get("limit") if constraint.get("metric") == metric else None
+        builtin = builtin_metric(constraint)
+        metric = builtin or "rel_l2"
+        limit = constraint.limit if constraint is not None and builtin else None
         unchecked = cls.builtin(model, batches, metric, 0.0)
         return dataclasses.replace(unchecked, limit=limit)  # type: ignore[arg-type]
 
@@ -365,7 +375,7 @@ class Fidelity:
         return cls(label, limit, drop, reference_value)
 
 
-def check_reference(reference: list[list[torch.Tensor]]) -> None:
+def check_reference(reference: Outputs) -> None:
     """FP32 outputs a plan can be compared with: floating, not empty, finite."""
     if not any(reference):
         raise InputError("the model returned no floating-point tensor to compare")
@@ -393,7 +403,8 @@ def check_repeatable(rerun_error: float, metric: str, limit: float, inputs_chang
                      f"between them, limit {limit:g}): {cause}")
 
 
-def _call_user_metric(function, model, batches, name) -> float:
+def _call_user_metric(function: Callable[[nn.Module, list[Any]], float], model: nn.Module,
+                      batches: list[Any], name: str) -> float:
     value = function(model, batches)
     try:
         return float(value)

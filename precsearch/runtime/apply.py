@@ -34,10 +34,11 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
+from torch._compile import _disable_dynamo
 
 from precsearch.runtime.errors import PlanError
 from precsearch.runtime.ops import is_storage_module, model_device_type
@@ -94,7 +95,7 @@ class _Forward:
     def __wrapped__(self) -> Any:  # inspect.signature (used by transformers) sees the real one
         return self.original
 
-    def __deepcopy__(self, memo: dict) -> _Forward:
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Forward:
         original = copy.deepcopy(self.original, memo)
         return type(self)(original, self.enforce, self.device_type, self.cast_output)
 
@@ -133,7 +134,7 @@ class _StorageForward(_LowForward):
         super().__init__(original, enforce, device_type, cast_output)
         self.module, self.dtype = module, dtype
 
-    def __deepcopy__(self, memo: dict) -> _StorageForward:
+    def __deepcopy__(self, memo: dict[int, Any]) -> _StorageForward:
         return type(self)(copy.deepcopy(self.original, memo), self.enforce, self.device_type, self.cast_output,
                           copy.deepcopy(self.module, memo), self.dtype)
 
@@ -151,7 +152,9 @@ def _weights_in(module: nn.Module, dtype: torch.dtype) -> Iterator[None]:
     """``module``'s own floating parameters and buffers in ``dtype`` for a block: those held in it
     stay, the others are cast (a differentiable cast: gradients reach the FP32 masters)."""
     with torch._C.DisableTorchFunction():  # the applier's own look is no dtype read of the model's code
-        swapped = [(table, key, tensor) for table in (module._parameters, module._buffers)
+        # for the block, a parameter's slot holds a plain (differentiably cast) tensor
+        tables = cast("tuple[dict[str, torch.Tensor | None], ...]", (module._parameters, module._buffers))
+        swapped = [(table, key, tensor) for table in tables
                    for key, tensor in table.items()
                    if tensor is not None and tensor.is_floating_point() and tensor.dtype != dtype]
     for table, key, tensor in swapped:
@@ -193,7 +196,7 @@ class _RootMethod:
     def __wrapped__(self) -> Any:  # inspect.signature (used by transformers) sees the real one
         return self.original
 
-    def __deepcopy__(self, memo: dict) -> _RootMethod:
+    def __deepcopy__(self, memo: dict[int, Any]) -> _RootMethod:
         return type(self)(copy.deepcopy(self.handle, memo), self.name, copy.deepcopy(self.original, memo))
 
     def __reduce_ex__(self, protocol: Any) -> Any:
@@ -222,7 +225,8 @@ def _to_wrap(modules: list[tuple[str, nn.Module]], precision: dict[str, str]) ->
         entry = parent == "" and not _is_container(kind[name])   # may be called past the root: get_encoder()
         if parent is None or entry or above[parent] - {precision[name]} or (
                 PRECISIONS[precision[name]].low and is_storage_module(kind[name])):
-            wrap.append((name, None if caller[name] is None else precision[caller[name]]))
+            called_by = caller[name]
+            wrap.append((name, None if called_by is None else precision[called_by]))
     return wrap
 
 
@@ -246,7 +250,8 @@ class PlanHandle:
         for name, caller in _to_wrap(modules, precision):
             module = named[name]
             own = PRECISIONS[precision[name]].replace_forward
-            wrapper = _wrap(module, own(module) if own else module.forward, device_type, precision[name], caller)
+            wrapper: _Forward | _RootMethod = _wrap(module, own(module) if own else module.forward, device_type,
+                                                    precision[name], caller)
             if not name:
                 wrapper = _RootMethod(self, "forward", wrapper)
             self._saved.append((module, module.__dict__.get("forward"), wrapper))
@@ -272,11 +277,11 @@ class PlanHandle:
         # On the model itself, not in a registry: a deep copy of the model copies its handle too.
         model.__dict__[_HANDLE] = self
 
-    def _fast_path_off(self, model: nn.Module, args: tuple) -> None:
+    def _fast_path_off(self, model: nn.Module, args: tuple[Any, ...]) -> None:
         self._fast_path.append(torch.backends.mha.get_fastpath_enabled())
         torch.backends.mha.set_fastpath_enabled(False)
 
-    def _fast_path_back(self, model: nn.Module, args: tuple, output: Any) -> None:
+    def _fast_path_back(self, model: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if self._fast_path:
             torch.backends.mha.set_fastpath_enabled(self._fast_path.pop())
 
@@ -297,7 +302,7 @@ class PlanHandle:
             self._masters_changed = False
         return forward(*args, **kwargs)
 
-    def _learn(self, forward: Any, args: tuple, kwargs: dict) -> Any:
+    def _learn(self, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """The first call: the plan with FP32 weights (autocast casts them per call: the same
         outputs), recording which weights may be held low. A call that raises learns nothing."""
         with WeightUseRecorder(self.model, self.device_type, self._dtype_of) as recorder:
@@ -380,7 +385,7 @@ class PlanHandle:
                 module.__dict__[name] = own
         self._installed = False
 
-    def __deepcopy__(self, memo: dict) -> PlanHandle | None:
+    def __deepcopy__(self, memo: dict[int, Any]) -> PlanHandle | None:
         """Reached through ``copy.deepcopy`` of the model: the same plan over the copy's modules
         and wrappers (the memo maps both). A copy made inside ``suspended()`` is a plain model."""
         if not self._installed:
@@ -445,7 +450,7 @@ class PlanHandle:
         return f"PlanHandle({self.wrapped} modules wrapped, default={self.plan.default})"
 
 
-_learn_eagerly = torch._disable_dynamo(PlanHandle._learn)   # imports dynamo only when first called
+_learn_eagerly = _disable_dynamo(PlanHandle._learn)   # imports dynamo only when first called
 
 
 def _refuse_float64(modules: list[tuple[str, nn.Module]], precision: dict[str, str]) -> None:

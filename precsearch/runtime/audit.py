@@ -53,9 +53,9 @@ class AuditReport:
     def ok(self) -> bool:
         return bool(self.entries) and not self.mismatches and not self.silent
 
-    def by_unit(self) -> dict[str, Counter]:
+    def by_unit(self) -> dict[str, Counter[str]]:
         """unit -> Counter of actual dtypes."""
-        summary: dict[str, Counter] = {}
+        summary: dict[str, Counter[str]] = {}
         for entry in self.entries:
             summary.setdefault(entry.unit, Counter())[entry.actual] += 1
         return summary

@@ -15,7 +15,7 @@ Batch = Any  # a Tensor, a tuple/list of positional inputs, or a dict of keyword
 LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
 
 
-def split(batch: Batch) -> tuple[tuple, dict]:
+def split(batch: Batch) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """``batch`` -> ``(args, kwargs)`` for ``model(*args, **kwargs)``."""
     if isinstance(batch, torch.Tensor):
         return (batch,), {}
@@ -32,6 +32,15 @@ def split(batch: Batch) -> tuple[tuple, dict]:
 def call(model: nn.Module, batch: Batch) -> Any:
     args, kwargs = split(batch)
     return model(*args, **kwargs)
+
+
+def forward_runner(model: Callable[..., Any], batch: Batch) -> Callable[[], None]:
+    """A zero-argument forward pass of ``model`` (or a loaded package) on ``batch`` under
+    ``no_grad``, its outputs dropped: what timing a forward pass runs."""
+    def run() -> None:
+        with torch.no_grad():
+            call(model, batch)  # type: ignore[arg-type]
+    return run
 
 
 def as_list(batches: Iterable[Batch]) -> list[Batch]:

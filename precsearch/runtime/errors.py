@@ -1,5 +1,10 @@
 """The errors precsearch raises at its users."""
 
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class PrecsearchError(Exception):
     """Every error precsearch raises on purpose: ``except precsearch.PrecsearchError`` catches them all."""
@@ -25,3 +30,16 @@ def described(error: BaseException, width: int = 300) -> str:
     text = str(error).strip()
     name = type(error).__name__
     return f"{name}: {text.splitlines()[0][:width]}" if text else name
+
+
+@contextmanager
+def failures_as(error_type: type[InputError], prefix: str,
+                keep: type[BaseException] | tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+    """Any failure inside the block, but one of ``keep``, becomes one ``error_type`` line:
+    ``prefix`` then the failure, ``described``."""
+    try:
+        yield
+    except keep:
+        raise
+    except Exception as failure:
+        raise error_type(prefix + described(failure)) from failure

@@ -109,7 +109,7 @@ def load_model(spec: str, task: str | None = None) -> nn.Module:
     dtype = {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": torch.float32}
     try:
         with _quiet(transformers):
-            model = cls.from_pretrained(str(path), local_files_only=True, **dtype)
+            model: nn.Module = cls.from_pretrained(str(path), local_files_only=True, **dtype)
     except Exception as error:  # a broken or mismatched checkpoint is bad input
         raise InputError(f"--model {spec!r}: {cls.__name__} cannot load it: {described(error)}") from None
     return model.eval()

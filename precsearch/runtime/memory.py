@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from precsearch.runtime.errors import InputError
+
+if TYPE_CHECKING:
+    from precsearch.runtime.plan_sections import Constraint
 
 UNMEASURED = 1e9   # the constraint value of a limit whose quantity was not measured: infeasible
 
@@ -64,10 +67,9 @@ class MemoryBudget:
                 raise InputError(f"{limit.flag} {value!r}: must be a positive finite number of MB (2**20 bytes)")
 
     @classmethod
-    def of(cls, constraint: dict[str, Any] | None) -> MemoryBudget:
+    def of(cls, constraint: Constraint | None) -> MemoryBudget:
         """The budget a plan's or a study's ``constraint`` records (none in plans made before it)."""
-        constraint = constraint or {}
-        return cls(**{limit.key: constraint.get(limit.key) for limit in LIMITS})
+        return cls(**{limit.key: getattr(constraint, limit.key, None) for limit in LIMITS})
 
     def limits(self) -> list[tuple[Limit, float]]:
         """The limits that are set, with their values."""

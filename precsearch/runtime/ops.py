@@ -78,10 +78,10 @@ def device_type_of(device: str | torch.device) -> str:
 
 def model_device_type(model: nn.Module, fallback: str = "cpu") -> str:
     """The device type of the model's first parameter (or buffer), else ``fallback``."""
-    for tensor in model.parameters():
-        return device_type_of(tensor.device)
-    for tensor in model.buffers():
-        return device_type_of(tensor.device)
+    for parameter in model.parameters():
+        return device_type_of(parameter.device)
+    for buffer in model.buffers():
+        return device_type_of(buffer.device)
     return device_type_of(fallback)
 
 
@@ -89,7 +89,7 @@ def op_name(target: object) -> str:
     """Normalise an aten overload, torch function or method name to one op name."""
     schema = getattr(target, "_schema", None)
     if schema is not None:
-        name = schema.name.split("::")[-1]
+        name = str(schema.name).split("::")[-1]
     elif isinstance(target, str):
         name = target
     else:

@@ -28,6 +28,7 @@ from torch import nn
 from precsearch.runtime.credentials import mask_credentials as mask_password  # the old name, kept for callers
 from precsearch.runtime.errors import PlanError
 from precsearch.runtime.memory import LIMITS as MEMORY_LIMITS
+from precsearch.runtime.plan_sections import Constraint, PlanMetrics
 from precsearch.runtime.precisions import AUTOCAST, FP32, PRECISIONS, choices_text, is_precision, needs_loss_scaling
 from precsearch.runtime.yamlio import load_yaml_file
 
@@ -180,6 +181,8 @@ _SECTION_RULES: dict[str, tuple[dict[str, _Rule], _Rule | None]] = {
                 "storage": (_is_str_or_null, "a storage URL string or null")}, _SCALAR),
 }
 _REQUIRED = {"constraint": ("metric", "limit")}
+_SECTION_TYPES: dict[str, tuple[type, ...]] = {"constraint": (dict, Constraint), "metrics": (dict, PlanMetrics),
+                                               "search": (dict,)}
 _KINDS = {str: "string", dict: "mapping", list: "list", bool: "boolean", int: "int", float: "float"}
 
 
@@ -192,7 +195,12 @@ def _found(value: object) -> str:
     return f"{_KINDS.get(type(value), type(value).__name__)} {text}"
 
 
-def _check_section(section: str, mapping: dict) -> None:
+def _plain(section: Constraint | PlanMetrics | dict[str, Any]) -> dict[str, Any]:
+    """A section as the mapping a plan file holds (a record's ``to_dict``)."""
+    return section.to_dict() if isinstance(section, (Constraint, PlanMetrics)) else section
+
+
+def _check_section(section: str, mapping: dict[str, Any]) -> None:
     """Check one provenance section against ``_SECTION_RULES``; raise PlanError naming the field."""
     known, other = _SECTION_RULES[section]
     for key, value in mapping.items():
@@ -234,8 +242,8 @@ class Plan:
     target: dict[str, Any] = dataclasses.field(default_factory=dict)
     loss_scaling: LossScaling | None = None
     runtime: Runtime | None = None     # None: Runtime.default_for(mode)
-    constraint: dict[str, Any] | None = None
-    metrics: dict[str, Any] | None = None
+    constraint: Constraint | None = None   # a mapping given here is parsed into one
+    metrics: PlanMetrics | None = None     # likewise
     search: dict[str, Any] | None = None
     ties: dict[str, str] = dataclasses.field(default_factory=dict)  # unit -> the unit it must share a precision with
     storage_default: str | None = None   # storage units (embedding tables) not named: this dtype; None: default
@@ -263,11 +271,12 @@ class Plan:
             if not isinstance(getattr(self, section), dict):
                 raise PlanError(f"{section}: must be a mapping")
         for section in ("constraint", "metrics", "search"):
-            if getattr(self, section) is not None and not isinstance(getattr(self, section), dict):
+            if getattr(self, section) is not None and not isinstance(getattr(self, section), _SECTION_TYPES[section]):
                 raise PlanError(f"{section}: must be a mapping or null")
         for section in _SECTION_RULES:
             if getattr(self, section) is not None:
-                _check_section(section, getattr(self, section))
+                _check_section(section, _plain(getattr(self, section)))
+        self._parse_sections()
         if self.loss_scaling is not None and not isinstance(self.loss_scaling, LossScaling):
             raise PlanError(f"loss_scaling: expected a LossScaling or null, "
                             f"found {_found(self.loss_scaling)}")
@@ -285,6 +294,13 @@ class Plan:
         if not isinstance(self.created, str):
             raise PlanError(f"created: expected a time string such as '2026-11-28T12:00:00Z', "
                             f"found {_found(self.created)}")
+
+    def _parse_sections(self) -> None:
+        """``constraint`` and ``metrics`` given as mappings (checked above) become their records."""
+        if isinstance(self.constraint, dict):
+            object.__setattr__(self, "constraint", Constraint.from_dict(self.constraint))
+        if isinstance(self.metrics, dict):
+            object.__setattr__(self, "metrics", PlanMetrics.from_dict(self.metrics))
 
     @classmethod
     def compact(cls, layers: dict[str, str], **fields: Any) -> Plan:
@@ -318,7 +334,7 @@ class Plan:
         """Training with this plan needs dynamic loss scaling (it has an FP16 unit)."""
         return needs_loss_scaling({self.default, *self.layers.values()})
 
-    def counts(self, units: list[str] | None = None) -> Counter:
+    def counts(self, units: list[str] | None = None) -> Counter[str]:
         """Units per precision, over ``units`` (default: the units the plan names)."""
         return Counter(self.precision(name) for name in (units if units is not None else self.layers))
 
@@ -330,9 +346,9 @@ class Plan:
         ``fingerprint_mismatch="warn"`` downgrades a fingerprint mismatch to a warning;
         ``"ignore"`` skips the check (for callers that already made it once).
         """
-        named = [(f"layers.{name}", name) for name in self.layers] + [
+        pairs = [(f"layers.{name}", name) for name in self.layers] + [
             (f"ties.{unit}", name) for unit, outer in self.ties.items() for name in (unit, outer)]
-        named = [(where, name, "of that name" if where.endswith(f".{name}") else repr(name)) for where, name in named]
+        named = [(where, name, "of that name" if where.endswith(f".{name}") else repr(name)) for where, name in pairs]
         if names is None:
             names = {name for name, _ in model.named_modules()} if named else set()
         for where, name, what in named:
@@ -377,15 +393,15 @@ class Plan:
             **({"ties": dict(self.ties)} if self.ties else {}),
             "runtime": self.runtime.to_dict() if self.runtime else None,
             "loss_scaling": dataclasses.asdict(self.loss_scaling) if self.loss_scaling else None,
-            "constraint": self.constraint,
-            "metrics": self.metrics,
+            "constraint": self.constraint.to_dict() if self.constraint is not None else None,
+            "metrics": self.metrics.to_dict() if self.metrics is not None else None,
             "search": search,
         }
 
     def dumps(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False, width=100)
 
-    def save(self, path: str | os.PathLike) -> Path:
+    def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the plan atomically: a reader sees the old file or the new one, never half."""
         return write_atomic(path, self.dumps())
 
@@ -422,7 +438,7 @@ class Plan:
             raise PlanError(f"{source}: {error}") from None
 
 
-def _given(data: dict, key: str, default: object) -> Any:
+def _given(data: dict[str, Any], key: str, default: object) -> Any:
     """``data[key]``, or ``default`` when absent or null (but not when merely falsy: ``layers: []``
     is a mistake to report, not an empty plan)."""
     value = data.get(key)
@@ -452,13 +468,13 @@ def _loss_scaling(raw: object) -> LossScaling | None:
     return LossScaling(**raw)
 
 
-def load_plan(path: str | os.PathLike) -> Plan:
+def load_plan(path: str | os.PathLike[str]) -> Plan:
     """Read and validate a plan file with the safe loader of ``precsearch.runtime.yamlio``: Python tags,
     duplicate keys, anchors and aliases are refused, never executed or expanded."""
     return Plan.from_dict(load_yaml_file(path, PlanError, what="plan"), source=str(path))
 
 
-def write_atomic(path: str | os.PathLike, text: str) -> Path:
+def write_atomic(path: str | os.PathLike[str], text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

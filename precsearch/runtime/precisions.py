@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,7 +39,7 @@ class Precision:
     loss_scaling: bool = False      # training needs dynamic loss scaling (a narrow exponent range)
     preference: int = 0             # which low precision the search tries first while unmeasured (lower first)
     available: Callable[[str], bool] = lambda device_type: True
-    replace_forward: Callable[[nn.Module], Callable] | None = None
+    replace_forward: Callable[[Any], Callable[..., Any]] | None = None   # takes a suitable module
     unsuitable: Callable[[nn.Module], str | None] = lambda module: None
     operand_ops: frozenset[str] = frozenset()
     inference_only: bool = False
@@ -52,7 +53,7 @@ class Precision:
         """Enforced by ``torch.autocast`` (so it may be a plan's default, and weights may be held in it)."""
         return self.replace_forward is None
 
-    def enforce(self, device_type: str) -> AbstractContextManager:
+    def enforce(self, device_type: str) -> AbstractContextManager[None]:
         if not self.low:
             return torch.autocast(device_type, enabled=False)
         if not self.autocast:
@@ -65,7 +66,7 @@ def _autocast_to(dtype: torch.dtype) -> Callable[[str], bool]:
         if not torch.amp.autocast_mode.is_autocast_available(device_type):
             return False
         if device_type == "cuda" and dtype == torch.bfloat16:
-            return torch.cuda.is_bf16_supported()
+            return bool(torch.cuda.is_bf16_supported())
         return True
     return available
 
@@ -107,7 +108,7 @@ def name_of_dtype(dtype: torch.dtype) -> str:
     return _BY_DTYPE.get(dtype, str(dtype))
 
 
-def needs_loss_scaling(precisions: object) -> bool:
+def needs_loss_scaling(precisions: Iterable[str]) -> bool:
     """Whether any of ``precisions`` (names) needs dynamic loss scaling in training."""
     return any(PRECISIONS[name].loss_scaling for name in precisions if name in PRECISIONS)
 

@@ -26,7 +26,7 @@ class OpRecord:
     unit: str       # innermost module executing the op ("" is the root)
     op: str         # aten kernel name, e.g. "addmm"
     dtype: torch.dtype
-    shapes: tuple   # input tensor shapes (None for non-tensors), then the output shape
+    shapes: tuple[tuple[int, ...] | None, ...]   # input shapes (None for non-tensors), then the output's
     phase: str = "forward"
 
 
@@ -71,7 +71,8 @@ class _NodeOwners(TorchFunctionMode):
         self.modules = modules
         self.owner: dict[Any, str] = {}
 
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
         result = func(*args, **(kwargs or {}))
         unit = self.modules.current
         for leaf in torch.utils._pytree.tree_leaves(result):
@@ -97,8 +98,9 @@ class OpRecorder(TorchDispatchMode):
     """
 
     def __init__(self, model: nn.Module, device_type: str,
-                 on_op: Callable[[Any, tuple, Any, str], None] | None = None, backward: bool = False) -> None:
-        super().__init__()
+                 on_op: Callable[[Any, tuple[Any, ...], Any, str], None] | None = None,
+                 backward: bool = False) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]  # unannotated in torch
         self.device_type = device_type
         self.modules = ModuleStack(model)
         self.storage = frozenset(name for name, module in model.named_modules() if is_storage_module(module))
@@ -110,24 +112,26 @@ class OpRecorder(TorchDispatchMode):
     def __enter__(self) -> OpRecorder:
         self.modules.__enter__()
         if self.nodes is not None:
-            self.nodes.__enter__()
-        return super().__enter__()
+            self.nodes.__enter__()  # type: ignore[no-untyped-call]  # unannotated in torch
+        super().__enter__()  # type: ignore[no-untyped-call]  # unannotated in torch
+        return self
 
     def __exit__(self, *exc: object) -> None:
         try:
-            super().__exit__(*exc)
+            super().__exit__(*exc)  # type: ignore[no-untyped-call]  # unannotated in torch
         finally:
             if self.nodes is not None:
-                self.nodes.__exit__(*exc)
+                self.nodes.__exit__(*exc)  # type: ignore[no-untyped-call]  # unannotated in torch
             self.modules.__exit__(*exc)
 
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
         output = func(*args, **(kwargs or {}))
         with torch._C.DisableTorchFunction():  # what follows reads dtypes: no torch-function mode sees it
             self._record(func, args, output)
         return output
 
-    def _record(self, func: Any, args: tuple, output: Any) -> None:
+    def _record(self, func: Any, args: tuple[Any, ...], output: Any) -> None:
         unit = self.modules.current
         if self.nodes is not None and self.phase == "backward":
             unit = self.nodes.owner.get(torch._C._current_autograd_node(), unit)

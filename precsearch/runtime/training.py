@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -44,6 +44,25 @@ def grad_scaler(plan: Plan | None, device_type: str) -> torch.amp.GradScaler | N
                                 backoff_factor=scaling.backoff_factor, growth_interval=scaling.growth_interval)
 
 
+def backward_and_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                      scaler: torch.amp.GradScaler | None, clip: Callable[[], None] | None = None) -> None:
+    """Backward from ``loss`` and an optimizer step, through ``scaler``'s dynamic loss scaling when
+    given (the step is skipped and the scale backs off when gradients overflow). ``clip`` runs on
+    the unscaled gradients, just before the step."""
+    if scaler is None:
+        loss.backward()
+        if clip is not None:
+            clip()
+        optimizer.step()
+        return
+    scaler.scale(loss).backward()
+    if clip is not None:
+        scaler.unscale_(optimizer)
+        clip()
+    scaler.step(optimizer)
+    scaler.update()
+
+
 class Trainer:
     """A plan applied to ``model`` for training with ``optimizer``.
 
@@ -68,19 +87,11 @@ class Trainer:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         loss = compute_loss(self.loss_fn, _batches.call(self.model, inputs), target, "loss_fn")
-        if self.scaler is None:
-            loss.backward()
-            self._clip()
-            self.optimizer.step()
-            return float(loss.detach())
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.optimizer)
-        self._clip()
-        before = self.scaler.get_scale()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scales.append(self.scaler.get_scale())
-        self.skipped += self.scaler.get_scale() < before
+        before = self.scaler.get_scale() if self.scaler is not None else None
+        backward_and_step(loss, self.optimizer, self.scaler, self._clip if self.max_grad_norm is not None else None)
+        if self.scaler is not None and before is not None:
+            self.scales.append(self.scaler.get_scale())
+            self.skipped += self.scaler.get_scale() < before
         return float(loss.detach())
 
     def _clip(self) -> None:
@@ -103,7 +114,7 @@ def _parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 @contextlib.contextmanager
-def _same_randomness(seed: int = 0):
+def _same_randomness(seed: int = 0) -> Iterator[None]:
     """Dropout draws the same masks for every candidate, so gradients compare like for like."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -175,14 +186,7 @@ def training_step(model: nn.Module, batch: Any, loss_fn: LossFn, optimizer: torc
 
     def run() -> None:
         optimizer.zero_grad(set_to_none=True)
-        loss = compute_loss(loss_fn, _batches.call(model, inputs), target)
-        if scaler is None:
-            loss.backward()
-            optimizer.step()
-        else:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+        backward_and_step(compute_loss(loss_fn, _batches.call(model, inputs), target), optimizer, scaler)
     return run
 
 
@@ -196,7 +200,13 @@ class Diagnostics:
     skipped: int
 
     def to_dict(self) -> dict[str, Any]:
+        """As a study's ``training_diagnostics`` user attribute stores it."""
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Diagnostics:
+        return cls(underflow=dict(data["underflow"]), overflow=list(data["overflow"]),
+                   scales=list(data["scales"]), skipped=int(data["skipped"]))
 
 
 def diagnose(model: nn.Module, plan: Plan, batches: list[Any], loss_fn: LossFn, steps: int = 10) -> Diagnostics:
@@ -232,7 +242,8 @@ def diagnose(model: nn.Module, plan: Plan, batches: list[Any], loss_fn: LossFn, 
     return Diagnostics(underflow, overflow, scales, skipped)
 
 
-def _per_module_grads(model, modules, units, batches, loss_fn) -> dict[str, torch.Tensor]:
+def _per_module_grads(model: nn.Module, modules: dict[str, nn.Module], units: list[str], batches: list[Any],
+                      loss_fn: LossFn) -> dict[str, torch.Tensor]:
     params = _backward(model, batches, loss_fn)
     result = {}
     for unit in units:

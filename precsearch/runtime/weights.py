@@ -53,7 +53,9 @@ class WeightUses:
 
     def renamed(self, storages: dict[int, int]) -> WeightUses:
         """The same uses, keyed by other storages (``storages`` maps old keys to new ones)."""
-        rename = lambda table: {storages.get(key, key): value for key, value in table.items()}  # noqa: E731
+        def rename(table: dict[int, frozenset[str]]) -> dict[int, frozenset[str]]:
+            return {storages.get(key, key): value for key, value in table.items()}
+
         return WeightUses(rename(self.owners), rename(self.readers), rename(self.only_eligible),
                           frozenset(storages.get(key, key) for key in self.dtype_read))
 
@@ -77,9 +79,11 @@ class _DtypeReads(TorchFunctionMode):
 
     def __init__(self, storages: set[int]) -> None:
         super().__init__()
-        self.storages, self.read = storages, set()
+        self.storages = storages
+        self.read: set[int] = set()
 
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
         if getattr(func, "__self__", None) is _DTYPE and args and isinstance(args[0], torch.Tensor):
             key = _storage(args[0])
             if key in self.storages:
@@ -109,7 +113,7 @@ class WeightUseRecorder:
         self.ops = OpRecorder(model, device_type, on_op=self._on_op)
         self.dtypes = _DtypeReads(set(self.owners))
 
-    def _on_op(self, func: Any, args: tuple, output: Any, unit: str) -> None:
+    def _on_op(self, func: Any, args: tuple[Any, ...], output: Any, unit: str) -> None:
         if getattr(func, "is_view", False):
             return  # a view computes nothing; the op that consumes it is the read
         name = op_name(func)
@@ -120,7 +124,7 @@ class WeightUseRecorder:
                 self.reads[_storage(arg)][unit].add(eligible)
 
     def __enter__(self) -> WeightUseRecorder:
-        self.dtypes.__enter__()
+        self.dtypes.__enter__()  # type: ignore[no-untyped-call]  # unannotated in torch
         self.ops.__enter__()
         return self
 
@@ -128,7 +132,7 @@ class WeightUseRecorder:
         try:
             self.ops.__exit__(*exc)
         finally:
-            self.dtypes.__exit__(*exc)
+            self.dtypes.__exit__(*exc)  # type: ignore[no-untyped-call]  # unannotated in torch
 
     def uses(self) -> WeightUses:
         return WeightUses(
@@ -172,7 +176,7 @@ def _shadow(model: nn.Module) -> nn.Module:
             setattr(module, attribute, hooks)
 
 
-def _cast_key(tensor: torch.Tensor) -> tuple:
+def _cast_key(tensor: torch.Tensor) -> tuple[object, ...]:
     """Changes whenever the tensor's values may have: edited in place, ``.data`` replaced, moved."""
     return id(tensor), tensor._version, tensor.data_ptr(), tensor.dtype, tensor.device, tensor.shape
 
@@ -185,12 +189,13 @@ class _Held:
     attribute: str
     master: torch.Tensor
     low: torch.Tensor
-    cast_from: tuple = ()       # the master's _cast_key when ``low`` was cast from it
-    low_key: tuple = ()         # the low copy's _cast_key when it was last put in place
+    cast_from: tuple[object, ...] = ()   # the master's _cast_key when ``low`` was cast from it
+    low_key: tuple[object, ...] = ()     # the low copy's _cast_key when it was last put in place
 
-    def __deepcopy__(self, memo: dict) -> _Held:
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Held:
         """A copy whose keys describe the copied tensors: unchanged stays unchanged."""
-        copied = _Held(*(copy.deepcopy(value, memo) for value in (self.module, self.attribute, self.master, self.low)))
+        copied = _Held(copy.deepcopy(self.module, memo), self.attribute, copy.deepcopy(self.master, memo),
+                       copy.deepcopy(self.low, memo))
         copied.cast_from = _cast_key(copied.master) if self.cast_from == _cast_key(self.master) else ()
         copied.low_key = _cast_key(copied.low) if self.low_key == _cast_key(self.low) else ()
         return copied
@@ -294,9 +299,18 @@ def weight_bytes(model: nn.Module) -> dict[str, int]:
     from precsearch.runtime.precisions import name_of_dtype
 
     seen: set[int] = set()
-    total: Counter = Counter()
+    total: Counter[str] = Counter()
     for _, _, tensor in _weights(model):
         if id(tensor) not in seen:
             seen.add(id(tensor))
             total[name_of_dtype(tensor.dtype)] += tensor.numel() * tensor.element_size()
     return dict(total)
+
+
+MB = 2**20   # what precsearch means by MB: weights, peak memory, memory budgets, package sizes
+
+
+def weight_mb(model: nn.Module) -> float:
+    """The model's distinct floating weights in MB, all dtypes together, as it is now (a plan's
+    low weights held, ties counted once)."""
+    return sum(weight_bytes(model).values()) / MB

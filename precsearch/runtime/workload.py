@@ -24,7 +24,7 @@ import dataclasses
 import statistics
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypedDict, cast
 
 import torch
 from torch import nn
@@ -40,6 +40,23 @@ GENERATIVE_TASKS = ("causal-lm", "seq2seq-lm")
 DEFAULT_NEW_TOKENS = 32
 DEFAULT_MIN_TOKEN_AGREEMENT = 0.9
 PROMPT_INPUTS = ("input_ids", "attention_mask")   # what a prompt keeps of a batch (no teacher-forced decoder input)
+
+
+class GenerationRecord(TypedDict, total=False):
+    """What a trial stores of a generating candidate (``GenerationStats.record``: every key;
+    ``{}`` for a candidate that does not generate)."""
+
+    prefill_ms: float
+    decode_ms_per_token: float | None
+    tokens_per_s: float | None
+    generated_tokens: int
+    token_agreement: float | None
+
+
+class GenerationPlanMetrics(GenerationRecord, total=False):
+    """A plan's generation metrics (``GenerationStats.plan_metrics``)."""
+
+    baseline_tokens_per_s: float | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,19 +75,19 @@ class GenerationStats:
     def tokens_per_s(self) -> float:
         return self.tokens * 1e3 / self.total_ms if self.total_ms > 0 else float("nan")
 
-    def record(self) -> dict[str, float | None]:
+    def record(self) -> GenerationRecord:
         """The numbers a trial stores (``records.TrialRecord``)."""
         return {"prefill_ms": round(self.prefill_ms, 4),
                 "decode_ms_per_token": None if self.decode_ms_per_token is None else round(self.decode_ms_per_token, 4),
                 "tokens_per_s": round(self.tokens_per_s, 2), "generated_tokens": self.tokens,
                 "token_agreement": self.token_agreement}
 
-    def plan_metrics(self, latency_ms: float, baseline_ms: float) -> dict[str, float | None]:
+    def plan_metrics(self, latency_ms: float, baseline_ms: float) -> GenerationPlanMetrics:
         """The plan's generation metrics: tokens/s on the plan's latency basis (the study's FP32
         baseline over the measured speedup), so that they agree with ``latency_ms``."""
-        per_second = {"tokens_per_s": round(self.tokens * 1e3 / latency_ms, 2) if latency_ms > 0 else None,
-                      "baseline_tokens_per_s": round(self.tokens * 1e3 / baseline_ms, 2) if baseline_ms > 0 else None}
-        return {**self.record(), **per_second}
+        return {**self.record(),
+                "tokens_per_s": round(self.tokens * 1e3 / latency_ms, 2) if latency_ms > 0 else None,
+                "baseline_tokens_per_s": round(self.tokens * 1e3 / baseline_ms, 2) if baseline_ms > 0 else None}
 
     @classmethod
     def of(cls, values: Mapping[str, Any]) -> GenerationStats | None:
@@ -127,11 +144,7 @@ class Workload:
         ``no_grad``, or a ``GenerationRun`` (which also times its prefill and decode steps)."""
         if self.generates:
             return GenerationRun(model, prompt_of(model, batch), self.new_tokens)  # type: ignore[arg-type]
-
-        def run() -> None:
-            with torch.no_grad():
-                _batches.call(model, batch)
-        return run
+        return _batches.forward_runner(model, batch)
 
     def compile(self, model: nn.Module) -> Any:
         """``model`` as it runs compiled: ``torch.compile(model)``, or, generating, the model
@@ -141,11 +154,11 @@ class Workload:
             return torch.compile(model)
         import transformers
 
-        config = copy.deepcopy(model.generation_config)
+        config = copy.deepcopy(cast("transformers.GenerationConfig", model.generation_config))
         config.cache_implementation = "static"
         config.compile_config = transformers.CompileConfig(fullgraph=False, dynamic=False, mode="default")
         config.compile_config._compile_all_devices = True   # transformers compiles on GPUs only unless told
-        model.generation_config = config
+        model.generation_config = config  # type: ignore[assignment]  # torch types attributes Tensor | Module
         return model
 
     def plan_fields(self) -> dict[str, Any]:
@@ -186,7 +199,8 @@ class _Clock:
     """A transformers streamer that notes when the first new token is out (the prefill's end)."""
 
     def __init__(self, device_type: str) -> None:
-        self.device_type, self.calls, self.first_token = device_type, 0, None
+        self.device_type, self.calls = device_type, 0
+        self.first_token: float | None = None
 
     def put(self, value: torch.Tensor) -> None:
         self.calls += 1
@@ -214,7 +228,8 @@ class GenerationRun:
     def generate(self, streamer: Any = None) -> torch.Tensor:
         """The new tokens, ``(batch, new_tokens)``."""
         with torch.no_grad():
-            output = self.model.generate(**self.prompt, generation_config=self.config, streamer=streamer)
+            output: torch.Tensor = self.model.generate(**self.prompt, generation_config=self.config,
+                                                       streamer=streamer)
         return output[:, -self.new_tokens:]
 
     def __call__(self) -> None:
@@ -294,5 +309,6 @@ def with_token_gate(fidelity: Any, model: nn.Module, batches: list[Any], plan: A
     workload = plan.resolved_runtime.run
     if not workload.generates or fidelity.gate is not None:
         return fidelity
-    minimum = (plan.constraint or {}).get("min_token_agreement", DEFAULT_MIN_TOKEN_AGREEMENT)
+    stated = plan.constraint.min_token_agreement if plan.constraint is not None else None
+    minimum = DEFAULT_MIN_TOKEN_AGREEMENT if stated is None else stated
     return dataclasses.replace(fidelity, gate=TokenGate(model, batches, workload, minimum))

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from collections.abc import Hashable
+from typing import Any, Protocol
 
 import yaml
-from yaml.events import AliasEvent, CollectionStartEvent, NodeEvent
+from yaml.events import AliasEvent, CollectionStartEvent, Event, NodeEvent
 from yaml.nodes import MappingNode, Node, ScalarNode
 
 from precsearch.runtime.errors import InputError
@@ -42,26 +43,24 @@ class _StrictLoader(yaml.SafeLoader):
         super().__init__(stream)
         self._depth = 0
 
-    def compose_node(self, parent: Node | None, index: Any) -> Node:
+    def compose_node(self, parent: Node | None, index: int) -> Node | None:
         # Refuse at the event, before any node is built: an alias bomb fails on its first anchor.
-        event = self.peek_event()
+        event: Event = self.peek_event()  # type: ignore[no-untyped-call]  # unannotated in types-PyYAML
         if isinstance(event, AliasEvent) or (isinstance(event, NodeEvent) and event.anchor is not None):
             sign = "*" if isinstance(event, AliasEvent) else "&"
-            line = event.start_mark.line + 1
-            raise _Refused(f"YAML anchor or alias {sign}{event.anchor} at line {line} is not allowed; "
-                           f"write the value out")
+            raise _Refused(f"YAML anchor or alias {sign}{event.anchor}{_where(event.start_mark)} is not "
+                           f"allowed; write the value out")
         if not isinstance(event, CollectionStartEvent):
             return super().compose_node(parent, index)
         self._depth += 1
         try:
             if self._depth > MAX_DEPTH:
-                line = event.start_mark.line + 1
-                raise _Refused(f"nested more than {MAX_DEPTH} levels deep at line {line}")
+                raise _Refused(f"nested more than {MAX_DEPTH} levels deep{_where(event.start_mark)}")
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
 
-    def construct_mapping(self, node: MappingNode, deep: bool = False) -> dict:
+    def construct_mapping(self, node: MappingNode, deep: bool = False) -> dict[Hashable, Any]:
         first_line: dict[Any, int] = {}
         for key_node, _ in node.value:
             line = key_node.start_mark.line + 1
@@ -115,7 +114,7 @@ def load_yaml(text: str, source: str, error: type[InputError] = InputError) -> A
             loader.dispose()
 
 
-def load_yaml_file(path: str | os.PathLike, error: type[InputError] = InputError, what: str = "file",
+def load_yaml_file(path: str | os.PathLike[str], error: type[InputError] = InputError, what: str = "file",
                    source: str | None = None) -> Any:
     """Read ``path`` as UTF-8 YAML (see :func:`load_yaml`); ``what`` names it in messages
     (``"cannot read plan"``), ``source`` replaces the path as the message's first word."""
@@ -132,7 +131,13 @@ def load_yaml_file(path: str | os.PathLike, error: type[InputError] = InputError
     return load_yaml(text, source, error)
 
 
-def _where(mark: yaml.Mark | None) -> str:
+class _Mark(Protocol):
+    """A position in the text: PyYAML's pure-Python and C marks both have one."""
+
+    line: int
+
+
+def _where(mark: _Mark | None) -> str:
     return f" at line {mark.line + 1}" if mark is not None else ""
 
 

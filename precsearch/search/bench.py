@@ -17,11 +17,14 @@ import math
 import random
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
+
+from precsearch.runtime.weights import MB
+from precsearch.runtime.workload import GenerationStats, stats_of
 
 CONFIDENCE = 0.95
 
@@ -38,10 +41,11 @@ def _synchronize(device_type: str) -> None:
         torch.cuda.synchronize()
 
 
-Candidate = Callable[[], Any] | tuple[Callable[[], AbstractContextManager], Callable[[], Any]]
+Runner = Callable[[], Any] | tuple[Callable[[], AbstractContextManager], Callable[[], Any]]
+"""What one turn runs: a zero-argument callable, or ``(context_factory, run)`` (only ``run`` is timed)."""
 
 
-def time_interleaved(candidates: dict[str, Candidate], *, device_type: str = "cpu", repeats: int = 15,
+def time_interleaved(candidates: Mapping[str, Runner], *, device_type: str = "cpu", repeats: int = 15,
                      warmup: int = 2, max_seconds: float | None = None, min_repeats: int = 3,
                      until: Callable[[dict[str, list[float]]], bool] | None = None,
                      seed: int = 0) -> dict[str, Timing]:
@@ -58,7 +62,8 @@ def time_interleaved(candidates: dict[str, Candidate], *, device_type: str = "cp
     paused while a run is timed, so that garbage one turn's context made (e.g. applying a
     plan) is not collected on another turn's clock.
     """
-    turns = {name: c if isinstance(c, tuple) else (nullcontext, c) for name, c in candidates.items()}
+    turns: dict[str, tuple[Callable[[], AbstractContextManager[Any]], Callable[[], Any]]] = {
+        name: c if isinstance(c, tuple) else (nullcontext, c) for name, c in candidates.items()}
     samples: dict[str, list[float]] = {name: [] for name in turns}
     peaks: dict[str, float] = {}
     orders = round_orders(list(turns), seed)
@@ -117,7 +122,7 @@ def _timed_turn(context: Callable[[], AbstractContextManager], run: Callable[[],
         finally:
             if collecting:
                 gc.enable()
-        return elapsed, torch.cuda.max_memory_allocated() / 2**20 if peak else None
+        return elapsed, torch.cuda.max_memory_allocated() / MB if peak else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +144,7 @@ class Speedup:
         return self.low > other.high
 
     def __str__(self) -> str:
-        return f"{self.median:.2f}x [{self.low:.2f}, {self.high:.2f}]"
+        return format_speedup(self.median, self.low, self.high)
 
 
 def speedup(baseline_ms: Sequence[float], candidate_ms: Sequence[float], confidence: float = CONFIDENCE) -> Speedup:
@@ -166,16 +171,76 @@ def ratio_median(ratios: Sequence[float]) -> float:
     return ordered[middle] if len(ordered) % 2 else math.sqrt(ordered[middle - 1] * ordered[middle])
 
 
+@dataclasses.dataclass(frozen=True)
+class RaceResult:
+    """Named runners timed in the same rounds: each one's ``Timing``, its speedup over the
+    ``baseline`` runner (the baseline's own is 1), and the stats of those that generate.
+
+    Round i of every runner is the same round, so any two compare round by round:
+    ``clearly_faster(a, b)``, or ``speedup(a, over=b)``.
+    """
+
+    baseline: str
+    timings: dict[str, Timing]
+    speedups: dict[str, Speedup]
+    generation: dict[str, GenerationStats] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def of(cls, timings: dict[str, Timing], baseline: str,
+           generation: dict[str, GenerationStats] | None = None) -> RaceResult:
+        base = timings[baseline].samples_ms
+        return cls(baseline, timings, {name: speedup(base, timing.samples_ms) for name, timing in timings.items()},
+                   generation or {})
+
+    @property
+    def baseline_ms(self) -> float:
+        return self.timings[self.baseline].median_ms
+
+    def speedup(self, name: str, over: str | None = None) -> Speedup:
+        """``name``'s speedup over ``over`` (default: the baseline), round by round."""
+        if over is None or over == self.baseline:
+            return self.speedups[name]
+        return speedup(self.timings[over].samples_ms, self.timings[name].samples_ms)
+
+    def clearly_faster(self, a: str, b: str) -> bool:
+        """``a`` is clearly faster than ``b`` (``bench.clearly_faster``, on their rounds)."""
+        return clearly_faster(self.timings[a].samples_ms, self.timings[b].samples_ms)
+
+
+def race(runners: Mapping[str, Runner], *, baseline: str, device_type: str = "cpu", repeats: int = 15,
+         warmup: int = 2, max_seconds: float | None = None, min_repeats: int = 3,
+         until: Callable[[dict[str, list[float]]], bool] | None = None, seed: int = 0) -> RaceResult:
+    """``runners`` timed interleaved (``time_interleaved``, whose options these are), with every
+    runner's speedup over ``baseline``, one of them.
+
+    >>> result = race({"fp32": run_fp32, "bf16": (apply_bf16, run_bf16)}, baseline="fp32")  # doctest: +SKIP
+    >>> str(result.speedups["bf16"])                                                       # doctest: +SKIP
+    '1.31x [1.24, 1.37]'
+    """
+    if baseline not in runners:
+        raise ValueError(f"the baseline {baseline!r} is not one of the runners {sorted(runners)}")
+    timings = time_interleaved(runners, device_type=device_type, repeats=repeats, warmup=warmup,
+                               max_seconds=max_seconds, min_repeats=min_repeats, until=until, seed=seed)
+    generation = {name: stats for name, runner in runners.items()
+                  if (stats := stats_of(_run_of(runner), len(timings[name].samples_ms))) is not None}
+    return RaceResult.of(timings, baseline, generation)
+
+
+def _run_of(runner: Runner) -> Callable[[], Any]:
+    """The timed part of a runner."""
+    return runner[1] if isinstance(runner, tuple) else runner
+
+
 def time_against_itself(run: Callable[[], Any], *, device_type: str = "cpu", repeats: int = 16,
                         warmup: int = 2, seed: int = 0) -> tuple[Speedup, float]:
     """An A/A measurement: ``run`` timed as two candidates in the same rounds. The truth is 1.0,
     so the interval's width is how well this machine can rank plans now, and an interval that
     misses 1 more often than 5% of the time betrays a bias of the harness.
     ``(speedup of the copy over the original, median ms)``."""
-    timings = time_interleaved({"a": run, "a again": run}, device_type=device_type, repeats=repeats,
-                               warmup=warmup, seed=seed)
-    both = timings["a"].samples_ms + timings["a again"].samples_ms
-    return speedup(timings["a"].samples_ms, timings["a again"].samples_ms), statistics.median(both)
+    result = race({"a": run, "a again": run}, baseline="a", device_type=device_type, repeats=repeats,
+                  warmup=warmup, seed=seed)
+    both = result.timings["a"].samples_ms + result.timings["a again"].samples_ms
+    return result.speedups["a again"], statistics.median(both)
 
 
 def rank_correlation(a: Sequence[float], b: Sequence[float]) -> float | None:
@@ -213,5 +278,10 @@ def format_speedup(median: float | None, low: float | None = None, high: float |
     """``1.24x [1.15, 1.33]``: a speedup with its 95% confidence interval, when there is one."""
     if median is None or not math.isfinite(median):
         return "-"
-    interval = f" [{low:.2f}, {high:.2f}]" if low is not None and high is not None else ""
-    return f"{median:.2f}x{interval}"
+    interval = format_interval(low, high)
+    return f"{median:.2f}x" + (f" {interval}" if interval else "")
+
+
+def format_interval(low: float | None, high: float | None) -> str | None:
+    """``[1.15, 1.33]``: a speedup's 95% confidence interval; None without one."""
+    return f"[{low:.2f}, {high:.2f}]" if low is not None and high is not None else None

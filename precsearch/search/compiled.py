@@ -12,18 +12,19 @@ import copy
 import dataclasses
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
 from precsearch.runtime.accuracy import Fidelity
-from precsearch.search.bench import Timing, time_interleaved
-from precsearch.runtime.errors import InputError, described
+from precsearch.search import bench
+from precsearch.search.bench import RaceResult, Timing
+from precsearch.runtime.errors import InputError, failures_as
 from precsearch.runtime.plan import Plan
 from precsearch.runtime.apply import apply_plan
-from precsearch.runtime.workload import GenerationStats, Workload, stats_of, with_token_gate
+from precsearch.runtime.workload import GenerationStats, Workload, with_token_gate
 
 RECOMPILE_LIMIT = 64   # each plan is one cache entry on the shared code; never the limit
 
@@ -36,14 +37,22 @@ class NotCompilable(InputError):
 
 @dataclasses.dataclass(frozen=True)
 class CompiledTimes:
-    """Timings of every timed plan compiled and of the FP32 model (``"fp32 compiled"``,
-    ``"fp32 eager"``), each timed plan's compile time (s), and, when a fidelity was given, every
-    plan's compiled error (plans over the limit are in ``errors`` but were not timed)."""
+    """The race of every timed plan compiled and of the FP32 model (``"fp32 compiled"``, and
+    ``"fp32 eager"``, its baseline), each timed plan's compile time (s), and, when a fidelity was
+    given, every plan's compiled error (plans over the limit are in ``errors`` but were not timed)."""
 
-    timings: dict[str, Timing]
+    race: RaceResult
     compile_s: dict[str, float]
     errors: dict[str, float] = dataclasses.field(default_factory=dict)
-    generation: dict[str, GenerationStats] = dataclasses.field(default_factory=dict)  # generating runs'
+
+    @property
+    def timings(self) -> dict[str, Timing]:
+        return self.race.timings
+
+    @property
+    def generation(self) -> dict[str, GenerationStats]:
+        """The generating runs' prefill and decode times."""
+        return self.race.generation
 
     @property
     def ms(self) -> dict[str, float]:
@@ -61,7 +70,7 @@ def time_compiled(model: nn.Module, batch: Any, plans: dict[str, Plan], device_t
     plan cannot run compiled.
     """
     workload = workload_of(plans.values())
-    runners: dict[str, Any] = {}
+    runners: dict[str, bench.Runner] = {}
     compile_s: dict[str, float] = {}
     errors: dict[str, float] = {}
     torch._dynamo.reset()
@@ -76,13 +85,12 @@ def time_compiled(model: nn.Module, batch: Any, plans: dict[str, Plan], device_t
                     runners[name] = runner
             runners["fp32 eager"] = workload.runner(model, batch)
             with torch._dynamo.config.patch(error_on_recompile=True):
-                timings = time_interleaved(runners, device_type=device_type, repeats=repeats, warmup=1)
-        generation = {name: stats for name, run in runners.items()
-                      if (stats := stats_of(run, len(timings[name].samples_ms))) is not None}
+                race = bench.race(runners, baseline="fp32 eager", device_type=device_type, repeats=repeats,
+                                  warmup=1)
     finally:
         runners.clear()
         torch._dynamo.reset()
-    return CompiledTimes(timings, {name: compile_s[name] for name in plans if name in timings}, errors, generation)
+    return CompiledTimes(race, {name: compile_s[name] for name in plans if name in race.timings}, errors)
 
 
 def workload_of(plans: Any) -> Workload:
@@ -119,7 +127,25 @@ def compiled_error(model: nn.Module, plan: Plan, example_inputs: Any, device_typ
         torch._dynamo.reset()
 
 
-def check_compiled(model: nn.Module, plan: Plan, batches: list[Any], device_type: str) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class CompiledCheck:
+    """What ``check --compile`` found: ``within_limit`` is False when the compiled error is over the
+    limit or the model cannot run compiled (``failure`` says why), None when the plan states no limit."""
+
+    metric: str
+    eager_error: float
+    compiled_error: float | None
+    limit: float | None
+    within_limit: bool | None
+    compile_s: float
+    failure: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """As ``check --json`` prints it."""
+        return dataclasses.asdict(self)
+
+
+def check_compiled(model: nn.Module, plan: Plan, batches: list[Any], device_type: str) -> CompiledCheck:
     """What ``check --compile`` proves beyond the (eager) audit: the plan compiles, and the
     compiled model's error against FP32 stays within the plan's limit.
 
@@ -141,21 +167,21 @@ def check_compiled(model: nn.Module, plan: Plan, batches: list[Any], device_type
             compiled, failure = None, str(error)
     limit = fidelity.limit
     within = False if failure else (None if limit is None else compiled <= limit)  # type: ignore[operator]
-    return {"metric": fidelity.name, "eager_error": eager, "compiled_error": compiled, "limit": limit,
-            "within_limit": within, "compile_s": round(time.perf_counter() - started, 2), "failure": failure}
+    return CompiledCheck(metric=fidelity.name, eager_error=eager, compiled_error=compiled, limit=limit,
+                         within_limit=within, compile_s=round(time.perf_counter() - started, 2), failure=failure)
 
 
-def verdict(result: dict[str, Any]) -> str:
+def verdict(result: CompiledCheck) -> str:
     """One line for people: ``check_compiled``'s result and what it means."""
-    if result["failure"]:
-        return f"compiled: FAILED, {result['failure']}"
-    numbers = (f"{result['metric']} {result['compiled_error']:.4g} against FP32 (eager {result['eager_error']:.4g}; "
-               f"compile {result['compile_s']:.1f} s)")
-    if result["limit"] is None:
-        return f"compiled: {numbers}; the plan states no {result['metric']} limit to check"
-    if result["within_limit"]:
-        return f"compiled: ok, {numbers} within the limit {result['limit']:g}"
-    return f"compiled: FAILED, {numbers} over the limit {result['limit']:g}"
+    if result.failure:
+        return f"compiled: FAILED, {result.failure}"
+    numbers = (f"{result.metric} {result.compiled_error:.4g} against FP32 (eager {result.eager_error:.4g}; "
+               f"compile {result.compile_s:.1f} s)")
+    if result.limit is None:
+        return f"compiled: {numbers}; the plan states no {result.metric} limit to check"
+    if result.within_limit:
+        return f"compiled: ok, {numbers} within the limit {result.limit:g}"
+    return f"compiled: FAILED, {numbers} over the limit {result.limit:g}"
 
 
 @contextmanager
@@ -177,16 +203,10 @@ def _compiled_only() -> Iterator[None]:
         yield
 
 
-@contextmanager
-def _failures_named(what: str) -> Iterator[None]:
+def _failures_named(what: str) -> AbstractContextManager[None]:
     """A failure to run compiled becomes one ``NotCompilable`` line naming ``what`` failed."""
-    try:
-        yield
-    except (NotCompilable, KeyboardInterrupt):
-        raise
-    except Exception as error:
-        raise NotCompilable(f"--compile: {what} cannot run compiled with torch.compile: "
-                            f"{described(error)}") from error
+    return failures_as(NotCompilable, f"--compile: {what} cannot run compiled with torch.compile: ",
+                       keep=NotCompilable)
 
 
 def compiled_replica(model: nn.Module, plan: Plan | None, example_inputs: Any, device_type: str,

@@ -1,11 +1,12 @@
 """How to search, as one frozen, validated value: ``optimize(model, batches, SearchConfig(...))``.
 
->>> config = SearchConfig(space="transformer", max_error=0.005, trials=40)    # doctest: +SKIP
->>> config.space.name, config.strategy.name                                  # doctest: +SKIP
+>>> config = SearchConfig.from_names(space="transformer", max_error=0.005, trials=40)   # doctest: +SKIP
+>>> config.space.name, config.strategy.name                                             # doctest: +SKIP
 ('transformer', 'optuna')
 
 Every field is checked when the config is built, so an invalid search cannot start: bad input
-raises ``InputError`` naming the command-line flag that sets the field.
+raises ``InputError`` naming the command-line flag that sets the field. ``space`` and ``strategy``
+hold resolved ``SearchSpace`` and ``Strategy`` objects; ``from_names`` resolves names and paths.
 """
 
 from __future__ import annotations
@@ -19,23 +20,30 @@ from precsearch.runtime.accuracy import METRICS, Fidelity, check_limit
 from precsearch.runtime.errors import InputError, PlanError
 from precsearch.runtime.memory import MemoryBudget
 from precsearch.runtime.plan import MODES, Runtime
+from precsearch.runtime.plan_sections import Constraint
 from precsearch.runtime.precisions import PRECISIONS
 from precsearch.search.space import SearchSpace
 from precsearch.search.storage import HEARTBEAT_S
-from precsearch.search.strategies import STRATEGIES, Strategy
+from precsearch.search.strategies import DEFAULT_STRATEGY, Strategy, named_strategy
 
 MAX_CATEGORICAL = 48   # above this many choices, the study searches a ranked parametrisation
 REPEATS = 15           # at most this many timed rounds per feasible candidate (fewer once its interval is tight)
 MODE_ALIASES = {"infer": "inference", "train": "training"}
 AUTO_HOLDOUT = 0.25            # held out by default once there are AUTO_HOLDOUT_MIN_BATCHES batches or more
 AUTO_HOLDOUT_MIN_BATCHES = 8   # fewer: every batch goes to the search (see ``SearchConfig``)
+DEFAULT_SPACE = "default"
+
+
+def _default_space() -> SearchSpace:
+    return SearchSpace.load(DEFAULT_SPACE)
 
 
 @dataclasses.dataclass(frozen=True)
 class SearchConfig:
     """A search: what to optimise under which constraint, with which budget and storage.
 
-    ``space`` and ``strategy`` may be given by name; they are resolved on construction.
+    ``space`` and ``strategy`` are objects (``SearchSpace.load``, ``STRATEGIES``); to give them
+    by name or path, build the config with ``SearchConfig.from_names``.
     ``fidelity`` overrides ``metric``/``max_error`` (e.g. ``Fidelity.user(...)`` for a task
     metric). ``mode="training"`` times full training steps on ``(inputs, target)`` batches and
     bounds the gradients' rel_l2 against FP32 (``loss_fn(output, target)``, default cross
@@ -56,7 +64,7 @@ class SearchConfig:
     most ``max_weight_mb`` MB (2**20 bytes), and, on CUDA, its peak memory at most ``max_peak_mb``.
     """
 
-    space: SearchSpace | str = "default"
+    space: SearchSpace = dataclasses.field(default_factory=_default_space)
     metric: str = "rel_l2"
     max_error: float = 0.01
     fidelity: Fidelity | None = None
@@ -73,7 +81,7 @@ class SearchConfig:
     max_categorical: int = MAX_CATEGORICAL
     drop_slow_dtypes: bool = True
     heartbeat: float = HEARTBEAT_S
-    strategy: Strategy | str = "optuna"
+    strategy: Strategy = named_strategy(DEFAULT_STRATEGY)
     weights: str | None = None     # "low" | "fp32"; None: low for inference, fp32 (master weights) for training
     compile: bool = False          # race the finalists compiled with torch.compile (inference)
     holdout: float | None = None   # fraction of the batches held out; None: AUTO_HOLDOUT from 8 batches on
@@ -85,13 +93,17 @@ class SearchConfig:
     new_tokens: int | None = None  # generate: tokens each run generates (default 32)
     min_token_agreement: float | None = None   # generate: share of greedy tokens equal to FP32's (default 0.9)
 
+    @classmethod
+    def from_names(cls, space: SearchSpace | str = DEFAULT_SPACE, strategy: Strategy | str = DEFAULT_STRATEGY,
+                   **fields: Any) -> SearchConfig:
+        """The config with ``space`` (a named space or a YAML path) and ``strategy`` (a name in
+        ``STRATEGIES``) resolved: ``SearchConfig.from_names(space="transformer", strategy="greedy")``."""
+        return cls(space=SearchSpace.load(space) if isinstance(space, str) else space,
+                   strategy=named_strategy(strategy) if isinstance(strategy, str) else strategy, **fields)
+
     def __post_init__(self) -> None:
-        if isinstance(self.strategy, str):
-            if self.strategy not in STRATEGIES:
-                raise InputError(f"--strategy {self.strategy!r}: use one of {', '.join(STRATEGIES)}")
-            object.__setattr__(self, "strategy", STRATEGIES[self.strategy])
-        if not isinstance(self.space, SearchSpace):
-            object.__setattr__(self, "space", SearchSpace.load(self.space))
+        _check_resolved(self.space, "space", SearchSpace)
+        _check_resolved(self.strategy, "strategy", Strategy)
         mode = MODE_ALIASES.get(self.mode, self.mode)
         if mode not in MODES:
             raise InputError(f"--mode {self.mode!r}: use inference (infer) or training (train)")
@@ -192,14 +204,15 @@ class SearchConfig:
         """The memory budget (validated: a positive finite number per limit set)."""
         return MemoryBudget(max_weight_mb=self.max_weight_mb, max_peak_mb=self.max_peak_mb)
 
-    def constraint(self, fidelity: Fidelity) -> dict[str, Any]:
+    def constraint(self, fidelity: Fidelity) -> Constraint:
         """Every limit of the search, as a plan's and a study's ``constraint`` record it:
         ``{metric, limit}`` and the memory budget's fields when set."""
-        return {**fidelity.describe(), **self.memory.describe()}
+        return Constraint.from_dict({**fidelity.describe(), **self.memory.describe()})
 
     @property
     def runtime(self) -> Runtime:
         """How every candidate is measured: as it will be deployed."""
+        assert self.weights is not None   # resolved in __post_init__
         return Runtime(weights=self.weights, compile=self.compile, **self.run.plan_fields())
 
     @property
@@ -208,6 +221,15 @@ class SearchConfig:
         from precsearch.runtime.workload import Workload
 
         return Workload(self.workload, self.new_tokens)
+
+
+def _check_resolved(value: object, field: str, kind: type) -> None:
+    """A ``space`` or ``strategy`` given by name to the plain constructor is a programming error."""
+    if isinstance(value, kind):
+        return
+    hint = (f"; resolve it with SearchConfig.from_names({field}={value!r}, ...)" if isinstance(value, str)
+            else "")
+    raise TypeError(f"SearchConfig({field}={value!r}): {field} must be a {kind.__name__}{hint}")
 
 
 def _is_real(value: object) -> bool:

@@ -324,15 +324,15 @@ def tokenize(examples: list[Example], tokenizer: Any, model: nn.Module,
             encoded = tokenizer([example.text for example in chunk], **settings)
         else:  # the words the labels name, so that word_ids() maps every token to its word
             try:
-                encoded = tokenizer([example.text.split() for example in chunk], is_split_into_words=True,
-                                    **settings)
+                encoded = tokenizer([(example.text or "").split() for example in chunk],
+                                    is_split_into_words=True, **settings)
             except Exception as error:  # e.g. a byte-level BPE tokenizer saved without add_prefix_space
                 raise InputError(f"--data: the checkpoint's tokenizer cannot split the labelled words into tokens "
                                  f"({described(error)})") from None
         batch = _inputs(encoded, model)
-        if "decoder_input_ids" in _parameters(model) and hasattr(model, "prepare_decoder_input_ids_from_labels"):
-            shifted = model.prepare_decoder_input_ids_from_labels(labels=batch["input_ids"])
-            batch["decoder_input_ids"] = shifted
+        prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+        if "decoder_input_ids" in _parameters(model) and prepare is not None:
+            batch["decoder_input_ids"] = prepare(labels=batch["input_ids"])
         if labels is not None:
             batch.labels = torch.tensor(labels[start:start + options.batch_size])
         if word_labels is not None:
@@ -407,9 +407,8 @@ def _class_ids(model: nn.Module) -> Any:
     classes = getattr(config, "num_labels", None)
 
     def class_id(given: int | str) -> int:
-        label = given
-        if isinstance(label, str):
-            label = label2id.get(label, int(label) if label.strip().lstrip("-").isdigit() else None)
+        label: int | None = given if not isinstance(given, str) else label2id.get(
+            given, int(given) if given.strip().lstrip("-").isdigit() else None)
         if label is None or (classes is not None and not 0 <= label < classes):
             raise InputError(f"--data: label {given!r} is not one of the model's {classes} classes "
                              f"(0..{(classes or 1) - 1}{', or ' + ', '.join(label2id) if label2id else ''})")

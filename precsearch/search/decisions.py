@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import optuna
@@ -15,7 +16,7 @@ from precsearch.search.sensitivity import choice_error
 from precsearch.search.space import Choice
 
 
-def encode(layers: dict[str, str], units: list[str], default: str = FP32) -> str:
+def encode(layers: Mapping[str, str], units: list[str], default: str = FP32) -> str:
     """A plan as one letter per unit (``Precision.code``: h=fp16, b=bf16, f=fp32), in unit order."""
     return "".join(PRECISIONS[layers.get(unit, default)].code for unit in units)
 
@@ -73,7 +74,7 @@ class Decisions:
         fraction = trial.suggest_float("fraction", 0.0, 1.0)
         return self.expand(self._prefix(dtype, round(fraction * len(self.order[dtype]))))
 
-    def by_choice(self, layers: dict[str, str]) -> dict[str, str]:
+    def by_choice(self, layers: Mapping[str, str]) -> dict[str, str]:
         """Per-unit dtypes as one dtype per choice (its first unit's)."""
         return {c.name: layers.get(c.units[0], FP32) for c in self.choices}
 

@@ -6,26 +6,30 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import itertools
 import math
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 from precsearch.runtime.accuracy import Fidelity
-from precsearch.search.bench import Speedup, clearly_faster, speedup, time_interleaved
+from precsearch.search import bench
+from precsearch.search.bench import RaceResult, Speedup, clearly_faster, speedup
 from precsearch.runtime.errors import InputError, described
 from precsearch.runtime.plan import Plan, Runtime
 from precsearch.runtime.apply import PlanHandle, apply_plan
-from precsearch.runtime.weights import find_weight_uses
-from precsearch.runtime.workload import DEFAULT_MIN_TOKEN_AGREEMENT, GenerationStats, TokenGate, stats_of
+from precsearch.runtime.weights import find_weight_uses, weight_mb
+from precsearch.runtime.workload import DEFAULT_MIN_TOKEN_AGREEMENT, GenerationStats, TokenGate
 
 MIN_ROUNDS = 5               # timed rounds before the intervals may stop a measurement
 TARGET_HALF_WIDTH = 0.02     # a speedup known to +-2% needs no more rounds
 INFEASIBLE_ROUNDS = 4        # a candidate over the limit is timed only for the record (two pairs)
+
+PlanT = TypeVar("PlanT")   # a plan as a race names it: a ``Plan``, or the layers of one
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +77,12 @@ class Raced:
     peak_memory_mb: float | None = None
     samples_ms: tuple[float, ...] = ()
 
+    @classmethod
+    def of(cls, result: RaceResult, name: str) -> Raced:
+        """``name`` in ``result``, a race whose baseline is the eager FP32 model."""
+        timing = result.timings[name]
+        return cls(result.speedups[name], result.baseline_ms, timing.peak_memory_mb, timing.samples_ms)
+
 
 class Evaluator:
     """Runs candidates on one model: accuracy over all batches, latency on the first batch.
@@ -105,9 +115,11 @@ class Evaluator:
         return Plan.compact(layers, mode=self.mode, runtime=self.runtime)
 
     def step(self, plan: Plan | None) -> Callable[[], None]:
-        """What is timed for ``plan`` (None: the FP32 model): the workload's run on the first
-        batch (a new one each time: a generating run notes its own prefill and decode times)."""
-        return self.workload.runner(self.model, self.batches[0])
+        """What is timed for ``plan`` (None: the FP32 model, under the evaluator's runtime): the
+        run of the plan's workload on the first batch (a new one each time: a generating run notes
+        its own prefill and decode times). The plan itself is applied around the run, not here."""
+        workload = self.workload if plan is None else plan.resolved_runtime.run
+        return workload.runner(self.model, self.batches[0])
 
     def apply(self, layers: dict[str, str]) -> PlanHandle:
         return apply_plan(self.model, self.plan(layers), device_type=self.device_type, modules=self.modules,
@@ -123,7 +135,7 @@ class Evaluator:
         clearly slower than ``incumbent`` (the best so far), or the round cap is reached."""
         try:
             with self.apply(layers) as handle:
-                weight_mb = sum(handle.weight_bytes().values()) / 2**20
+                weights = weight_mb(self.model)
                 verdict = self.fidelity.judge(self.model)
                 error = verdict.constrained   # inf when its generated tokens stray from FP32's
                 feasible = error <= self.fidelity.limit
@@ -131,9 +143,9 @@ class Evaluator:
                 candidate = self.step(handle.plan)
                 # Equal preparation: the candidate's turn goes through the same swap as FP32's
                 # (allocations and bookkeeping just before a turn slow it measurably).
-                timings = time_interleaved(
+                result = bench.race(
                     {"baseline": (handle.suspended, self.step(None)),
-                     "candidate": (lambda: _after_swap(handle), candidate)},
+                     "candidate": (lambda: _after_swap(handle), candidate)}, baseline="baseline",
                     device_type=self.device_type, repeats=cap, warmup=1, max_seconds=max_seconds,
                     min_repeats=min(MIN_ROUNDS, cap), until=lambda samples: settled(samples, incumbent),
                     seed=next(self.order_seeds))
@@ -145,29 +157,25 @@ class Evaluator:
                 torch.cuda.empty_cache()
             reason = described(failure, width=200)
             return Measurement(math.inf, math.nan, math.nan, None, reason)
-        estimate = speedup(timings["baseline"].samples_ms, timings["candidate"].samples_ms)
-        failure = verdict.failure and f"{verdict.failure} ({self.fidelity.name} {verdict.error:.4g})"
-        return Measurement.timed(error, estimate, timings["baseline"].median_ms,
-                                 peak_memory_mb=timings["candidate"].peak_memory_mb, weight_mb=weight_mb,
-                                 failure=failure or (None if math.isfinite(error) else "non-finite outputs (NaN or inf)"),
-                                 generation=stats_of(candidate, len(timings["candidate"].samples_ms),
-                                                     verdict.agreement))
+        gate_failure = verdict.failure and f"{verdict.failure} ({self.fidelity.name} {verdict.error:.4g})"
+        generation = result.generation.get("candidate")
+        return Measurement.timed(error, result.speedups["candidate"], result.baseline_ms,
+                                 peak_memory_mb=result.timings["candidate"].peak_memory_mb, weight_mb=weights,
+                                 failure=gate_failure or (None if math.isfinite(error)
+                                                          else "non-finite outputs (NaN or inf)"),
+                                 generation=generation and dataclasses.replace(generation,
+                                                                               token_agreement=verdict.agreement))
 
     def race(self, plans: dict[str, dict[str, str]], repeats: int, min_repeats: int = MIN_ROUNDS
              ) -> dict[str, Raced]:
         """Several plans and the FP32 model timed in one interleaved run, until the leader is
         clearly faster than every other plan or ``repeats`` rounds are spent."""
-        fp32 = {}  # the FP32 turn is prepared like every other: a plan applied (then suspended)
-        turns: dict[str, Any] = {"fp32": (lambda: without_plan(self.apply(fp32)), self.step(None))}
-        for name, layers in plans.items():
-            turns[name] = (lambda layers=layers: self.apply(layers), self.step(self.plan(layers)))
-        timings = time_interleaved(turns, device_type=self.device_type, repeats=repeats, warmup=1,
-                                   min_repeats=min(min_repeats, repeats), until=decided, seed=next(self.order_seeds))
-        self.generation = {name: stats for name in plans
-                           if (stats := stats_of(turns[name][1], len(timings[name].samples_ms))) is not None}
-        base = timings["fp32"]
-        return {name: Raced(speedup(base.samples_ms, timings[name].samples_ms), base.median_ms,
-                            timings[name].peak_memory_mb, timings[name].samples_ms) for name in plans}
+        turns = eager_runners(plans, {}, self.apply,
+                              lambda layers: self.step(None if layers is None else self.plan(layers)))
+        result = bench.race(turns, baseline="fp32", device_type=self.device_type, repeats=repeats, warmup=1,
+                            min_repeats=min(min_repeats, repeats), until=decided, seed=next(self.order_seeds))
+        self.generation = {name: result.generation[name] for name in plans if name in result.generation}
+        return {name: Raced.of(result, name) for name in plans}
 
 
 @contextlib.contextmanager
@@ -176,6 +184,20 @@ def _after_swap(handle: PlanHandle) -> Iterator[None]:
     with handle.suspended():
         pass
     yield
+
+
+def eager_runners(plans: Mapping[str, PlanT], fp32: PlanT, apply: Callable[[PlanT], PlanHandle],
+                  run: Callable[[PlanT | None], Callable[[], Any]], fp32_name: str = "fp32") -> dict[str, bench.Runner]:
+    """The FP32 model's runner (``fp32_name``) and each plan's, for one race on one eager model.
+
+    Each plan is applied (``apply``) around each of its turns; the FP32 turn is prepared alike,
+    with ``fp32``, the all-FP32 plan, applied and suspended (``without_plan``). ``run(plan)`` is
+    what a turn times (``run(None)``: the FP32 model's), built in this order: FP32, then the plans.
+    """
+    runners: dict[str, bench.Runner] = {fp32_name: (lambda: without_plan(apply(fp32)), run(None))}
+    for name, plan in plans.items():
+        runners[name] = (functools.partial(apply, plan), run(plan))
+    return runners
 
 
 @contextlib.contextmanager

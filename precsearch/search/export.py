@@ -35,9 +35,10 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from precsearch.runtime import batches as _batches
 from precsearch.runtime.accuracy import Fidelity, flatten_outputs, max_abs, run_outputs
-from precsearch.search.bench import Speedup, Timing, speedup, time_interleaved
+from precsearch.search import bench
+from precsearch.search.bench import RaceResult
 from precsearch.search.compiled import eval_mode
-from precsearch.runtime.errors import InputError, described
+from precsearch.runtime.errors import InputError, described, failures_as
 from precsearch.runtime.plan import Plan
 from precsearch.runtime.apply import PlanHandle, apply_plan
 from precsearch.runtime.weights import weight_bytes
@@ -75,20 +76,17 @@ class PackageCheck:
 @dataclasses.dataclass(frozen=True)
 class Verification:
     """The package against the eager plan (largest output difference) and against FP32 (the
-    plan's metric), and its latency beside eager FP32 and the eager plan, timed interleaved."""
+    plan's metric), and its latency beside eager FP32 (the race's baseline) and the eager plan,
+    timed interleaved."""
 
     max_diff: float
     check: PackageCheck
-    timings: dict[str, Timing]
-
-    def speedups(self, baseline: str = "fp32 eager") -> dict[str, Speedup]:
-        base = self.timings[baseline].samples_ms
-        return {name: speedup(base, timing.samples_ms) for name, timing in self.timings.items()}
+    race: RaceResult
 
     def latency_rows(self) -> list[dict[str, Any]]:
         """One row per timed form: median ms and speedup over eager FP32 with its interval."""
-        return [{"form": name, "median ms": round(self.timings[name].median_ms, 3),
-                 "vs fp32 eager": str(ratio)} for name, ratio in self.speedups().items()]
+        return [{"form": name, "median ms": round(timing.median_ms, 3), "vs fp32 eager": str(self.race.speedups[name])}
+                for name, timing in self.race.timings.items()]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,18 +231,12 @@ def verify_package(path: Path, model: nn.Module, handle: PlanHandle, batches: li
     package = load_package(path)
     check = check_package(package, fidelity, path)
     max_diff = max_abs(run_outputs(package, batches), run_outputs(model, batches))  # type: ignore[arg-type]
-    candidates = {"fp32 eager": (handle.suspended, _runner(model, batches[0])),
-                  "plan eager": _runner(model, batches[0]),
-                  "package": _runner(package, batches[0])}
-    timings = time_interleaved(candidates, device_type=device_type, repeats=repeats, warmup=2)
-    return Verification(max_diff, check, timings)
-
-
-def _runner(model: Any, batch: Any) -> Callable[[], None]:
-    def run() -> None:
-        with torch.no_grad():
-            _batches.call(model, batch)
-    return run
+    runners: dict[str, bench.Runner] = {
+        "fp32 eager": (handle.suspended, _batches.forward_runner(model, batches[0])),
+        "plan eager": _batches.forward_runner(model, batches[0]),
+        "package": _batches.forward_runner(package, batches[0])}
+    race = bench.race(runners, baseline="fp32 eager", device_type=device_type, repeats=repeats, warmup=2)
+    return Verification(max_diff, check, race)
 
 
 def checked_out(out: str | os.PathLike) -> Path:
@@ -300,11 +292,7 @@ def _program_weight_bytes(program: Any) -> dict[str, int]:
 def _named_failure(stage: str) -> Iterator[None]:
     """Any failure of ``stage`` becomes one ``NotExportable`` line: the exception's first line.
     What torch writes to stderr meanwhile is dropped."""
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):  # torch prints the partial graph of a failed export
-            yield
-    except (InputError, KeyboardInterrupt):
-        raise
-    except Exception as error:
-        raise NotExportable(f"export: the model with this plan cannot be exported ({stage}): "
-                            f"{described(error)}") from None
+    prefix = f"export: the model with this plan cannot be exported ({stage}): "
+    # torch prints the partial graph of a failed export
+    with failures_as(NotExportable, prefix, keep=InputError), contextlib.redirect_stderr(io.StringIO()):
+        yield

@@ -189,7 +189,7 @@ def _via_fx(model, modules, args, kwargs, device_type) -> list[_Op]:
 
     def owner(node: torch.fx.Node) -> str:
         if node.op == "call_module":
-            return node.target
+            return str(node.target)
         stack = node.meta.get("nn_module_stack") or {}
         path = list(stack.values())[-1][0] if stack else ""
         return path if path in modules else ""

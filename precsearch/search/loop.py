@@ -30,12 +30,13 @@ from precsearch.runtime import batches as _batches
 from precsearch.runtime.accuracy import Fidelity
 from precsearch.search.bench import Speedup
 from precsearch.search.config import SearchConfig
-from precsearch.search.decisions import Decisions, encode
+from precsearch.search.decisions import Decisions, decode, encode
 from precsearch.search.evaluate import Evaluator, Measurement, TrainingEvaluator
 from precsearch.search.graph import LayerGraph, walk
 from precsearch.runtime.memory import MemoryBudget
 from precsearch.runtime.ops import model_device_type
 from precsearch.runtime.plan import Plan
+from precsearch.runtime.plan_sections import PlanMetrics
 from precsearch.runtime.precisions import FP32, NAMES
 from precsearch.search.progress import Progress
 from precsearch.search.trials import StudySetup, TrialRecord, load_diagnostics, mark_worker, save_diagnostics
@@ -85,7 +86,7 @@ class SearchResult:
         budget = MemoryBudget.of(self.setup.settings.constraint)
         records = [(record, trial.constraints.get("error", 1.0) <= 0)
                    for trial in self.study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE])
-                   if (record := TrialRecord.of(trial)) is not None]
+                   if (record := TrialRecord.of(trial, self.graph.units)) is not None]
         accurate = [record for record, within in records if within]
         if not budget or not accurate:
             return None
@@ -103,11 +104,11 @@ class SearchResult:
         rows = [{"plan": "fp32 baseline", "latency_ms": self.setup.baseline_ms, "speedup": "1.00x", "error": 0.0,
                  **{d: len(self.graph) if d == FP32 else 0 for d in NAMES}}]
         if self.plan is not None:
-            metrics = self.plan.metrics or {}
+            metrics = self.plan.metrics or PlanMetrics()
             counts = self.plan.counts(self.graph.units)
-            rows.append({"plan": "chosen", "latency_ms": metrics.get("latency_ms"),
-                         "speedup": format_speedup(metrics.get("speedup"), metrics.get("speedup_low"),
-                                                   metrics.get("speedup_high")), "error": metrics.get("error"),
+            rows.append({"plan": "chosen", "latency_ms": metrics.latency_ms,
+                         "speedup": format_speedup(metrics.speedup, metrics.speedup_low, metrics.speedup_high),
+                         "error": metrics.error,
                          **{d: counts.get(d, 0) for d in NAMES}})
         return rows
 
@@ -144,22 +145,25 @@ def optimize(model: nn.Module, batches: list[Any], config: SearchConfig | None =
         if must_set_up:
             ties = find_ties(model, inputs[0], graph, config, device_type)
             choices = config.space.choices(graph, device_type, ties)
-            setup = set_up(study, model, inputs[0], graph, choices, evaluator, config, fingerprint, ties, data)
+            setup, decisions = set_up(study, model, inputs[0], graph, choices, evaluator, config, fingerprint,
+                                      ties, data)
         else:
-            setup = StudySetup.load(study)
+            stored = StudySetup.load(study)
+            assert stored is not None   # another worker set the study up (wait_for_setup)
+            setup = stored
             check_same_search(study, setup, fingerprint, config, data)
             choices = config.space.choices(graph, device_type, setup.ties)
-        decisions = decisions_for(setup, graph, choices, config, evaluator.fidelity.limit)
+            decisions = decisions_for(setup, graph, choices, config, evaluator.fidelity.limit)
         recover_dead_trials(study)
         lead = Lead(decisions, graph.streamed_params(), evaluator.fidelity.limit,
                     graph.units, held_weights(graph, config)) if config.strategy.leads else None
         _run_trials(study, decisions, evaluator, graph.units, config, setup.baseline_ms, lead)
         fp32_allowed = all(FP32 in choice.dtypes for choice in choices)
         plan, pareto = choose(model, study, graph, evaluator, config, setup, fp32_allowed, holdout)
-        if config.training and plan is not None and load_diagnostics(study) is None:
+        if isinstance(evaluator, TrainingEvaluator) and plan is not None and load_diagnostics(study) is None:
             from precsearch.runtime.training import diagnose
 
-            save_diagnostics(study, diagnose(model, plan, batches, evaluator.loss_fn).to_dict())
+            save_diagnostics(study, diagnose(model, plan, batches, evaluator.loss_fn))
         return SearchResult(plan, pareto, study, graph, decisions, setup, set_up_here=must_set_up)
 
 
@@ -218,8 +222,9 @@ def _run_trials(study: optuna.Study, decisions: Decisions, evaluator: Evaluator,
                 proposed[0] = proposer.send(measured)
             except StopIteration:
                 study.stop()
-        TrialRecord(code, measured.error if math.isfinite(measured.error) else None, measured.latency_ms,
-                    measured.baseline_ms, measured.peak_memory_mb, measured.failure, measured.weight_mb,
+        TrialRecord(decode(code, units), measured.error if math.isfinite(measured.error) else None,
+                    measured.latency_ms, measured.baseline_ms, measured.peak_memory_mb, measured.failure,
+                    measured.weight_mb,
                     measured.speedup_low, measured.speedup_high,
                     **(measured.generation.record() if measured.generation else {})).save(trial)
         trial.set_constraint("error", min(measured.error - limit, _CAP))
@@ -242,7 +247,8 @@ def _run_trials(study: optuna.Study, decisions: Decisions, evaluator: Evaluator,
         remaining = min(remaining, 1 - len(study.get_trials(deepcopy=False, states=COUNTED)))
     if remaining > 0:
         callbacks: list[Any] = [optuna.study.MaxTrialsCallback(config.trials, states=COUNTED)]
-        progress = Progress(config.trials, config.trials - remaining, limit) if config.progress else None
+        progress = (Progress(config.trials, config.trials - remaining, limit, units) if config.progress
+                    else None)
         callbacks += [progress] if progress else []
         try:
             with _expected_failures_quiet():
@@ -259,7 +265,7 @@ class _ExpectedFailures(logging.Filter):
 
     def __init__(self) -> None:
         super().__init__()
-        self.trials: set[str] = set()
+        self.trials: set[str | None] = set()
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()

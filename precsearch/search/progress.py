@@ -4,6 +4,7 @@ feasible speedup with its interval, elapsed and remaining time), one line per ne
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from typing import IO
 
 import optuna
@@ -12,11 +13,12 @@ from precsearch.search.trials import TrialRecord, is_feasible
 
 
 class Progress:
-    """An Optuna callback; ``close()`` when the study stops."""
+    """An Optuna callback; ``close()`` when the study stops. ``units``: the study's, in execution order."""
 
-    def __init__(self, budget: int, done: int, limit: float, stream: IO[str] | None = None) -> None:
+    def __init__(self, budget: int, done: int, limit: float, units: Sequence[str],
+                 stream: IO[str] | None = None) -> None:
         self.stream = stream or sys.stderr
-        self.limit = limit
+        self.limit, self.units = limit, units
         self.best: TrialRecord | None = None
         self.bar = None
         if self.stream.isatty():
@@ -26,7 +28,7 @@ class Progress:
                             desc="precsearch")
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        record = TrialRecord.of(trial)
+        record = TrialRecord.of(trial, self.units)
         improved = (record is not None and record.error is not None and is_feasible(trial)  # memory budget too
                     and record.speedup is not None
                     and (self.best is None or record.speedup > (self.best.speedup or 0.0)))
@@ -36,7 +38,7 @@ class Progress:
             self.bar.update(1)
             if self.best is not None:
                 self.bar.set_postfix_str(f"best {describe(self.best)}", refresh=False)
-        elif improved:
+        elif improved and record is not None:
             print(f"precsearch: trial {trial.number}: new best {describe(record)}, error {record.error:.3g}",
                   file=self.stream, flush=True)
 

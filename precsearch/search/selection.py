@@ -6,6 +6,7 @@ reproducible, and their scores on held-out batches the search never saw."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import warnings
 from collections.abc import Callable
@@ -15,7 +16,7 @@ import optuna
 from torch import nn
 
 from precsearch.runtime.accuracy import Fidelity
-from precsearch.search.bench import Speedup, clearly_faster, rank_correlation, speedup
+from precsearch.search.bench import Speedup, clearly_faster, rank_correlation
 from precsearch.search.config import SearchConfig
 from precsearch.search.decisions import decode, encode
 from precsearch.runtime.errors import described
@@ -23,6 +24,7 @@ from precsearch.search.evaluate import Evaluator, Measurement, Raced
 from precsearch.search.graph import LayerGraph
 from precsearch.runtime.memory import MemoryBudget, MemoryUse
 from precsearch.runtime.plan import LossScaling, Plan, model_fingerprint
+from precsearch.runtime.plan_sections import PlanMetrics
 from precsearch.search.trials import StudySetup, TrialRecord, lead_of, pareto_front
 from precsearch.search.storage import COUNTED
 
@@ -34,7 +36,7 @@ RACE_REPEATS = 15                       # at least this many rounds in the final
 
 
 @dataclasses.dataclass(frozen=True)
-class Candidate:
+class FeasiblePlan:
     """A feasible trial's plan and measurement; ``relative`` is its latency / FP32 latency."""
 
     trial: int
@@ -50,25 +52,26 @@ class Candidate:
         return self.record.error or 0.0
 
 
-def feasible_candidates(study: optuna.Study) -> list[Candidate]:
-    """One per distinct plan (its fastest trial) among completed trials within the constraint."""
-    found: dict[str, Candidate] = {}
+def feasible_plans(study: optuna.Study, units: list[str]) -> list[FeasiblePlan]:
+    """One per distinct plan (its fastest trial) among completed trials within the constraint
+    (``units``: the study's, in execution order)."""
+    found: dict[str, FeasiblePlan] = {}
     for trial in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE]):
-        record = TrialRecord.of(trial)
+        record = TrialRecord.of(trial, units)
         if record is None or any(v > 0 for v in trial.constraints.values()) or record.speedup is None:
             continue
         marks = lead_of(trial)
-        candidate = Candidate(trial.number, record, marks[0] if marks else None)
-        if record.plan not in found or candidate.relative < found[record.plan].relative:
-            found[record.plan] = candidate
+        candidate = FeasiblePlan(trial.number, record, marks[0] if marks else None)
+        if record.code not in found or candidate.relative < found[record.code].relative:
+            found[record.code] = candidate
     return list(found.values())
 
 
-def front(candidates: list[Candidate]) -> list[Candidate]:
+def front(candidates: list[FeasiblePlan]) -> list[FeasiblePlan]:
     return pareto_front(candidates, key=lambda c: (c.relative, c.error))
 
 
-def finalists(candidates: list[Candidate], headroom: float, compiled: bool = False) -> list[Candidate]:
+def finalists(candidates: list[FeasiblePlan], headroom: float, compiled: bool = False) -> list[FeasiblePlan]:
     """The close finalists, fastest first: candidates whose search error is within ``headroom``
     (the limit less the margin) and whose latency is within ``FINALIST_MARGIN`` of the fastest
     (``COMPILED_FINALIST_MARGIN``, more of them, when they race compiled)."""
@@ -77,10 +80,10 @@ def finalists(candidates: list[Candidate], headroom: float, compiled: bool = Fal
     return [c for c in eligible if c.relative <= margin * eligible[0].relative][:count]
 
 
-def best_leads(candidates: list[Candidate], headroom: float) -> list[Candidate]:
+def best_leads(candidates: list[FeasiblePlan], headroom: float) -> list[FeasiblePlan]:
     """The fastest eligible plan of each baseline the search started from (greedy's answer, the
     model's proposal): they always race, so the chosen plan is never one the race shows slower."""
-    best: dict[str, Candidate] = {}
+    best: dict[str | None, FeasiblePlan] = {}
     for candidate in sorted((c for c in candidates if c.error <= headroom and c.lead), key=lambda c: c.relative):
         best.setdefault(candidate.lead, candidate)
     return list(best.values())
@@ -115,7 +118,7 @@ def choose(model: nn.Module, study: optuna.Study, graph: LayerGraph, evaluator: 
     written eager (``runtime.compile: false``). ``holdout`` batches score the written plans.
     """
     units = graph.units
-    candidates = feasible_candidates(study)
+    candidates = feasible_plans(study, units)
     headroom = evaluator.fidelity.limit * (1 - config.margin)
     close = finalists(candidates, headroom, config.compile)
     if not close:
@@ -123,12 +126,13 @@ def choose(model: nn.Module, study: optuna.Study, graph: LayerGraph, evaluator: 
     pareto = front(candidates)
     fp32_code = encode({}, units)
     budget = config.memory   # the candidates are within it; the FP32 plan races only when it is too
-    fp32_races = fp32_allowed and (budget.max_weight_mb is None or setup.weight_mb <= budget.max_weight_mb)
-    codes = list(dict.fromkeys([c.record.plan for c in close + best_leads(candidates, headroom)]
+    fp32_races = fp32_allowed and (budget.max_weight_mb is None or (
+        setup.weight_mb is not None and setup.weight_mb <= budget.max_weight_mb))
+    codes = list(dict.fromkeys([c.record.code for c in close + best_leads(candidates, headroom)]
                                + ([fp32_code] if fp32_races else [])))
     repeats = max(3 * evaluator.repeats, RACE_REPEATS)
     race = final_race(evaluator, {code: decode(code, units) for code in codes}, repeats, config.compile)
-    by_code = {c.record.plan: c for c in candidates}
+    by_code = {c.record.code: c for c in candidates}
     race = _within_budget(race, budget, by_code, setup.weight_mb)
     write = _PlanWriter(model, study, units, evaluator, config, setup)
     if race.over_budget and not race.estimates:
@@ -156,10 +160,10 @@ def choose(model: nn.Module, study: optuna.Study, graph: LayerGraph, evaluator: 
                      compiled=race.compiled)
     else:
         chosen = close[0]
-        code = chosen.record.plan
+        code = chosen.record.code
         plan = write(code, _measurement(chosen.record), chosen.trial)
-    others = [(c.record.plan, write(c.record.plan, _measurement(c.record), c.trial))
-              for c in pareto if c.record.plan not in (code, fp32_code, *race.over_limit)]
+    others = [(c.record.code, write(c.record.code, _measurement(c.record), c.trial))
+              for c in pareto if c.record.code not in (code, fp32_code, *race.over_limit)]
     if holdout:
         score = _holdout_scorer(model, holdout, evaluator, units)
         return score(code, plan), [score(other_code, other) for other_code, other in others]
@@ -196,18 +200,19 @@ def final_race(evaluator: Evaluator, plans: dict[str, dict[str, str]], repeats: 
         return Race({})
 
 
-def _within_budget(race: Race, budget: MemoryBudget, by_code: dict[str, Candidate],
+def _within_budget(race: Race, budget: MemoryBudget, by_code: dict[str, FeasiblePlan],
                    fp32_weight_mb: float | None) -> Race:
     """The race without the plans its own measurement puts over the memory budget (the peak
     memory it measured on CUDA; the weights the plan's trial measured, FP32's for the FP32 plan)."""
     if not budget or not race.estimates:
         return race
-    kept, dropped = {}, []
+    kept: dict[str, Raced] = {}
+    dropped: list[str] = []
     for code, estimate in race.estimates.items():
         record = by_code[code].record if code in by_code else None
         peak = estimate.peak_memory_mb
         measured = MemoryUse(record.weight_mb if record else fp32_weight_mb,
-                            peak if peak is not None else record and record.peak_memory_mb)
+                            peak if peak is not None else record.peak_memory_mb if record else None)
         if budget.allows(measured):
             kept[code] = estimate
         else:
@@ -224,8 +229,8 @@ def _holdout_scorer(model: nn.Module, holdout: list[Any], evaluator: Evaluator, 
     def score(code: str, plan: Plan) -> Plan:
         with evaluator.apply(decode(code, units)):
             error = fidelity.error(evaluator.model)
-        return dataclasses.replace(plan, metrics={**(plan.metrics or {}), "holdout_error": error,
-                                                  "holdout_batches": len(holdout)})
+        metrics = (plan.metrics or PlanMetrics()).with_values(holdout_error=error, holdout_batches=len(holdout))
+        return dataclasses.replace(plan, metrics=metrics)
     return score
 
 
@@ -263,14 +268,12 @@ def _race_compiled(evaluator: Evaluator, plans: dict[str, dict[str, str]], repea
     times = time_compiled(evaluator.model, evaluator.batches[0],
                           {code: evaluator.plan(layers) for code, layers in plans.items()},
                           evaluator.device_type, repeats, fidelity=evaluator.fidelity)
-    eager, compiled_fp32 = times.timings["fp32 eager"], times.timings["fp32 compiled"]
     raced = [code for code in plans if code in times.compile_s]
     evaluator.generation = {code: times.generation[code] for code in raced if code in times.generation}
-    estimates = {code: Raced(speedup(eager.samples_ms, times.timings[code].samples_ms), eager.median_ms, None,
-                             times.timings[code].samples_ms) for code in raced}
+    # No peak memory from the compiled race: every plan's compiled copy of the model is resident in it.
+    estimates = {code: dataclasses.replace(Raced.of(times.race, code), peak_memory_mb=None) for code in raced}
     extra = {code: {"compiled_error": times.errors[code],
-                    "speedup_vs_compiled_fp32": round(speedup(compiled_fp32.samples_ms,
-                                                              times.timings[code].samples_ms).median, 3),
+                    "speedup_vs_compiled_fp32": round(times.race.speedup(code, over="fp32 compiled").median, 3),
                     "compile_s": round(times.compile_s[code], 2)} for code in raced}
     over = {code: error for code, error in times.errors.items() if code not in times.compile_s}
     for code, error in over.items():
@@ -279,11 +282,11 @@ def _race_compiled(evaluator: Evaluator, plans: dict[str, dict[str, str]], repea
     return Race(estimates, extra, over, compiled=True)
 
 
-def _eager_vs_compiled(race: Race, by_code: dict[str, Candidate], fp32: str) -> dict[str, Any]:
+def _eager_vs_compiled(race: Race, by_code: dict[str, FeasiblePlan], fp32: str) -> dict[str, Any]:
     """How well the eager trials ranked the plans that raced compiled: the Spearman rank
     correlation of their eager and compiled speedups (``compiled_rank_agreement``; 1: the same
     order), over ``compiled_raced`` plans. Nothing for an eager race or fewer than three plans."""
-    eager = {code: 1.0 if code == fp32 else by_code[code].record.speedup
+    eager = {code: 1.0 if code == fp32 else by_code[code].record.speedup or math.nan   # None ranks as NaN
              for code in race.estimates if code == fp32 or code in by_code}
     if not race.compiled or len(eager) < 3:
         return {}
@@ -298,7 +301,7 @@ def _measurement(record: TrialRecord) -> Measurement:
                        generation=record.generation)
 
 
-def _raced_generation(evaluator: Evaluator, code: str, chosen: Candidate | None) -> Any:
+def _raced_generation(evaluator: Evaluator, code: str, chosen: FeasiblePlan | None) -> Any:
     """A generating plan's prefill and decode times in the final race, with its trial's token
     agreement (the FP32 plan's is 1); None when the plans do not generate."""
     raced = evaluator.generation.get(code) or (chosen.record.generation if chosen else None)
@@ -342,16 +345,16 @@ class _PlanWriter:
         baseline = self.setup.baseline_ms
         # One latency basis for every plan: the study's FP32 baseline divided by the speedup
         # measured against the FP32 model interleaved in the same run.
-        metrics: dict[str, Any] = {
+        metrics = PlanMetrics.from_dict({
             "latency_ms": round(baseline / measured.speedup, 4), "baseline_latency_ms": round(baseline, 4),
             "speedup": round(measured.speedup, 3), "speedup_low": _round(measured.speedup_low),
             "speedup_high": _round(measured.speedup_high), "error": measured.error,
             "peak_memory_mb": measured.peak_memory_mb, "weight_mb": _mb(measured.weight_mb),
             "baseline_weight_mb": _mb(self.setup.weight_mb), "trial": trial, **self.fp32_metric,
             **(measured.generation.plan_metrics(baseline / measured.speedup, baseline) if measured.generation else {}),
-            **(extra or {})}
+            **(extra or {})})
         return dataclasses.replace(
             plan, mode=self.config.mode, runtime=dataclasses.replace(self.runtime, compile=compiled),
             loss_scaling=LossScaling() if self.config.training and plan.needs_loss_scaling else None,
-            model=dict(self.model), target=dict(self.target), constraint=dict(self.constraint),
+            model=dict(self.model), target=dict(self.target), constraint=self.constraint,
             ties=dict(self.setup.ties), metrics=metrics, search=dict(self.search))

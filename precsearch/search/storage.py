@@ -14,19 +14,28 @@ import os
 import socket
 import time
 import warnings
+from typing import overload
 
 import optuna
 from optuna.trial import TrialState
 
 from precsearch.runtime.credentials import credentials_in, mask_credentials
 from precsearch.runtime.errors import InputError, described
-from precsearch.search.trials import StudySetup, mark_surplus, retry_marks, setup_owner, worker_of
+from precsearch.search.trials import StudySetup, mark_surplus, setup_owner, worker_of
 from precsearch.search.trials import claim_setup as _claim
 
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)  # what the budget counts
 HEARTBEAT_S = 60
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
 UNCLAIMED_GRACE_S = 10.0   # how long a study may stay unclaimed before another worker sets it up
+
+
+@overload
+def open_storage(url: str, heartbeat: float = ...) -> optuna.storages.BaseStorage: ...
+@overload
+def open_storage(url: None, heartbeat: float = ...) -> None: ...
+@overload
+def open_storage(url: str | None, heartbeat: float = ...) -> optuna.storages.BaseStorage | None: ...
 
 
 def open_storage(url: str | None, heartbeat: float = HEARTBEAT_S) -> optuna.storages.BaseStorage | None:
@@ -73,6 +82,7 @@ def open_study(name: str, storage: optuna.storages.BaseStorage | None,
     try:
         return optuna.create_study(study_name=name, storage=storage, sampler=sampler, direction="minimize"), True
     except optuna.exceptions.DuplicatedStudyError:
+        assert storage is not None   # a fresh in-memory storage holds no study to duplicate
         return optuna.load_study(study_name=name, storage=storage, sampler=sampler), False
 
 
@@ -124,7 +134,7 @@ def recover_dead_trials(study: optuna.Study, grace: float = UNCLAIMED_GRACE_S) -
         if (worker and worker != WORKER and _dead_local_worker(worker)) or (not worker and _older_than(trial, grace)):
             study.tell(trial.number, state=TrialState.FAIL)
             if trial.params:
-                study.enqueue_trial(trial.params, user_attrs=retry_marks(trial))
+                study.enqueue_trial(trial.params)
             recovered += 1
     return recovered
 

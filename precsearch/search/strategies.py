@@ -33,6 +33,7 @@ import optuna
 
 from precsearch.search.decisions import Decisions, decode, encode
 from precsearch.search.evaluate import Evaluator, Measurement
+from precsearch.runtime.errors import InputError
 from precsearch.runtime.precisions import AUTOCAST
 from precsearch.search.proposal import FRONT, ErrorModel, LatencyModel, Observation, Proposal
 from precsearch.search.trials import Prediction, TrialRecord, lead_marks, lead_of
@@ -118,6 +119,14 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
     Strategy("greedy", "all low, then back to fp32 by sensitivity", proposer=greedy_plans),
     Strategy("bisect", "bisection in graph order", proposer=bisect_plans),
 )}
+DEFAULT_STRATEGY = "optuna"
+
+
+def named_strategy(name: str) -> Strategy:
+    """The registered strategy called ``name`` (``--strategy``)."""
+    if name not in STRATEGIES:
+        raise InputError(f"--strategy {name!r}: use one of {', '.join(STRATEGIES)}")
+    return STRATEGIES[name]
 
 
 PRIOR_SAVING = 0.3   # share of FP32's latency a low dtype saves over the whole model, until probed
@@ -155,7 +164,10 @@ class Lead:
         self.decisions, self.limit, self.units = decisions, limit, units
         self.prior = proposal_for(decisions, params)
         dtype = decisions.preferred_low
-        lowered = [c for c in decisions.choices if dtype in c.dtypes and len(c.dtypes) > 1] if dtype else []
+        if dtype is None:   # no low precision to try: greedy's one plan is all FP32
+            self.greedy = [decisions.expand({})]
+            return
+        lowered = [c for c in decisions.choices if dtype in c.dtypes and len(c.dtypes) > 1]
 
         def risk(choice) -> float:
             # ``held`` (parameters each unit holds; given under a weight budget): greedy returns to
@@ -172,14 +184,14 @@ class Lead:
         """Every measured plan among ``trials`` (the running trial's too), and its error by plan code."""
         observed, errors = [], {}
         for trial in trials:
-            record = TrialRecord.of(trial)
+            record = TrialRecord.of(trial, self.units)
             if record is None:
                 continue
             error = math.inf if record.error is None else record.error
             speedup = record.speedup
-            observed.append(Observation(self.decisions.by_choice(decode(record.plan, self.units)), error,
+            observed.append(Observation(self.decisions.by_choice(record.layers), error,
                                         1.0 / speedup if speedup else math.inf))
-            errors[record.plan] = error
+            errors[record.code] = error
         return observed, errors
 
     def calibrated(self, study: optuna.Study) -> Proposal:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from precsearch.runtime import batches as _batches
-from precsearch.search.bench import time_against_itself
+from precsearch.search.bench import format_speedup, time_against_itself
 from precsearch.search.config import SearchConfig
 from precsearch.search.decisions import Decisions
 from precsearch.runtime.errors import InputError
@@ -23,13 +23,14 @@ from precsearch.search.evaluate import Evaluator
 from precsearch.search.graph import LayerGraph
 from precsearch.runtime.memory import MemoryBudget
 from precsearch.runtime.plan import Plan, Runtime, model_fingerprint
+from precsearch.runtime.plan_sections import Constraint
 from precsearch.runtime.precisions import FP32, PRECISIONS
-from precsearch.search.trials import Settings, StudySetup
+from precsearch.search.trials import DtypeProbe, Settings, StudySetup
 from precsearch.runtime.apply import apply_plan
 from precsearch.search.sensitivity import END_TO_END_BUDGET, choice_error, unit_sensitivity
 from precsearch.search.space import Choice, usable_dtypes
 from precsearch.search.strategies import Lead
-from precsearch.runtime.weights import weight_bytes
+from precsearch.runtime.weights import weight_mb
 
 PROBE_SECONDS = 3.0      # a clearly slow dtype shows within a few rounds
 PROBE_ROUNDS = 10        # five pairs of rounds (each pair: both orders)
@@ -37,13 +38,13 @@ NOISE_ROUNDS = 16        # FP32 timed against itself (an A/A measurement), to kn
 NOISY = 0.10             # above this half-width (relative) at the cap, plans cannot be ranked
 
 
-def study_fingerprint(model: nn.Module, config: SearchConfig, constraint: dict[str, Any], data: str) -> str:
+def study_fingerprint(model: nn.Module, config: SearchConfig, constraint: Constraint, data: str) -> str:
     """What workers of one study must agree on: model, space, constraint, mode, strategy, how
     candidates run (``--weights``, ``--workload``) and the data (``batches.fingerprint``)."""
     space = config.space
     text = repr((model_fingerprint(model), space.dtypes,
                  [(r.dtypes, r.name and r.name.pattern, r.types) for r in space.rules],
-                 [g.pattern for g in space.groups], constraint, config.mode, config.strategy.name,
+                 [g.pattern for g in space.groups], constraint.to_dict(), config.mode, config.strategy.name,
                  config.weights, data, *([config.run.plan_fields()] if config.run.generates else [])))
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
@@ -110,9 +111,9 @@ def _ancestors(unit: str) -> list[str]:
 
 def set_up(study: optuna.Study, model: nn.Module, example_inputs: Any, graph: LayerGraph, choices: list[Choice],
            evaluator: Evaluator, config: SearchConfig, fingerprint: str, ties: dict[str, str],
-           data: str) -> StudySetup:
+           data: str) -> tuple[StudySetup, Decisions]:
     """Measure what every worker shares, enqueue the seed plans, and store it all (then the study
-    is ready for the other workers)."""
+    is ready for the other workers). Returns the setup and the search's decisions it calibrates."""
     low = sorted({d for c in choices for d in c.dtypes if d != FP32})
     sensitivity = unit_sensitivity(model, graph.units, example_inputs, low, evaluator.device_type)
     fp32_against_itself, baseline_ms = time_against_itself(evaluator.step(None), device_type=evaluator.device_type,
@@ -139,9 +140,9 @@ def set_up(study: optuna.Study, model: nn.Module, example_inputs: Any, graph: La
         noise=noise,
         ties=ties,
         data=data,
-        weight_mb=sum(weight_bytes(model).values()) / 2**20,
+        weight_mb=weight_mb(model),
     )
-    decisions = decisions_for(setup, graph, choices, config, evaluator.fidelity.limit, announce=False)
+    decisions = decisions_for(setup, graph, choices, config, evaluator.fidelity.limit)
     if strategy.leads:  # greedy's predicted answer first; the rest follows the measurements
         Lead(decisions, graph.streamed_params(), evaluator.fidelity.limit,
              graph.units, held_weights(graph, config)).after_trial(study)
@@ -149,7 +150,7 @@ def set_up(study: optuna.Study, model: nn.Module, example_inputs: Any, graph: La
         for params in decisions.seeds():
             study.enqueue_trial(params, skip_if_exists=True)
     setup.save(study)
-    return setup
+    return setup, decisions
 
 
 def held_weights(graph: LayerGraph, config: SearchConfig) -> dict[str, int] | None:
@@ -158,20 +159,20 @@ def held_weights(graph: LayerGraph, config: SearchConfig) -> dict[str, int] | No
 
 
 def decisions_for(setup: StudySetup, graph: LayerGraph, choices: list[Choice], config: SearchConfig,
-                  limit: float, announce: bool = True) -> Decisions:
+                  limit: float) -> Decisions:
     """The search's decisions, calibrated by the setup's probe (slow dtypes left out if asked,
-    with a warning unless ``announce`` is false)."""
+    with a warning)."""
     probe = setup.dtype_probe
     if config.drop_slow_dtypes:
-        choices = without_slow_dtypes(choices, probe, graph.device_type, announce,
+        choices = without_slow_dtypes(choices, probe, graph.device_type,
                                       keep_one=config.memory.max_weight_mb is not None)
     return Decisions(choices, setup.sensitivity, {u: graph[u]["flops"] for u in graph.units},
                      ranked=config.strategy.seeded and len(choices) > config.max_categorical, limit=limit,
-                     calibration={d: p["error_gain"] for d, p in probe.items() if p.get("error_gain")},
-                     speed={d: p["relative_latency"] for d, p in probe.items()})
+                     calibration={d: p.error_gain for d, p in probe.items() if p.error_gain},
+                     speed={d: p.relative_latency for d, p in probe.items()})
 
 
-def probe_dtypes(evaluator: Evaluator, choices: list[Choice], sensitivity) -> dict[str, dict[str, float | None]]:
+def probe_dtypes(evaluator: Evaluator, choices: list[Choice], sensitivity) -> dict[str, DtypeProbe]:
     """Per low dtype, its plan (``probe_layers``) measured once: its latency relative to FP32,
     and its error divided by the error sensitivity predicts (so sensitivity predicts the
     user's metric).
@@ -179,17 +180,18 @@ def probe_dtypes(evaluator: Evaluator, choices: list[Choice], sensitivity) -> di
     The probe asks how fast a precision is, not whether it is accurate: a plan whose outputs
     overflow is still timed (its speed is what drops a slow precision), and only a plan that
     could not run at all leaves its precision unprobed."""
-    probe = {}
+    probe: dict[str, DtypeProbe] = {}
     for dtype in sorted({d for c in choices for d in c.dtypes if d != FP32}):
         layers = probe_layers(choices, sensitivity, dtype)
         measured = evaluator.measure(layers, repeats=PROBE_ROUNDS, max_seconds=PROBE_SECONDS)
         if not math.isfinite(measured.latency_ms):
             continue
         predicted = choice_error(sensitivity, tuple(u for u, d in layers.items() if d == dtype), dtype, 0.0)
-        probe[dtype] = {"relative_latency": measured.latency_ms / measured.baseline_ms,
-                        "speedup_low": measured.speedup_low, "speedup_high": measured.speedup_high,
-                        "error_gain": measured.error / predicted
-                        if math.isfinite(measured.error) and math.isfinite(predicted) and predicted > 0 else None}
+        probe[dtype] = DtypeProbe(relative_latency=measured.latency_ms / measured.baseline_ms,
+                                  speedup_low=measured.speedup_low, speedup_high=measured.speedup_high,
+                                  error_gain=measured.error / predicted
+                                  if math.isfinite(measured.error) and math.isfinite(predicted) and predicted > 0
+                                  else None)
     return probe
 
 
@@ -207,7 +209,7 @@ def probe_layers(choices: list[Choice], sensitivity: dict[str, dict[str, float |
     return {unit: dtype if id(choice) in lowered else FP32 for choice in choices for unit in choice.units}
 
 
-def without_slow_dtypes(choices: list[Choice], probe: dict[str, dict[str, Any]], device_type: str,
+def without_slow_dtypes(choices: list[Choice], probe: dict[str, DtypeProbe], device_type: str,
                         announce: bool = True, keep_one: bool = False) -> list[Choice]:
     """Drop a low precision that made the whole model clearly slower than FP32 on this device
     (FP16 on most CPUs): its whole speedup interval is below 1. Trials spent on it cannot win.
@@ -215,18 +217,19 @@ def without_slow_dtypes(choices: list[Choice], probe: dict[str, dict[str, Any]],
     precisions can meet): when every probed one is slow, the fastest of them stays."""
     slow = {d for d, p in probe.items() if is_clearly_slower(p)}
     if keep_one and slow and slow >= set(probe):
-        slow.discard(min(slow, key=lambda d: probe[d]["relative_latency"]))
+        slow.discard(min(slow, key=lambda d: probe[d].relative_latency))
     for dtype in sorted(slow) if announce else ():
+        ran = format_speedup(1 / probe[dtype].relative_latency, probe[dtype].speedup_low, probe[dtype].speedup_high)
         warnings.warn(f"{dtype} left out of the search: the model with its units in {dtype} ran "
-                      f"{1 / probe[dtype]['relative_latency']:.2f}x [{probe[dtype]['speedup_low']:.2f}, "
-                      f"{probe[dtype]['speedup_high']:.2f}] FP32's speed on this {device_type}", stacklevel=3)
+                      f"{ran} FP32's speed on this {device_type}", stacklevel=3)
     return [dataclasses.replace(c, dtypes=tuple(d for d in c.dtypes if d not in slow) or c.dtypes) for c in choices]
 
 
-def is_clearly_slower(probe: dict[str, Any]) -> bool:
-    """A probed precision whose speedup interval lies wholly below 1."""
-    high = probe.get("speedup_high")
-    return high < 1.0 if high is not None else probe["relative_latency"] >= 1.25
+def is_clearly_slower(probe: DtypeProbe) -> bool:
+    """A probed precision whose speedup interval lies wholly below 1 (without one, in studies
+    made before it was recorded: 25% slower)."""
+    high = probe.speedup_high
+    return high < 1.0 if high is not None else probe.relative_latency >= 1.25
 
 
 def target(device_type: str) -> dict[str, Any]:
