@@ -186,6 +186,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from precsearch.runtime.ops import device_type_of
     from precsearch.runtime.plan import load_plan
     from precsearch.report.summary import format_table
+    from precsearch.runtime.weights import MB
 
     plan = load_plan(args.plan)
     checked_out(args.out)  # before the model is built
@@ -198,10 +199,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         _warn(f"the plan was searched for generation ({plan.resolved_runtime.run.describe()}); the package holds "
               f"the model's forward pass, without the generation loop: the latencies below are one forward pass")
     check, weights = result.verification.check, ", ".join(
-        f"{dtype} {size / 2**20:.2f} MB" for dtype, size in sorted(result.weight_bytes.items()))
+        f"{dtype} {size / MB:.2f} MB" for dtype, size in sorted(result.weight_bytes.items()))
     dynamic = "; dynamic: " + ", ".join(f"{name} dims {dims}" for name, dims in result.dynamic_dims.items()) \
         if result.dynamic_dims else ""
-    print(f"package: {result.path} ({result.size_bytes / 2**20:.2f} MB on disk; weights {weights}; "
+    print(f"package: {result.path} ({result.size_bytes / MB:.2f} MB on disk; weights {weights}; "
           f"exported and compiled in {result.export_s:.1f} s{dynamic})")
     print(f"max abs difference against the eager plan: {result.verification.max_diff:.3g}")
     print(check.verdict())
@@ -351,59 +352,33 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from precsearch.report import compare
-    from precsearch.runtime.plan import load_plan
+    from precsearch.report.compare import compare_plans, differences_line
     from precsearch.report.summary import format_table
 
-    paths = [Path(p) for p in args.plans]
-    plans = [load_plan(path) for path in paths]
-    compare.check_distinct(paths, plans)
-    names = _short_names(paths)
-    remeasured, known_units = None, None
+    model, data = None, None
     if args.model or args.data:
-        from precsearch.search.graph import walk
-
-        model, data, device, _ = _model_and_data(args)  # in eval mode: plans are measured for inference
-        known_units = walk(model, data[0], device=device).units
-        plans = [plan.for_model(model) for plan in plans]   # tables an older plan keeps in FP32, by name
-        remeasured = compare.remeasure(model, data, names, plans, compiled=args.compile)
-    units = compare.all_units(plans, known_units)
-    notes = compare.provenance_warnings(names, plans)
-    summary = compare.summary_rows(names, plans, units)
-    differences = compare.unit_differences(names, plans, units)
-    defaults = dict(zip(names, (plan.default for plan in plans)))
+        model, data, _, _ = _model_and_data(args)  # in eval mode: plans are measured for inference
+    result = compare_plans([Path(p) for p in args.plans], model, data, compiled=args.compile)
     if args.json:
-        print(json.dumps({"plans": summary, "defaults": defaults, "units_known": known_units is not None,
-                          "differences": differences, "remeasured": remeasured, "warnings": notes},
-                         indent=2, default=str))
+        print(json.dumps(result.to_dict(), indent=2, default=str))
         return EXIT_OK
-    for note in notes:
+    for note in result.warnings:
         _warn(note)
-    print(format_table(summary))
-    if known_units is None:
-        print(f"(dtype counts over the {len(units)} units the plans name; add --model/--data for all units)")
-    if len(set(defaults.values())) > 1:
+    print(format_table(result.summary))
+    if not result.units_known:
+        print(f"(dtype counts over the {len(result.units)} units the plans name; add --model/--data for all units)")
+    if len(set(result.defaults.values())) > 1:
         print("\ndefaults differ (units a plan does not name run in its default): "
-              + ", ".join(f"{name} {default}" for name, default in defaults.items()))
-    print("\n" + compare.differences_line(differences, units, known_units is not None)
-          + (":" if differences else ""))
-    if differences:
-        print(format_table(differences, max_rows=40))
-    if remeasured:
+              + ", ".join(f"{name} {default}" for name, default in result.defaults.items()))
+    print("\n" + differences_line(result.differences, result.units, result.units_known)
+          + (":" if result.differences else ""))
+    if result.differences:
+        print(format_table(result.differences, max_rows=40))
+    if result.remeasured:
         form = "compiled (speedups against compiled FP32)" if args.compile else "eager"
         print(f"\nre-measured on this machine in eval mode, interleaved in one run, {form}:")
-        print(format_table(remeasured))
+        print(format_table(result.remeasured))
     return EXIT_OK
-
-
-def _short_names(paths: list[Any]) -> list[str]:
-    """Plan labels: file names, or parent/file where file names repeat."""
-    names = [path.name for path in paths]
-    if len(set(names)) < len(names):
-        names = [f"{path.parent.name}/{path.name}" for path in paths]
-    if len(set(names)) < len(names):
-        names = [str(path) for path in paths]
-    return names
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -244,3 +244,14 @@ def test_pythonwarnings_ignore_in_the_environment_keeps_the_warning(tmp_path):
                           capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     assert "precsearch: warning: plans were made on different devices" in done.stderr
+
+
+def test_compare_plans_from_python_names_the_differences_and_repeated_file_names(tmp_path):
+    for folder, plan in (("one", plan_one()), ("two", plan_two())):
+        (tmp_path / folder).mkdir()
+        plan.save(tmp_path / folder / "plan.yaml")
+    result = compare.compare_plans([tmp_path / "one" / "plan.yaml", tmp_path / "two" / "plan.yaml"])
+    assert result.names == ["one/plan.yaml", "two/plan.yaml"] and not result.units_known
+    assert result.defaults == {"one/plan.yaml": "fp32", "two/plan.yaml": "bf16"}
+    assert [row["unit"] for row in result.differences] == ["x"]   # a: bf16 in both, b: fp32 in both
+    assert result.remeasured is None and json.loads(json.dumps(result.to_dict()))["units_known"] is False

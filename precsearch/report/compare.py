@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +15,65 @@ from precsearch.search.bench import format_interval
 from precsearch.runtime.errors import InputError
 from precsearch.search.evaluate import eager_runners
 from precsearch.runtime.ops import model_device_type
-from precsearch.runtime.plan import Plan
+from precsearch.runtime.plan import Plan, load_plan
 from precsearch.runtime.plan_sections import PlanMetrics
 from precsearch.runtime.precisions import NAMES
 from precsearch.runtime.apply import apply_plan
 from precsearch.runtime.weights import find_weight_uses, weight_mb
 from precsearch.runtime.workload import TokenGate
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """Plans side by side: their recorded summary, the units where they differ, the units that
+    were compared (all the model's when it was given), and the re-measurement when it was made."""
+
+    names: list[str]
+    plans: list[Plan]
+    units: list[str]
+    units_known: bool
+    summary: list[dict[str, Any]]
+    differences: list[dict[str, str]]
+    warnings: list[str]
+    remeasured: list[dict[str, Any]] | None = None
+
+    @property
+    def defaults(self) -> dict[str, str]:
+        return {name: plan.default for name, plan in zip(self.names, self.plans)}
+
+    def to_dict(self) -> dict[str, Any]:
+        """As ``compare --json`` prints it."""
+        return {"plans": self.summary, "defaults": self.defaults, "units_known": self.units_known,
+                "differences": self.differences, "remeasured": self.remeasured, "warnings": self.warnings}
+
+
+def compare_plans(paths: list[Path], model: nn.Module | None = None, batches: list[Any] | None = None, *,
+                  compiled: bool = False) -> Comparison:
+    """Load the plans at ``paths`` and compare them; with the model and its batches, over all its
+    units and re-measured on this machine in one interleaved run (``compiled``: under torch.compile)."""
+    from precsearch.search.graph import walk
+
+    plans = [load_plan(path) for path in paths]
+    check_distinct(paths, plans)
+    names = short_names(paths)
+    known_units, remeasured = None, None
+    if model is not None and batches:
+        known_units = walk(model, batches[0]).units
+        plans = [plan.for_model(model) for plan in plans]   # tables an older plan keeps in FP32, by name
+        remeasured = remeasure(model, batches, names, plans, compiled=compiled)
+    units = all_units(plans, known_units)
+    return Comparison(names, plans, units, known_units is not None, summary_rows(names, plans, units),
+                      unit_differences(names, plans, units), provenance_warnings(names, plans), remeasured)
+
+
+def short_names(paths: list[Path]) -> list[str]:
+    """Plan labels: file names, or parent/file where file names repeat."""
+    names = [path.name for path in paths]
+    if len(set(names)) < len(names):
+        names = [f"{path.parent.name}/{path.name}" for path in paths]
+    if len(set(names)) < len(names):
+        names = [str(path) for path in paths]
+    return names
 
 
 def check_distinct(paths: list[Path], plans: list[Plan]) -> None:
