@@ -13,7 +13,9 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.slow
 @pytest.mark.parametrize("arguments", [["--strict", "precsearch/runtime"], ["precsearch"]],
                          ids=["runtime-strict", "package"])
-def test_mypy_passes(arguments: list[str]) -> None:
-    result = subprocess.run([sys.executable, "-m", "mypy", *arguments], cwd=ROOT, capture_output=True,
+def test_mypy_passes(arguments: list[str], request: pytest.FixtureRequest) -> None:
+    cache = ROOT / ".mypy_cache" / request.node.callspec.id   # one per strictness, or each run undoes the other's
+    result = subprocess.run([sys.executable, "-m", "mypy", "--cache-dir", str(cache), *arguments], cwd=ROOT,
+                            capture_output=True,
                             text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
