@@ -298,9 +298,7 @@ def _search_request(args: argparse.Namespace) -> Any:
 
 def _error_lines(plan: Any) -> list[str]:
     """The chosen plan's errors beyond the search's own: compiled, and on held-out batches."""
-    from precsearch.runtime.plan_sections import PlanMetrics
-
-    metrics, constraint = plan.metrics or PlanMetrics(), plan.constraint
+    metrics, constraint = plan.measured, plan.constraint
     name, limit = (constraint.metric, constraint.limit) if constraint is not None else ("error", None)
     lines = []
     if metrics.compiled_error is not None:

@@ -104,7 +104,7 @@ def summary_rows(names: list[str], plans: list[Plan], units: list[str]) -> list[
     """One row per plan: recorded metrics, constraint, target and units per dtype."""
     rows = []
     for name, plan in zip(names, plans):
-        metrics, constraint = plan.metrics or PlanMetrics(), plan.constraint
+        metrics, constraint = plan.measured, plan.constraint
         counts = plan.counts(units)
         rows.append({"plan": name, "default": plan.default,
                      **{dtype: counts.get(dtype, 0) for dtype in NAMES},

@@ -168,7 +168,7 @@ def write_report(directory: str | Path, study: Any) -> dict[str, Path]:
     constraint = settings.constraint
     budget = MemoryBudget.of(constraint)
     baseline = setup.baseline_ms
-    chosen = _metrics(plan).trial if plan else None
+    chosen = plan.measured.trial if plan else None
     files = {
         "tradeoff": plots.tradeoff(trials, constraint.limit, baseline, chosen,
                                    directory / "tradeoff.png", constraint.metric, budget.text()),
@@ -201,7 +201,7 @@ def write_report(directory: str | Path, study: Any) -> dict[str, Path]:
         blocks.append(("p", f"No plan met {constraint.metric} <= {constraint.limit:g}"
                             f"{' and ' + budget.text() if budget else ''}.{_budget_shortfall(trials, budget)}"))
     else:
-        metrics = _metrics(plan)
+        metrics = plan.measured
         memory = metrics.peak_memory_mb
         runtime = plan.resolved_runtime
         blocks.append(("table", [
@@ -335,11 +335,6 @@ def _training_blocks(diagnostics: Diagnostics | None, settings: Settings) -> lis
     return blocks
 
 
-def _metrics(plan: Any) -> PlanMetrics:
-    """A plan's metrics; none recorded reads as every metric unknown."""
-    return plan.metrics if plan.metrics is not None else PlanMetrics()
-
-
 def _metrics_speedup(metrics: PlanMetrics) -> str:
     return format_speedup(metrics.speedup, metrics.speedup_low, metrics.speedup_high)
 
@@ -351,7 +346,7 @@ def _value(number: Any) -> float | None:
 
 def _race_note(plan: Any, trials: Any) -> str:
     """How the final race's numbers relate to the trials': the race may reorder close plans."""
-    metrics = _metrics(plan)
+    metrics = plan.measured
     trial = metrics.trial
     sentences = [f"The close finalists and the FP32 model were re-timed together in a final race: the chosen plan "
                  f"ran {_metrics_speedup(metrics)} there (the median of per-round speedups, with its 95% "
@@ -392,7 +387,7 @@ def _over_budget(trials: Any) -> Any:
 def _budget_note(plan: Any, budget: MemoryBudget, trials: Any) -> str:
     """The chosen plan against the memory budget, and how many accurate plans the budget ruled out."""
     over = _over_budget(trials)
-    weight = _metrics(plan).weight_mb
+    weight = plan.measured.weight_mb
     return (f"Memory budget ({budget.text()}): the chosen plan's weights take {_mb(weight)} as it runs; "
             f"{len(over)} trial{'s' if len(over) != 1 else ''} within the accuracy limit "
             f"{'were' if len(over) != 1 else 'was'} over the budget, so infeasible.")
@@ -416,7 +411,7 @@ def _fmt(value: float | None) -> str:
 
 
 def _plan_row(name: str, plan: Any, units: list[str], extra: Sequence[str] = ()) -> dict[str, Any]:
-    metrics = _metrics(plan)
+    metrics = plan.measured
     counts = plan.counts(units)
     return {"plan": name, "trial": metrics.trial, "latency_ms": metrics.latency_ms,
             "speedup": _metrics_speedup(metrics), "error": metrics.error,
@@ -435,7 +430,7 @@ GENERATION_COLUMNS = ("tokens_per_s", "prefill_ms", "decode_ms_per_token", "toke
 
 def _generation_columns(plans: Sequence[Any]) -> list[str]:
     """The generation columns, when any of ``plans`` was measured generating."""
-    generating = any(plan is not None and _metrics(plan).generates for plan in plans)
+    generating = any(plan is not None and plan.measured.generates for plan in plans)
     return list(GENERATION_COLUMNS) if generating else []
 
 
@@ -443,7 +438,7 @@ def _fp32_cell(column: str, plan: Any) -> Any:
     """The FP32 baseline's value in an extra column: no error, FP32's own tokens, its tokens/s."""
     if column in ("holdout_error", "token_agreement"):
         return 0.0 if column == "holdout_error" else 1.0
-    return _metrics(plan).baseline_tokens_per_s if column == "tokens_per_s" else None
+    return plan.measured.baseline_tokens_per_s if column == "tokens_per_s" else None
 
 
 def _generation_note(plan: Any) -> str:
@@ -464,7 +459,7 @@ def _generation_note(plan: Any) -> str:
 def _error_columns(plans: Sequence[Any]) -> list[str]:
     """The error columns beyond the search's own that any of ``plans`` records."""
     return [column for column in ERROR_COLUMNS
-            if any(plan is not None and getattr(_metrics(plan), column) is not None for plan in plans)]
+            if any(plan is not None and getattr(plan.measured, column) is not None for plan in plans)]
 
 
 def _compile_note(metrics: PlanMetrics, constraint: Constraint) -> str:
@@ -483,7 +478,7 @@ def _compile_note(metrics: PlanMetrics, constraint: Constraint) -> str:
 
 def _unseen_data_note(plan: Any, constraint: Constraint) -> str:
     """How the chosen plan did on batches the search never saw, and the headroom it kept."""
-    metrics, search = _metrics(plan), plan.search or {}
+    metrics, search = plan.measured, plan.search or {}
     margin = search.get("margin")
     headroom = (f" It was chosen with a margin of {margin:g}: search error at most "
                 f"{constraint.limit * (1 - margin):.4g}." if margin else "")

@@ -330,6 +330,11 @@ class Plan:
         return dataclasses.replace(self, layers={**self.layers, **tables}, storage_default=None)
 
     @property
+    def measured(self) -> PlanMetrics:
+        """The plan's metrics; a plan that records none reads as every metric unknown."""
+        return self.metrics if self.metrics is not None else PlanMetrics()
+
+    @property
     def needs_loss_scaling(self) -> bool:
         """Training with this plan needs dynamic loss scaling (it has an FP16 unit)."""
         return needs_loss_scaling({self.default, *self.layers.values()})

@@ -87,9 +87,9 @@ class Trainer:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         loss = compute_loss(self.loss_fn, _batches.call(self.model, inputs), target, "loss_fn")
-        before = self.scaler.get_scale() if self.scaler is not None else None
+        before = self.scaler.get_scale() if self.scaler is not None else 0.0
         backward_and_step(loss, self.optimizer, self.scaler, self._clip if self.max_grad_norm is not None else None)
-        if self.scaler is not None and before is not None:
+        if self.scaler is not None:
             self.scales.append(self.scaler.get_scale())
             self.skipped += self.scaler.get_scale() < before
         return float(loss.detach())

@@ -36,7 +36,6 @@ from precsearch.search.graph import LayerGraph, walk
 from precsearch.runtime.memory import MemoryBudget
 from precsearch.runtime.ops import model_device_type
 from precsearch.runtime.plan import Plan
-from precsearch.runtime.plan_sections import PlanMetrics
 from precsearch.runtime.precisions import FP32, NAMES
 from precsearch.search.progress import Progress
 from precsearch.search.trials import StudySetup, TrialRecord, load_diagnostics, mark_worker, save_diagnostics
@@ -104,7 +103,7 @@ class SearchResult:
         rows = [{"plan": "fp32 baseline", "latency_ms": self.setup.baseline_ms, "speedup": "1.00x", "error": 0.0,
                  **{d: len(self.graph) if d == FP32 else 0 for d in NAMES}}]
         if self.plan is not None:
-            metrics = self.plan.metrics or PlanMetrics()
+            metrics = self.plan.measured
             counts = self.plan.counts(self.graph.units)
             rows.append({"plan": "chosen", "latency_ms": metrics.latency_ms,
                          "speedup": format_speedup(metrics.speedup, metrics.speedup_low, metrics.speedup_high),

@@ -229,7 +229,7 @@ def _holdout_scorer(model: nn.Module, holdout: list[Any], evaluator: Evaluator, 
     def score(code: str, plan: Plan) -> Plan:
         with evaluator.apply(decode(code, units)):
             error = fidelity.error(evaluator.model)
-        metrics = (plan.metrics or PlanMetrics()).with_values(holdout_error=error, holdout_batches=len(holdout))
+        metrics = plan.measured.with_values(holdout_error=error, holdout_batches=len(holdout))
         return dataclasses.replace(plan, metrics=metrics)
     return score
 
