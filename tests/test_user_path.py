@@ -330,3 +330,13 @@ def test_a_seq2seq_generate_runs_its_encoder_past_the_root_in_the_plans_dtype():
         hook.remove()
         assert seen == [torch.bfloat16]
         assert torch.equal(model.generate(input_ids=ids, max_new_tokens=6, do_sample=False), expected)
+
+
+def test_the_checkpoint_example_answers_help_without_writing_anything(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "precsearch.examples.checkpoint", "--help"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "FOLDER/bert-sentiment/" in " ".join(done.stdout.split()), done.stderr
+    assert not list(tmp_path.iterdir())

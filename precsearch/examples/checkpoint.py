@@ -11,10 +11,10 @@ Needs the ``hf`` extra (transformers, tokenizers).
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import random
-import sys
 from pathlib import Path
 
 import torch
@@ -71,6 +71,10 @@ def build(folder: Path, steps: int = 60) -> Path:
 
 
 if __name__ == "__main__":
-    target = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
+    parser = argparse.ArgumentParser(prog="python -m precsearch.examples.checkpoint", description=(
+        "Train a small BERT sentiment classifier on generated sentences and write it, with its tokenizer, "
+        "to FOLDER/bert-sentiment/, and unseen labelled sentences to FOLDER/examples.jsonl."))
+    parser.add_argument("folder", nargs="?", default=".", help="where to write them (default: here)")
+    target = Path(parser.parse_args().folder)
     target.mkdir(parents=True, exist_ok=True)
     print(f"wrote {build(target)} and {target / 'examples.jsonl'}")
